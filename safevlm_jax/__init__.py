@@ -1,0 +1,1 @@
+"""SafeVLM in JAX/Flax NNX."""

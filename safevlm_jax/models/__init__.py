@@ -1,0 +1,1 @@
+"""Flax NNX modules: CLIP tower, projector, LLaMA decoder, LoRA, safety modules, SafeVLM."""

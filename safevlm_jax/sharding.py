@@ -1,0 +1,131 @@
+"""Logical axis names -> mesh axes (the only place that knows mesh axis names).
+
+Model code annotates parameters (`out_sharding` metadata of `nnx.Param`) and activations
+(`constrain(x, ("batch", "length", "embed"))`) with *logical* names. A rule set maps each
+logical name to zero, one or several mesh axes (`data`, `fsdp`, `tensor`), as in MaxText's
+`logical_axis_rules`. Activation constraints are active only inside `use_rules(mesh, rules)`,
+so the same model code runs unsharded on one device and sharded on a mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# name -> mesh axes. A logical name missing from a rule set is replicated.
+RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "replicated": {},
+    "data": {"batch": ("data",)},
+    "fsdp": {"batch": ("data", "fsdp"), "embed": ("fsdp",), "vision_embed": ("fsdp",)},
+    "fsdp_tensor": {
+        "batch": ("data", "fsdp"),
+        "embed": ("fsdp",),
+        "vision_embed": ("fsdp",),
+        "mlp": ("tensor",),
+        "vision_mlp": ("tensor",),
+        "heads": ("tensor",),
+        "kv": ("tensor",),
+        "vocab": ("tensor",),
+        "act_heads": ("tensor",),
+    },
+}
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("safevlm_sharding", default=None)
+
+
+def get_rules(rules: str | Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """A rule set by name (see RULE_SETS) or given as a mapping."""
+    if isinstance(rules, str):
+        if rules not in RULE_SETS:
+            raise ValueError(f"unknown sharding rule set {rules!r}; known: {sorted(RULE_SETS)}")
+        return RULE_SETS[rules]
+    return {k: tuple([v] if isinstance(v, str) else v) for k, v in rules.items()}
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh; axes not given are 1, one axis may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = dict(shape or {"fsdp": -1})
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; known: {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
+                         f"devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(names: Iterable[str | None], rules: Mapping[str, Sequence[str]],
+                    mesh: Mesh | None = None, shape: Sequence[int] | None = None) -> P:
+    """PartitionSpec for logical `names`; a mesh axis is used at most once per array, and an
+    axis whose size the mesh axes do not divide stays replicated (e.g. 8 kv heads on 16)."""
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        axes = tuple(a for a in rules.get(name, ()) if a not in used) if name else ()
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None and axes and shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
+                axes = ()
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else (axes or None))
+    return P(*out)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules: str | Mapping[str, Sequence[str]]):
+    """Activates activation constraints (while tracing) for `mesh` under `rules`."""
+    token = _ACTIVE.set((mesh, get_rules(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint from logical names; identity outside `use_rules`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(names, rules, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def logical_axes(state) -> object:
+    """Tree of logical-name tuples (None where a variable has no annotation) for an nnx State."""
+    return jax.tree.map(
+        lambda v: tuple(v.get_metadata().get("out_sharding") or (None,) * v.value.ndim),
+        state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def state_shardings(state, mesh: Mesh, rules: str | Mapping[str, Sequence[str]]):
+    """NamedSharding for every variable of an nnx State (or of its abstract eval_shape)."""
+    rules = get_rules(rules)
+
+    def one(v):
+        names = v.get_metadata().get("out_sharding") or (None,) * v.value.ndim
+        return v.replace(NamedSharding(mesh, logical_to_spec(names, rules, mesh, v.value.shape)))
+
+    return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def data_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+    """Sharding of a [batch, ...] input array: batch over the rule set's batch axes."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), get_rules(rules), mesh))
