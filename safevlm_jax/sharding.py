@@ -111,7 +111,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def logical_axes(state) -> object:
     """Tree of logical-name tuples (None where a variable has no annotation) for an nnx State."""
     return jax.tree.map(
-        lambda v: tuple(v.get_metadata().get("out_sharding") or (None,) * v.value.ndim),
+        lambda v: tuple(v.get_metadata().get("out_sharding") or (None,) * len(v.get_value().shape)),
         state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
@@ -120,8 +120,8 @@ def state_shardings(state, mesh: Mesh, rules: str | Mapping[str, Sequence[str]])
     rules = get_rules(rules)
 
     def one(v):
-        names = v.get_metadata().get("out_sharding") or (None,) * v.value.ndim
-        return v.replace(NamedSharding(mesh, logical_to_spec(names, rules, mesh, v.value.shape)))
+        names = v.get_metadata().get("out_sharding") or (None,) * len(v.get_value().shape)
+        return v.replace(NamedSharding(mesh, logical_to_spec(names, rules, mesh, v.get_value().shape)))
 
     return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 

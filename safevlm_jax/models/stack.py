@@ -1,0 +1,121 @@
+"""A stack of identical layers: a Python list, or one module with a leading `layers` axis
+that `nnx.scan` runs (so 32/40-layer models compile one layer, not all of them).
+
+Checkpoints of both layouts convert into each other with `stack_state` / `unstack_state`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LAYER_AXIS = "layers"
+
+REMAT_POLICIES: dict[str, Any] = {
+    "full": None,  # jax.checkpoint's default: save only the layer inputs
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def make_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, scan: bool,
+                rngs: nnx.Rngs):
+    """`num_layers` layers from `make_layer(rngs)`: an `nnx.List`, or (scan) one module whose
+    parameters have a leading [num_layers] axis named `layers`."""
+    if not scan:
+        return nnx.List([make_layer(rngs) for _ in range(num_layers)])
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS})
+    def create(r):
+        return make_layer(r)
+
+    return create(rngs)
+
+
+def apply_layers(layers, carry, xs, body: Callable, *, scan: bool, remat_policy: str = "none",
+                 num_layers: int | None = None):
+    """Runs `body(layer, carry, x_i) -> (carry, y_i)` over the first `num_layers` layers.
+
+    `xs` is a pytree whose leaves have a leading layer axis (e.g. a KV cache) or None; the
+    returned `ys` are stacked the same way. Remat (jax.checkpoint) wraps each layer when
+    `remat_policy` is not "none".
+    """
+    fn = body
+    if remat_policy != "none":
+        fn = nnx.remat(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+    if scan:
+        if num_layers is not None:
+            layers = _first_layers(layers, num_layers)
+
+        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                  transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS})
+        def step(layer, c, x):
+            return fn(layer, c, x)
+
+        return step(layers, carry, xs)
+    ys = []
+    for i, layer in enumerate(list(layers)[:num_layers]):
+        x = None if xs is None else jax.tree.map(lambda a: a[i], xs)
+        carry, y = fn(layer, carry, x)
+        ys.append(y)
+    ys = None if all(y is None for y in ys) else jax.tree.map(lambda *a: jnp.stack(a), *ys)
+    return carry, ys
+
+
+def _first_layers(stacked, n: int):
+    """The first `n` layers of a scanned stack, as a scanned stack (a view for tracing)."""
+    graphdef, state = nnx.split(stacked)
+    state = jax.tree.map(lambda v: v[:n], state)
+    return nnx.merge(graphdef, state)
+
+
+def _is_layer_key(key) -> bool:
+    return isinstance(key, int)
+
+
+def stack_state(flat: dict[tuple, Any], list_name: str = "layers") -> dict[tuple, Any]:
+    """Unscanned flat params {(..., 'layers', i, *rest): a} -> scanned {(..., 'layers', *rest): stack}."""
+    groups: dict[tuple, dict[int, Any]] = {}
+    out = {}
+    for path, value in flat.items():
+        idx = _layer_index(path, list_name)
+        if idx is None:
+            out[path] = value
+            continue
+        key = path[:idx + 1] + path[idx + 2:]
+        groups.setdefault(key, {})[path[idx + 1]] = value
+    for key, per_layer in groups.items():
+        n = len(per_layer)
+        if sorted(per_layer) != list(range(n)):
+            raise ValueError(f"layers of {'/'.join(map(str, key))} are not 0..{n - 1}: {sorted(per_layer)}")
+        out[key] = jnp.stack([per_layer[i] for i in range(n)])
+    return out
+
+
+def unstack_state(flat: dict[tuple, Any], num_layers: dict[tuple, int],
+                  list_name: str = "layers") -> dict[tuple, Any]:
+    """Inverse of `stack_state`; `num_layers` maps the prefix before `list_name` to its length."""
+    out = {}
+    for path, value in flat.items():
+        idx = path.index(list_name) if list_name in path else None
+        if idx is None or path[:idx] not in num_layers:
+            out[path] = value
+            continue
+        n = num_layers[path[:idx]]
+        if value.shape[0] != n:
+            raise ValueError(f"{'/'.join(map(str, path))}: leading axis {value.shape[0]} != {n} layers")
+        for i in range(n):
+            out[path[:idx + 1] + (i,) + path[idx + 1:]] = value[i]
+    return out
+
+
+def _layer_index(path: tuple, list_name: str) -> int | None:
+    for i in range(len(path) - 1):
+        if path[i] == list_name and _is_layer_key(path[i + 1]):
+            return i
+    return None
