@@ -1,6 +1,6 @@
 """TFDS builder: SafeVLM JSON + image folder -> array_record shards, plus `report.json`.
 
-Each example stores the encoded image bytes as found on disk (checked to decode), the turns
+Each example stores the encoded image bytes as found on disk (checked to decode first), the turns
 as JSON text, and the labels; no TensorFlow is needed to build or read. Records are assigned
 to `validation` when a fixed hash of their `id` falls below `validation_fraction`, so the split
 never changes when records are added or reordered. Bad records are skipped and counted by
@@ -85,41 +85,49 @@ class SafeVlmData(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        records = self._valid_records()
         split = {"train": [], "validation": []}
-        for r in records:
-            split["validation" if is_validation(r.id, self._validation_fraction) else "train"].append(r)
-        bar = tqdm.tqdm(total=len(records), desc="images", unit="img", disable=not self._progress)
-        return {name: self._generate_examples(rs, name, bar) for name, rs in split.items()}
+        for r, digest in self._valid_records():
+            split["validation" if is_validation(r.id, self._validation_fraction) else "train"].append((r, digest))
+        if not any(split.values()):
+            raise ValueError(f"{self._json_path}: no valid record (skipped: {self.report.skipped})")
+        # TFDS refuses empty splits; a split with no valid record is simply absent.
+        return {name: self._generate_examples(rs) for name, rs in split.items() if rs}
 
-    def _generate_examples(self, records: Iterable[Record], split: str, bar) -> Iterator[tuple[str, dict]]:
-        for r in records:
-            bar.update()
-            try:
-                data = images.read_image_file(self._image_root, r.image, self._max_pixels)
-            except BadRecord as e:
-                self._refuse(e.for_record(r.id))
-                continue
-            self.report.kept[split] += 1
+    def _generate_examples(self, records: Iterable[tuple[Record, bytes]]) -> Iterator[tuple[str, dict]]:
+        for r, digest in records:
+            with open(images.resolve_image_path(self._image_root, r.image), "rb") as f:
+                data = f.read()
+            if hashlib.sha256(data).digest() != digest:
+                raise RuntimeError(f"record {r.id}: image {r.image!r} changed while the dataset was being built")
             yield r.id, {"id": r.id, "image": data, "image_path": r.image, "conversations": r.turns_json(),
                          "safe_level": r.safe_level, "safe_type": r.safe_type}
 
-    def _valid_records(self) -> list[Record]:
-        """Every record of the JSON file that passes the checks not needing the image."""
+    def _valid_records(self) -> list[tuple[Record, bytes]]:
+        """Every record that passes all checks, with the sha256 of its image bytes.
+
+        Images are decoded here once; examples are written from the same bytes (the digest
+        guards against a file changing in between).
+        """
         raw = load_json(self._json_path)
         self.report.total = len(raw)
-        seen, records = set(), []
-        for i, obj in enumerate(tqdm.tqdm(raw, desc="records", unit="rec", disable=not self._progress)):
+        seen, valid = set(), []
+        for i, obj in enumerate(tqdm.tqdm(raw, desc="checking records", unit="rec", disable=not self._progress)):
             try:
                 record = parse_record(obj, i)
                 if record.id in seen:
                     raise BadRecord("duplicate_id", f"id {record.id!r} already used by an earlier record", record.id)
+                seen.add(record.id)
+                try:
+                    data = images.read_image_file(self._image_root, record.image, self._max_pixels)
+                except BadRecord as e:
+                    raise e.for_record(record.id) from e
             except BadRecord as e:
                 self._refuse(e)
                 continue
-            seen.add(record.id)
-            records.append(record)
-        return records
+            split = "validation" if is_validation(record.id, self._validation_fraction) else "train"
+            self.report.kept[split] += 1
+            valid.append((record, hashlib.sha256(data).digest()))
+        return valid
 
     def _refuse(self, error: BadRecord) -> None:
         if self._strict:
