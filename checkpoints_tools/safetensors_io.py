@@ -1,0 +1,146 @@
+"""Streaming safetensors: read an HF weights directory shard by shard, write one likewise.
+
+Reading uses `safe_open` (memory-mapped; a tensor is copied only when asked for), so at most
+one shard's tensors are in host memory. Every file is checked up front: a missing shard
+named by `model.safetensors.index.json`, a truncated or corrupt file, a key the index
+places in a shard that does not hold it, or a key present in two files is an error naming
+the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, Mapping
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def _open(path: str):
+    try:
+        return safe_open(path, framework="np")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); truncated or "
+                         f"still downloading?") from e
+
+
+class SafetensorsDir:
+    """The tensors of `directory`: sharded (with INDEX_FILE) or a single model.safetensors.
+
+    `files`: {file name: [keys]} in file order; `shapes` / `dtypes`: {key: ...} read from the
+    headers only.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index = os.path.join(directory, INDEX_FILE)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            names = sorted(set(weight_map.values()))
+            absent = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
+            if absent:
+                keys = {n: sorted(k for k, v in weight_map.items() if v == n)[:3] for n in absent}
+                raise FileNotFoundError(f"{index}: shard(s) missing from {directory}: {absent} "
+                                        f"(holding e.g. {keys})")
+        elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
+            weight_map, names = None, [SINGLE_FILE]
+        else:
+            raise FileNotFoundError(f"{directory}: neither {INDEX_FILE} nor {SINGLE_FILE}")
+        self.files: dict[str, list[str]] = {}
+        self.shapes: dict[str, tuple] = {}
+        self.dtypes: dict[str, str] = {}
+        for name in names:
+            path = os.path.join(directory, name)
+            with _open(path) as f:
+                keys = list(f.keys())
+                for key in keys:
+                    if key in self.shapes:
+                        raise ValueError(f"{path}: key {key} also in {self.file_of(key)}")
+                    sl = f.get_slice(key)
+                    self.shapes[key], self.dtypes[key] = tuple(sl.get_shape()), sl.get_dtype()
+            self.files[name] = keys
+        if weight_map is not None:
+            wrong = sorted(k for k, n in weight_map.items() if k not in self.files[n])
+            if wrong:
+                raise ValueError(f"{index}: keys not found in the shard it names: "
+                                 f"{[(k, weight_map[k]) for k in wrong]}")
+
+    def file_of(self, key: str) -> str:
+        return next(n for n, keys in self.files.items() if key in keys)
+
+    def iter_shards(self) -> Iterator[tuple[str, Iterator[tuple[str, np.ndarray]]]]:
+        """Yields (file path, iterator of (key, array)) per file; arrays are read lazily."""
+        for name, keys in self.files.items():
+            path = os.path.join(self.directory, name)
+            with _open(path) as f:
+                yield path, ((k, f.get_tensor(k)) for k in keys)
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / '100KB' / int -> bytes (HF's decimal units)."""
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for unit, factor in units.items():
+        if size.upper().endswith(unit):
+            return int(float(size[:-len(unit)]) * factor)
+    return int(size)
+
+
+class ShardWriter:
+    """Writes {key: array} to `directory` in files of at most `max_shard_size` bytes (a single
+    bigger tensor gets its own file), then `close()` names them HF-style and writes the index.
+    Only the current shard is held in memory."""
+
+    def __init__(self, directory: str, max_shard_size: int | str = "5GB", prefix: str = "model"):
+        self.directory, self.prefix = directory, prefix
+        self.limit = parse_size(max_shard_size)
+        self.pending: dict[str, np.ndarray] = {}
+        self.size = 0
+        self.written: list[tuple[str, list[str], int]] = []
+
+    def add(self, key: str, array: np.ndarray) -> None:
+        if key in self.pending or any(key in keys for _, keys, _ in self.written):
+            raise ValueError(f"{self.directory}: tensor {key} written twice")
+        if self.pending and self.size + array.nbytes > self.limit:
+            self._flush()
+        self.pending[key] = np.ascontiguousarray(array)
+        self.size += array.nbytes
+
+    def _flush(self) -> None:
+        name = f"{self.prefix}-part-{len(self.written):05d}.safetensors"
+        save_file(self.pending, os.path.join(self.directory, name), metadata={"format": "pt"})
+        self.written.append((name, list(self.pending), self.size))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> list[str]:
+        """Finishes the files; returns their names."""
+        if self.pending or not self.written:
+            self._flush()
+        n = len(self.written)
+        if n == 1:
+            os.rename(os.path.join(self.directory, self.written[0][0]),
+                      os.path.join(self.directory, f"{self.prefix}.safetensors"))
+            return [f"{self.prefix}.safetensors"]
+        weight_map, total, names = {}, 0, []
+        for i, (tmp, keys, size) in enumerate(self.written):
+            name = f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(os.path.join(self.directory, tmp), os.path.join(self.directory, name))
+            weight_map.update(dict.fromkeys(keys, name))
+            total += size
+            names.append(name)
+        with open(os.path.join(self.directory, f"{self.prefix}.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                      f, indent=2)
+        return names
+
+
+def save_tensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+    """One small safetensors file (safety modules, LoRA adapter)."""
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata={"format": "pt"})
