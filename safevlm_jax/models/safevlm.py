@@ -26,7 +26,7 @@ from safevlm_jax.config import ModelConfig
 from safevlm_jax.models.clip import CLIPVisionModel
 from safevlm_jax.models.llama import LlamaForCausalLM
 from safevlm_jax.models.projector import MultiModalProjector
-from safevlm_jax.models.safety_head import SafetyHead, init_safety_tokens, safety_keys
+from safevlm_jax.models.safety_head import SafetyHead, first_token, init_safety_tokens, safety_keys
 from safevlm_jax.models.safety_projector import SafetyProjector
 
 
@@ -40,11 +40,6 @@ class SafeVLMOutput(NamedTuple):
 def default_positions(attention_mask: jax.Array) -> jax.Array:
     """Left-padding-safe positions [B, T]: 0 at the first real token of each row."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def first_token_index(attention_mask: jax.Array) -> jax.Array:
-    """[B] index of the first real (non-padding) token of each row (BOS for our prompts)."""
-    return jnp.argmax(attention_mask.astype(jnp.int32), axis=-1)
 
 
 def merge_image_embeddings(text_embeds: jax.Array, input_ids: jax.Array, image_embeds: jax.Array,
@@ -106,8 +101,10 @@ class SafeVLM(nnx.Module):
         return sharding.constrain(emb, ("batch", "length", "embed"))
 
     def safety_logits(self, features: jax.Array, query: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Risk level [B, 4] and type [B, 7] logits from CLIP features [B, N, C] and the text
-        embedding of each row's first real token [B, d]."""
+        """Risk level [B, 4] and type [B, 7] logits from CLIP features [B, N(+1), C] and the
+        text embedding of each row's first real token [B, d]."""
+        if self.config.vision_feature_select_strategy == "full":
+            features = features[:, 1:]  # the C-Abstractor needs the square patch grid, no CLS
         keys = safety_keys(self.safety_tokens_head, self.safety_projector(features))
         return self.safety_head(query, keys)
 
@@ -131,9 +128,7 @@ class SafeVLM(nnx.Module):
                                             self.image_embeddings(features, use_safety),
                                             self.config.image_token_index)
             if use_safety:  # one image per row: the head reads row b's image and first token
-                first = first_token_index(attention_mask)
-                query = jnp.take_along_axis(text_embeds, first[:, None, None], axis=1)[:, 0]
-                level, kind = self.safety_logits(features, query)
+                level, kind = self.safety_logits(features, first_token(text_embeds, attention_mask))
         if positions is None:
             positions = default_positions(attention_mask)
         logits, cache = self.language_model(embeds, positions, attention_mask, cache=cache)
