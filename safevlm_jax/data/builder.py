@@ -85,9 +85,7 @@ class SafeVlmData(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        split = {"train": [], "validation": []}
-        for r, digest in self._valid_records():
-            split["validation" if is_validation(r.id, self._validation_fraction) else "train"].append((r, digest))
+        split = self._valid_records()
         if not any(split.values()):
             raise ValueError(f"{self._json_path}: no valid record (skipped: {self.report.skipped})")
         # TFDS refuses empty splits; a split with no valid record is simply absent.
@@ -102,15 +100,15 @@ class SafeVlmData(tfds.core.GeneratorBasedBuilder):
             yield r.id, {"id": r.id, "image": data, "image_path": r.image, "conversations": r.turns_json(),
                          "safe_level": r.safe_level, "safe_type": r.safe_type}
 
-    def _valid_records(self) -> list[tuple[Record, bytes]]:
-        """Every record that passes all checks, with the sha256 of its image bytes.
+    def _valid_records(self) -> dict[str, list[tuple[Record, bytes]]]:
+        """Per split, every record that passes all checks, with the sha256 of its image bytes.
 
         Images are decoded here once; examples are written from the same bytes (the digest
         guards against a file changing in between).
         """
         raw = load_json(self._json_path)
         self.report.total = len(raw)
-        seen, valid = set(), []
+        seen, valid = set(), {"train": [], "validation": []}
         for i, obj in enumerate(tqdm.tqdm(raw, desc="checking records", unit="rec", disable=not self._progress)):
             try:
                 record = parse_record(obj, i)
@@ -126,7 +124,7 @@ class SafeVlmData(tfds.core.GeneratorBasedBuilder):
                 continue
             split = "validation" if is_validation(record.id, self._validation_fraction) else "train"
             self.report.kept[split] += 1
-            valid.append((record, hashlib.sha256(data).digest()))
+            valid[split].append((record, hashlib.sha256(data).digest()))
         return valid
 
     def _refuse(self, error: BadRecord) -> None:
