@@ -134,13 +134,17 @@ def export_hf(checkpoint: str, out: str, merge_lora: bool = False, key_style: st
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "safevlm_jax checkpoint directory.")
-flags.DEFINE_string("out", None, "Output HF directory.")
-flags.DEFINE_bool("merge_lora", False, "Add LoRA into the base weights instead of a peft adapter.")
-flags.DEFINE_enum("key_style", "published", sorted(KEY_STYLES), "Tensor names: llava-hf's "
-                  "published files or what transformers 5 save_pretrained writes.")
-flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file.")
-flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+
+
+def define_flags() -> None:
+    """Command-line flags (defined only when run as a program, so the modules import cleanly)."""
+    flags.DEFINE_string("checkpoint", None, "safevlm_jax checkpoint directory.")
+    flags.DEFINE_string("out", None, "Output HF directory.")
+    flags.DEFINE_bool("merge_lora", False, "Add LoRA into the base weights instead of a peft adapter.")
+    flags.DEFINE_enum("key_style", "published", sorted(KEY_STYLES), "Tensor names: llava-hf's "
+                      "published files or what transformers 5 save_pretrained writes.")
+    flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file.")
+    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 
 
 def main(argv):
@@ -150,5 +154,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["checkpoint", "out"])
     app.run(main)

@@ -88,12 +88,16 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, overwrite: bool =
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("hf_dir", None, "HF LLaVA directory (config.json + *.safetensors).")
-flags.DEFINE_string("out", None, "Output checkpoint directory.")
-flags.DEFINE_string("dtype", None, "Parameter dtype (default: keep the source dtype).")
-flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
-flags.DEFINE_bool("safety", True, "Add (freshly initialised) SafeVLM safety modules.")
-flags.DEFINE_integer("seed", 0, "Seed of the safety modules' initialisation.")
+
+
+def define_flags() -> None:
+    """Command-line flags (defined only when run as a program, so the modules import cleanly)."""
+    flags.DEFINE_string("hf_dir", None, "HF LLaVA directory (config.json + *.safetensors).")
+    flags.DEFINE_string("out", None, "Output checkpoint directory.")
+    flags.DEFINE_string("dtype", None, "Parameter dtype (default: keep the source dtype).")
+    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+    flags.DEFINE_bool("safety", True, "Add (freshly initialised) SafeVLM safety modules.")
+    flags.DEFINE_integer("seed", 0, "Seed of the safety modules' initialisation.")
 
 
 def main(argv):
@@ -103,5 +107,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["hf_dir", "out"])
     app.run(main)
