@@ -1,0 +1,275 @@
+"""Generation: prefill a fixed-size KV cache and decode in one jitted `lax.while_loop`.
+
+    features, level, type = decoder.encode(pixel_values, first_ids)   # CLIP (+ safety head)
+    result = decoder.generate(prompts, features, max_new_tokens=64, sampler=TopP(0.9))
+
+`encode` is one small jitted call (the safety verdict needs only the image and each row's
+first token, SPEC §2), so the caller can build the prompt with its hint before the single
+prefill+decode program runs. Prompts are left-padded to a length bucket and the batch is
+padded (by repeating row 0) to a batch bucket; `max_new_tokens`, temperatures and top-p are
+traced values. So a call recompiles only for a new (batch bucket, length bucket, new-token
+bucket, sampler kind, safety on/off, token callback). The cache of each shape is kept and
+donated back to the program, which writes it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from safevlm_jax.models.kv_cache import KVCache
+from safevlm_jax.models.safevlm import SafeVLM, default_positions, merge_image_embeddings
+
+PROMPT_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def bucket(n: int, buckets: Sequence[int], what: str = "length") -> int:
+    """The smallest bucket >= n (ValueError past the largest)."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+
+
+# Token samplers: pytrees, so their numbers are traced (no recompile) and their kind is static.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+    """argmax of the logits."""
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """logits [B, V] f32 -> token ids [B] int32."""
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Temperature:
+    """Sample from softmax(logits / temperature)."""
+
+    temperature: float = 1.0
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        return jax.random.categorical(key, logits / self.temperature, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["temperature"], meta_fields=["k"])
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """Sample among the k most likely tokens (k is static: it sets a shape)."""
+
+    k: int = 40
+    temperature: float = 1.0
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        values, ids = jax.lax.top_k(logits, self.k)
+        choice = jax.random.categorical(key, values / self.temperature, axis=-1)
+        return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TopP:
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p (always >= 1)."""
+
+    p: float = 0.9
+    temperature: float = 1.0
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        logits = logits / self.temperature
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        kept = jnp.where(before < self.p, sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        masked = jnp.where(logits >= threshold, logits, -jnp.inf)
+        return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+
+
+def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+    """From CLI-style numbers: temperature 0 is greedy; top_k > 0 or top_p < 1 pick one filter."""
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
+                         f"{temperature}, {top_k}, {top_p}")
+    if top_k and top_p < 1:
+        raise ValueError("choose one of top_k and top_p, not both")
+    if temperature == 0:
+        return Greedy()
+    if top_k:
+        return TopK(top_k, temperature)
+    if top_p < 1:
+        return TopP(top_p, temperature)
+    return Temperature(temperature)
+
+
+class Generation(NamedTuple):
+    """tokens: one list of generated ids per prompt (up to and including EOS);
+    prefill_s: seconds until the first token was sampled (None without a clock);
+    total_s: seconds of the whole program."""
+
+    tokens: list[list[int]]
+    prefill_s: float | None
+    total_s: float
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_safety"))
+def _encode(graphdef, state, pixel_values, first_ids, *, use_safety):
+    """pixel_values [B, H, W, 3], first_ids [B] -> (features [B, N, C], level [B, L] | None,
+    type [B, K] | None)."""
+    model = nnx.merge(graphdef, state)
+    features = model.image_features(pixel_values)
+    if not (use_safety and model.has_safety):
+        return features, None, None
+    level, kind = model.safety_logits(features, model.embed_text(first_ids[:, None])[:, 0])
+    return features, level, kind
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_safety", "on_token"),
+                   donate_argnames=("cache",))
+def _generate(graphdef, state, input_ids, attention_mask, features, cache, key, max_new_tokens,
+              sampler, eos_id, pad_id, *, use_safety, on_token):
+    """input_ids/attention_mask [B, T] left-padded; features [B, N, C] or None; cache with
+    T + new-token-bucket slots. Returns (tokens [B, bucket] int32, pad after EOS; steps [];
+    cache)."""
+    model = nnx.merge(graphdef, state)
+    lm = model.language_model
+    batch, slots = input_ids.shape[0], cache.max_len - input_ids.shape[1]
+    cache = KVCache(cache.k, cache.v, jnp.zeros_like(cache.mask), jnp.zeros((), jnp.int32))
+    embeds = model.embed_text(input_ids)
+    if features is not None:
+        embeds = merge_image_embeddings(embeds, input_ids, model.image_embeddings(features, use_safety),
+                                        model.config.image_token_index)
+    positions = default_positions(attention_mask)
+    logits, cache = lm(embeds, positions, attention_mask, cache)
+    key, sub = jax.random.split(key)
+    token = sampler(logits[:, -1], sub)
+    if on_token is not None:
+        jax.debug.callback(on_token, token, ordered=True)
+    out = jnp.full((batch, slots), pad_id, jnp.int32).at[:, 0].set(token)
+    carry = (jnp.int32(1), token, positions[:, -1] + 1, token == eos_id, out, cache, key)
+
+    def cond(c):
+        step, _, _, done, *_ = c
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(c):
+        step, token, pos, done, out, cache, key = c
+        logits, cache = lm(lm.embed(token[:, None]), pos[:, None], jnp.ones((batch, 1), jnp.int32), cache)
+        key, sub = jax.random.split(key)
+        token = jnp.where(done, pad_id, sampler(logits[:, 0], sub))
+        if on_token is not None:
+            jax.debug.callback(on_token, token, ordered=True)
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
+        return step + 1, token, pos + 1, done | (token == eos_id), out, cache, key
+
+    step, _, _, _, out, cache, _ = jax.lax.while_loop(cond, body, carry)
+    return out, step, cache
+
+
+class Decoder:
+    """Holds a model's (graphdef, state), its token ids and one reusable cache per shape.
+
+    eos_id ends a row; pad_id fills prompts and finished rows. `max_length` (default: the
+    model's `max_position_embeddings`) bounds prompt + new tokens.
+    """
+
+    def __init__(self, model: SafeVLM, *, eos_id: int, pad_id: int, max_length: int | None = None,
+                 prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
+                 batch_buckets: Sequence[int] = BATCH_BUCKETS):
+        self.graphdef, self.state = nnx.split(model)
+        self.config = model.config
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.max_length = max_length or model.config.text.max_position_embeddings
+        self.prompt_buckets, self.batch_buckets = tuple(prompt_buckets), tuple(batch_buckets)
+        self._caches: dict[tuple[int, int], KVCache] = {}
+        self._clock = _Clock()
+
+    def encode(self, pixel_values: np.ndarray, first_ids: Sequence[int], use_safety: bool = True):
+        """pixel_values [B, H, W, 3] f32, first_ids [B] (each prompt's first token, BOS) ->
+        (features [B, N, C], level_logits [B, 4] | None, type_logits [B, 7] | None) as numpy."""
+        b = len(first_ids)
+        pb = bucket(b, self.batch_buckets, "batch")
+        pixels = _pad_rows(np.asarray(pixel_values, np.float32), pb)
+        ids = _pad_rows(np.asarray(first_ids, np.int32), pb)
+        out = _encode(self.graphdef, self.state, pixels, ids, use_safety=use_safety)
+        return tuple(None if a is None else np.asarray(a)[:b] for a in out)
+
+    def generate(self, prompts: Sequence[Sequence[int]], features: np.ndarray | None, *,
+                 max_new_tokens: int, sampler=Greedy(), seed: int = 0, use_safety: bool = True,
+                 on_token: Callable[[np.ndarray], None] | None = None,
+                 timed: bool = False) -> Generation:
+        """prompts: token ids per row, each `<image>` already expanded to
+        `num_image_tokens(use_safety)` image ids; features [B, N, C] from `encode` (one image
+        per row) or None. `on_token(tokens [B] int32)` is called after every sampled step
+        (finished rows give pad_id). `timed` (implied by `on_token`) measures `prefill_s`."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_length:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+                             f"the context length {self.max_length}")
+        b, t = len(prompts), bucket(longest, self.prompt_buckets, "prompt length")
+        pb = bucket(b, self.batch_buckets, "batch")
+        slots = t + bucket(max_new_tokens, NEW_TOKEN_BUCKETS, "max_new_tokens")
+        ids = np.full((pb, t), self.pad_id, np.int32)
+        mask = np.zeros((pb, t), np.int32)
+        for i in range(pb):
+            p = prompts[i] if i < b else prompts[0]
+            ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
+        if features is not None:
+            features = _pad_rows(np.asarray(features), pb)
+        cache = self._caches.pop((pb, slots), None) or self._new_cache(pb, slots)
+        clock = self._clock if (timed or on_token is not None) else None
+        self._clock.reset(on_token, b)
+        start = time.perf_counter()
+        out, steps, cache = _generate(
+            self.graphdef, self.state, ids, mask, features, cache, jax.random.key(seed),
+            jnp.int32(max_new_tokens), sampler, jnp.int32(self.eos_id), jnp.int32(self.pad_id),
+            use_safety=use_safety, on_token=clock)
+        out, steps = np.asarray(out), int(steps)
+        total = time.perf_counter() - start
+        self._caches[(pb, slots)] = cache
+        first = None if clock is None else self._clock.first - start
+        return Generation([self._cut(row[:steps]) for row in out[:b]], first, total)
+
+    def _new_cache(self, batch: int, length: int) -> KVCache:
+        t = self.config.text
+        return KVCache.init(t.num_hidden_layers, batch, t.num_key_value_heads, length, t.head_dim,
+                            self.config.compute_dtype)
+
+    def _cut(self, row: np.ndarray) -> list[int]:
+        row = row.tolist()
+        return row[:row.index(self.eos_id) + 1] if self.eos_id in row else row
+
+
+class _Clock:
+    """The host callback of a Decoder (one object, so it never causes a recompile): notes
+    when the first token arrives and forwards each step's real rows to the caller."""
+
+    def __init__(self):
+        self.first, self.forward, self.rows = None, None, 0
+
+    def reset(self, forward, rows: int) -> None:
+        self.first, self.forward, self.rows = None, forward, rows
+
+    def __call__(self, tokens) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+        if self.forward is not None:
+            self.forward(np.asarray(tokens)[:self.rows])
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """Pads axis 0 to `rows` by repeating row 0 (a real row: no all-padding attention)."""
+    if a.shape[0] == rows:
+        return a
+    return np.concatenate([a, np.repeat(a[:1], rows - a.shape[0], axis=0)], axis=0)
