@@ -26,9 +26,74 @@ class LoRA(nnx.Module):
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype),
                                     out_sharding=(None, out_axis), eager_sharding=False)
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.merged = False  # set by `merge_lora(..., keep_lora=True)`: the kernel holds it
 
     def __call__(self, x: jax.Array, dtype) -> jax.Array:
+        if self.merged:
+            return jnp.zeros((), dtype)
         if self.dropout is not None:
             x = self.dropout(x)
         h = jnp.dot(x, self.lora_a[...].astype(dtype))
         return jnp.dot(h, self.lora_b[...].astype(dtype)) * jnp.asarray(self.scaling, dtype)
+
+
+def lora_state(model: nnx.Module) -> tuple[nnx.State, nnx.State]:
+    """(LoRA params, everything else) of `model`, split by type `nnx.LoRAParam`."""
+    return nnx.state(model, nnx.LoRAParam, ...)
+
+
+def _adapters(model: nnx.Module):
+    """(owner, LoRA) for every layer with an adapter: owners hold `kernel` and `lora`."""
+    return [(m, m.lora) for _, m in nnx.iter_modules(model) if isinstance(getattr(m, "lora", None), LoRA)]
+
+
+def delta(lora: LoRA) -> jax.Array:
+    """lora_a @ lora_b * scaling in f32: [in, out] (or [layers, in, out] when scanned)."""
+    return jnp.matmul(lora.lora_a[...].astype(jnp.float32),
+                      lora.lora_b[...].astype(jnp.float32)) * lora.scaling
+
+
+def merge_lora(model: nnx.Module, *, keep_lora: bool = False) -> nnx.Module:
+    """Folds every adapter into its base kernel, in place; returns `model`.
+
+    keep_lora=False drops the adapters (no LoRA params remain: for export and inference).
+    keep_lora=True keeps them, marked merged (their forward is skipped), so that
+    `unmerge_lora` can subtract them back, as peft's `merge_adapter`/`unmerge_adapter`.
+    """
+    for owner, lora in _adapters(model):
+        if not lora.merged:
+            kernel = owner.kernel[...]
+            owner.kernel[...] = (kernel.astype(jnp.float32) + delta(lora)).astype(kernel.dtype)
+        if keep_lora:
+            lora.merged = True
+        else:
+            owner.lora = None
+    return model
+
+
+def unmerge_lora(model: nnx.Module) -> nnx.Module:
+    """Inverse of `merge_lora(model, keep_lora=True)`, in place; returns `model`."""
+    for owner, lora in _adapters(model):
+        if lora.merged:
+            kernel = owner.kernel[...]
+            owner.kernel[...] = (kernel.astype(jnp.float32) - delta(lora)).astype(kernel.dtype)
+            lora.merged = False
+    return model
+
+
+def merge_lora_state(state: nnx.State, scaling: float) -> nnx.State:
+    """Pure version on a state (e.g. a checkpoint): every `<layer>/kernel` gets
+    `lora/lora_a @ lora/lora_b * scaling` of the same layer added; the LoRA leaves are dropped."""
+    flat = dict(nnx.to_flat_state(state))
+    out = []
+    for path, var in flat.items():
+        if path[-1] in ("lora_a", "lora_b"):
+            continue
+        a = flat.get(path[:-1] + ("lora", "lora_a")) if path[-1] == "kernel" else None
+        if a is not None:
+            b = flat[path[:-1] + ("lora", "lora_b")]
+            kernel = var.get_value()
+            d = jnp.matmul(a.get_value().astype(jnp.float32), b.get_value().astype(jnp.float32))
+            var = var.replace((kernel.astype(jnp.float32) + d * scaling).astype(kernel.dtype))
+        out.append((path, var))
+    return nnx.from_flat_state(out)

@@ -1,0 +1,121 @@
+"""LLaMA decoder vs `transformers.LlamaForCausalLM` (f32, tiny random configs), KV cache,
+scan-over-layers and remat."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from safevlm_jax.config import LoRAConfig, TextConfig
+from safevlm_jax.models.llama import LlamaForCausalLM
+from tests.hf_weights_llama import copy_llama_weights
+
+SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             rms_norm_eps=1e-5, rope_theta=500.0)
+
+
+def make_pair(heads=4, kv_heads=2, tie=False, scan=False, remat="none", seed=0):
+    """An HF model with random weights and ours holding a copy of them."""
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **SIZES, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        tie_word_embeddings=tie, max_position_embeddings=64, attn_implementation="eager")).eval()
+    text = TextConfig(**SIZES, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      tie_word_embeddings=tie)
+    ours = LlamaForCausalLM(text, LoRAConfig(), scan_layers=scan, remat_policy=remat,
+                            rngs=nnx.Rngs(seed))
+    copy_llama_weights(hf, ours, SIZES["num_hidden_layers"])
+    return hf, ours
+
+
+def positions_of(mask):
+    return jnp.clip(jnp.cumsum(mask, -1) - 1, 0).astype(jnp.int32)
+
+
+@nnx.jit
+def _forward(model, ids, mask):
+    return model(model.embed(ids), positions_of(mask), mask)[0]
+
+
+def forward(model, ids, mask):
+    return np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+IDS = np.random.RandomState(0).randint(0, SIZES["vocab_size"], (2, 9))
+# row 0: 3 tokens of left padding; row 1: none
+MASK = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9])
+
+
+@pytest.mark.parametrize("heads,kv_heads,tie", [(4, 4, False), (4, 2, False), (4, 2, True), (4, 1, True)])
+def test_logits_match_hf(heads, kv_heads, tie):
+    hf, ours = make_pair(heads, kv_heads, tie)
+    assert (ours.lm_head is None) == tie
+    with torch.no_grad():
+        ref = hf(torch.tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(forward(ours, IDS, np.ones_like(IDS)), ref, atol=1e-4, rtol=0)
+
+
+def test_left_padded_batch_matches_rows_alone_and_hf_with_attention_mask():
+    hf, ours = make_pair()
+    out = forward(ours, IDS, MASK)
+    assert np.isfinite(out).all()  # fully masked (padding) query rows give no NaN
+    with torch.no_grad():
+        ref = hf(torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(out[real], ref[real], atol=1e-4, rtol=0)
+    alone = forward(ours, IDS[:1, 3:], MASK[:1, 3:])
+    np.testing.assert_allclose(out[0, 3:], alone[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out[1], forward(ours, IDS[1:], MASK[1:])[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_prefill_then_decode_equals_full_forward(scan):
+    _, ours = make_pair(scan=scan)
+    full = forward(ours, IDS, MASK)
+    ids, mask = jnp.asarray(IDS), jnp.asarray(MASK)
+    pos = positions_of(mask)
+    step = nnx.jit(lambda m, i, p, a, c: m(m.embed(i), p, a, c), donate_argnums=(4,))
+    cache = ours.init_cache(batch=2, max_len=16)
+    assert cache.k.shape == cache.v.shape == (2, 2, 2, 16, 8)  # [L, B, KVH, S, Dh]
+    assert cache.mask.shape == (2, 16) and cache.index.shape == ()
+    prefill = 5
+    logits, cache = step(ours, ids[:, :prefill], pos[:, :prefill], mask[:, :prefill], cache)
+    outs = [np.asarray(logits)]
+    for t in range(prefill, IDS.shape[1]):
+        logits, cache = step(ours, ids[:, t:t + 1], pos[:, t:t + 1], mask[:, t:t + 1], cache)
+        outs.append(np.asarray(logits))
+    assert int(cache.index) == IDS.shape[1]
+    np.testing.assert_array_equal(np.asarray(cache.mask[:, :9]), MASK.astype(bool))
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(np.concatenate(outs, 1)[real], full[real], atol=1e-5, rtol=0)
+
+
+def test_scan_layers_equals_unrolled():
+    _, unrolled = make_pair(scan=False)
+    _, scanned = make_pair(scan=True)
+    state = nnx.state(scanned, nnx.Param)
+    assert state["model"]["layers"]["self_attn"]["q_proj"]["kernel"][...].shape == (2, 32, 32)
+    np.testing.assert_allclose(forward(scanned, IDS, MASK), forward(unrolled, IDS, MASK),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scan,policy", [(False, "dots_saveable"), (True, "full")])
+def test_remat_equals_no_remat_values_and_grads(scan, policy):
+    ids, mask = jnp.asarray(IDS), jnp.asarray(MASK)
+
+    def loss(model):
+        logits, _ = model(model.embed(ids), positions_of(mask), mask)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * mask)
+
+    results = []
+    for remat in ("none", policy):
+        _, model = make_pair(scan=scan, remat=remat)
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        results.append((value, jax.tree.leaves(grads)))
+    for value, grads in results[1:]:
+        np.testing.assert_allclose(value, results[0][0], atol=1e-6)
+        for g, g0 in zip(grads, results[0][1]):
+            np.testing.assert_allclose(g, g0, atol=1e-6)
