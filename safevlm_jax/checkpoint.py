@@ -117,20 +117,22 @@ def _add_leading(s):
     return NamedSharding(s.mesh, P(None, *tuple(s.spec))) if isinstance(s, NamedSharding) else s
 
 
-def restore_params(directory: str, abstract_state: nnx.State, shardings: nnx.State | None = None
-                   ) -> nnx.State:
+def restore_params(directory: str, abstract_state: nnx.State, shardings: nnx.State | None = None,
+                   prefix: str = "") -> nnx.State:
     """Restores the variables of `abstract_state` (a State of Params with ShapeDtypeStruct or
     array leaves, any subset of the model) from `directory`, in their dtype and in `shardings`
     (a matching State of shardings, e.g. from `sharding.state_shardings`; default: one device).
 
-    Either layout is converted to the target's. Parameters in the checkpoint but not in
+    `prefix`: where `abstract_state` sits in the model when it is a subtree (e.g.
+    "language_model/"). Either layout is converted to the target's. Parameters in the checkpoint but not in
     `abstract_state` are ignored; missing ones or a shape mismatch raise a ValueError naming
     every key.
     """
     reader = ParamReader(directory)
-    variables = {path_str(p): (p, v) for p, v in nnx.to_flat_state(abstract_state)}
+    variables = {prefix + path_str(p): (p, v) for p, v in nnx.to_flat_state(abstract_state)}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shard = flat_values(shardings) if shardings is not None else {}
+    shard = ({prefix + k: s for k, s in flat_values(shardings).items()} if shardings is not None
+             else {})
     target = {k: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
                                       sharding=shard.get(k, default)) for k, (_, v) in variables.items()}
     have = unstacked_shapes(reader.shapes)
