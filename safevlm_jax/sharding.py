@@ -24,13 +24,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "replicated": {},
     "data": {"batch": ("data",)},
-    "fsdp": {"batch": ("data", "fsdp"), "embed": ("fsdp",), "vision_embed": ("fsdp",)},
+    "fsdp": {"batch": ("data", "fsdp"), "embed": ("fsdp",)},
     "fsdp_tensor": {
         "batch": ("data", "fsdp"),
         "embed": ("fsdp",),
-        "vision_embed": ("fsdp",),
         "mlp": ("tensor",),
-        "vision_mlp": ("tensor",),
         "heads": ("tensor",),
         "kv": ("tensor",),
         "vocab": ("tensor",),
