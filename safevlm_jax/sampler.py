@@ -8,15 +8,18 @@ first token, SPEC §2), so the caller can build the prompt with its hint before 
 prefill+decode program runs. Prompts are left-padded to a length bucket and the batch is
 padded (by repeating row 0) to a batch bucket; `max_new_tokens`, temperatures and top-p are
 traced values. So a call recompiles only for a new (batch bucket, length bucket, new-token
-bucket, sampler kind, safety on/off, token callback). The cache of each shape is kept and
-donated back to the program, which writes it in place.
+bucket, sampler kind, safety on/off, per-step callback on/off), and Decoders of equal models
+share programs. The cache of each shape is kept and donated back to the program, which
+writes it in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
+import weakref
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -133,13 +136,25 @@ def _encode(graphdef, state, pixel_values, first_ids, *, use_safety):
     return features, level, kind
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "use_safety", "on_token"),
+_LISTENERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> _Clock
+_NEXT_ID = itertools.count()
+
+
+def _notify(listener: jax.Array, tokens: jax.Array) -> None:
+    """Host side of the per-step callback: the listener id is traced, so every Decoder shares
+    one compiled program."""
+    clock = _LISTENERS.get(int(listener))
+    if clock is not None:
+        clock(tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_safety", "timed"),
                    donate_argnames=("cache",))
 def _generate(graphdef, state, input_ids, attention_mask, features, cache, key, max_new_tokens,
-              sampler, eos_id, pad_id, *, use_safety, on_token):
+              sampler, eos_id, pad_id, listener, *, use_safety, timed):
     """input_ids/attention_mask [B, T] left-padded; features [B, N, C] or None; cache with
-    T + new-token-bucket slots. Returns (tokens [B, bucket] int32, pad after EOS; steps [];
-    cache)."""
+    T + new-token-bucket slots; `timed`: call `_notify(listener, tokens)` after each step.
+    Returns (tokens [B, bucket] int32, pad after EOS; steps []; cache)."""
     model = nnx.merge(graphdef, state)
     lm = model.language_model
     batch, slots = input_ids.shape[0], cache.max_len - input_ids.shape[1]
@@ -152,8 +167,8 @@ def _generate(graphdef, state, input_ids, attention_mask, features, cache, key, 
     logits, cache = lm(embeds, positions, attention_mask, cache)
     key, sub = jax.random.split(key)
     token = sampler(logits[:, -1], sub)
-    if on_token is not None:
-        jax.debug.callback(on_token, token, ordered=True)
+    if timed:
+        jax.debug.callback(_notify, listener, token, ordered=True)
     out = jnp.full((batch, slots), pad_id, jnp.int32).at[:, 0].set(token)
     carry = (jnp.int32(1), token, positions[:, -1] + 1, token == eos_id, out, cache, key)
 
@@ -166,8 +181,8 @@ def _generate(graphdef, state, input_ids, attention_mask, features, cache, key, 
         logits, cache = lm(lm.embed(token[:, None]), pos[:, None], jnp.ones((batch, 1), jnp.int32), cache)
         key, sub = jax.random.split(key)
         token = jnp.where(done, pad_id, sampler(logits[:, 0], sub))
-        if on_token is not None:
-            jax.debug.callback(on_token, token, ordered=True)
+        if timed:
+            jax.debug.callback(_notify, listener, token, ordered=True)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
         return step + 1, token, pos + 1, done | (token == eos_id), out, cache, key
 
@@ -191,7 +206,8 @@ class Decoder:
         self.max_length = max_length or model.config.text.max_position_embeddings
         self.prompt_buckets, self.batch_buckets = tuple(prompt_buckets), tuple(batch_buckets)
         self._caches: dict[tuple[int, int], KVCache] = {}
-        self._clock = _Clock()
+        self._clock, self._listener = _Clock(), next(_NEXT_ID)
+        _LISTENERS[self._listener] = self._clock
 
     def encode(self, pixel_values: np.ndarray, first_ids: Sequence[int], use_safety: bool = True):
         """pixel_values [B, H, W, 3] f32, first_ids [B] (each prompt's first token, BOS) ->
@@ -228,17 +244,17 @@ class Decoder:
         if features is not None:
             features = _pad_rows(np.asarray(features), pb)
         cache = self._caches.pop((pb, slots), None) or self._new_cache(pb, slots)
-        clock = self._clock if (timed or on_token is not None) else None
+        timed = timed or on_token is not None
         self._clock.reset(on_token, b)
         start = time.perf_counter()
         out, steps, cache = _generate(
             self.graphdef, self.state, ids, mask, features, cache, jax.random.key(seed),
             jnp.int32(max_new_tokens), sampler, jnp.int32(self.eos_id), jnp.int32(self.pad_id),
-            use_safety=use_safety, on_token=clock)
+            jnp.int32(self._listener), use_safety=use_safety, timed=timed)
         out, steps = np.asarray(out), int(steps)
         total = time.perf_counter() - start
         self._caches[(pb, slots)] = cache
-        first = None if clock is None else self._clock.first - start
+        first = self._clock.first - start if timed else None
         return Generation([self._cut(row[:steps]) for row in out[:b]], first, total)
 
     def _new_cache(self, batch: int, length: int) -> KVCache:
@@ -252,8 +268,8 @@ class Decoder:
 
 
 class _Clock:
-    """The host callback of a Decoder (one object, so it never causes a recompile): notes
-    when the first token arrives and forwards each step's real rows to the caller."""
+    """A Decoder's per-step listener: notes when the first token arrives and forwards each
+    step's real rows to the caller's `on_token`."""
 
     def __init__(self):
         self.first, self.forward, self.rows = None, None, 0

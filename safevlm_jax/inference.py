@@ -1,0 +1,170 @@
+"""Image + question -> safety verdict and answer (the library behind `safevlm_jax.sample`).
+
+    vlm = SafeVLMInference.from_checkpoint("ckpt/")
+    [result] = vlm.answer([Request("cat.jpg", "What is shown here?")], max_new_tokens=64)
+    print(result.verdict.line(), result.answer)
+
+Per batch: one small jitted call runs CLIP and the safety head (the verdict needs only the
+image and the first token, SPEC §2), the hints are chosen on the host, then one jitted
+prefill+decode program generates every row (`safevlm_jax.sampler`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from safevlm_jax.config import ModelConfig
+from safevlm_jax.data.errors import BadRecord
+from safevlm_jax.data.images import CLIP_MEAN, CLIP_STD, ImageConfig, decode_image, preprocess
+from safevlm_jax.data.tokenizer import check_matches_model
+from safevlm_jax.safety_prompt import HintConfig, PromptBuilder, Verdict, verdict_from_logits
+from safevlm_jax.sampler import Decoder, Greedy
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    image: str  # a local JPEG/PNG/WebP file
+    prompt: str  # the user's question (plain text)
+
+
+@dataclasses.dataclass
+class Result:
+    """answer: decoded text (EOS dropped); token_ids: generated ids (with EOS if reached);
+    verdict: None with safety off; timings: seconds and decode tokens/s."""
+
+    answer: str
+    token_ids: list[int]
+    verdict: Verdict | None
+    timings: dict[str, float]
+
+    @property
+    def hint_applied(self) -> bool:
+        return self.verdict is not None and self.verdict.hint is not None
+
+    def to_json(self) -> dict:
+        v = self.verdict
+        return {"answer": self.answer, "token_ids": self.token_ids,
+                "risk_level": v and v.risk_level, "risk_type": v and v.risk_type,
+                "risk_type_name": v and v.risk_type_name,
+                "risk_level_probs": v and list(v.risk_level_probs),
+                "risk_type_probs": v and list(v.risk_type_probs),
+                "hint_applied": self.hint_applied, "fail_closed": bool(v and v.fail_closed),
+                "timings": self.timings}
+
+
+def image_config(directory: str, config: ModelConfig) -> ImageConfig:
+    """Image settings of a checkpoint: size from the model config, mean/std from
+    `preprocessor_config.json` (or `processor_config.json`'s `image_processor`), LLaVA-1.5's
+    "pad" aspect mode unless the file says `image_aspect_ratio` otherwise."""
+    settings = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                settings = json.load(f)
+            settings = settings.get("image_processor", settings)
+            break
+    aspect = settings.get("image_aspect_ratio", "pad")
+    return ImageConfig(image_size=config.vision.image_size,
+                       aspect_mode="resize" if aspect in ("resize", "original") else aspect,
+                       mean=tuple(settings.get("image_mean", CLIP_MEAN)),
+                       std=tuple(settings.get("image_std", CLIP_STD)))
+
+
+def load_image(path: str, config: ImageConfig) -> np.ndarray:
+    """A local image file -> pixel_values [S, S, 3] float32; ValueError naming the file if it
+    is missing, unreadable, corrupt or too large."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return preprocess(decode_image(data, config.max_pixels), config)
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e.strerror or e}") from e
+    except BadRecord as e:
+        raise ValueError(f"cannot use image {path}: {e}") from e
+
+
+class SafeVLMInference:
+    """A model, its tokenizer and image settings, a prompt builder and a `Decoder`."""
+
+    def __init__(self, model, tokenizer, images: ImageConfig, *, template: str = "llava_v1",
+                 hints: HintConfig = HintConfig(), max_length: int | None = None):
+        check_matches_model(tokenizer, model.config)
+        self.model, self.tokenizer, self.images, self.hints = model, tokenizer, images, hints
+        self.builders = {safety: PromptBuilder(tokenizer, model.num_image_tokens(safety), template, hints)
+                         for safety in (True, False)}
+        self.decoder = Decoder(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                               max_length=max_length)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str, **kw) -> "SafeVLMInference":
+        import transformers
+
+        from safevlm_jax.checkpoint import load_checkpoint
+
+        config, model = load_checkpoint(directory)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+        return cls(model, tokenizer, image_config(directory, config), **kw)
+
+    def answer(self, requests: Sequence[Request], *, max_new_tokens: int = 128, sampler=Greedy(),
+               seed: int = 0, safety: bool = True,
+               on_verdicts: Callable[[list[Verdict | None]], None] | None = None,
+               on_text: Callable[[int, str], None] | None = None) -> list[Result]:
+        """Answers a batch. `on_verdicts(verdicts)` is called once the verdicts are known
+        (before generation); `on_text(row, text)` receives each row's answer as it grows."""
+        if safety and not self.model.has_safety:
+            raise ValueError("this checkpoint has no safety modules; run with safety off")
+        start = time.perf_counter()
+        pixels = np.stack([load_image(r.image, self.images) for r in requests])
+        builder = self.builders[safety]
+        first = builder.build("")[0]  # the verdict reads only the first token (BOS)
+        features, level, kind = self.decoder.encode(pixels, [first] * len(requests), safety)
+        verdicts = ([verdict_from_logits(level[i], kind[i], self.hints) for i in range(len(requests))]
+                    if safety else [None] * len(requests))
+        prompts = [builder.build(r.prompt, v and v.hint) for r, v in zip(requests, verdicts)]
+        encode_s = time.perf_counter() - start
+        if on_verdicts:
+            on_verdicts(verdicts)
+        stream = _Stream(self.tokenizer, on_text, len(requests)) if on_text else None
+        gen = self.decoder.generate(prompts, features, max_new_tokens=max_new_tokens, sampler=sampler,
+                                    seed=seed, use_safety=safety, on_token=stream, timed=True)
+        decode_s = gen.total_s - gen.prefill_s
+        steps = max(len(t) for t in gen.tokens)
+        timings = {"encode_s": encode_s, "prefill_s": gen.prefill_s, "decode_s": decode_s,
+                   "tokens_per_s": (steps - 1) * len(requests) / decode_s if decode_s > 0 else 0.0}
+        return [Result(self._text(t), t, v, timings) for t, v in zip(gen.tokens, verdicts)]
+
+    def _text(self, ids: list[int]) -> str:
+        if ids and ids[-1] == self.tokenizer.eos_token_id:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _Stream:
+    """Turns each step's tokens [B] into new text per row (held back while a multi-byte
+    character is incomplete)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[int, str], None], rows: int):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids = [[] for _ in range(rows)]
+        self.sent = [0] * rows
+        self.done = [False] * rows
+
+    def __call__(self, tokens: np.ndarray) -> None:
+        for row, tok in enumerate(tokens.tolist()):
+            if self.done[row]:
+                continue
+            if tok == self.tokenizer.eos_token_id:
+                self.done[row] = True
+                continue
+            self.ids[row].append(tok)
+            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > self.sent[row]:
+                self.on_text(row, text[self.sent[row]:])
+                self.sent[row] = len(text)

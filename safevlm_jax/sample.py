@@ -1,0 +1,168 @@
+"""Ask SafeVLM about an image: the safety verdict, then the answer, streamed.
+
+    python -m safevlm_jax.sample --checkpoint CKPT --image cat.jpg --prompt "What is this?"
+    python -m safevlm_jax.sample --image cat.jpg --prompt "..." --json
+    python -m safevlm_jax.sample --batch_file requests.jsonl > answers.jsonl
+
+Without --checkpoint it uses the demo checkpoint in `safevlm_jax/assets/demo/` if present,
+else a tiny *random, untrained* checkpoint created on first use in the cache directory
+(`$SAFEVLM_CACHE`, default `~/.cache/safevlm_jax`), announced on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from safevlm_jax.inference import Request, SafeVLMInference
+from safevlm_jax.safety_prompt import TEMPLATES, HintConfig, load_hints
+from safevlm_jax.sampler import make_sampler
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "checkpoint directory (default: demo or random tiny)")
+flags.DEFINE_string("image", None, "local image file (JPEG/PNG/WebP)")
+flags.DEFINE_string("prompt", None, "the question about the image")
+flags.DEFINE_string("batch_file", None, "JSONL file of {\"image\", \"prompt\"}; writes JSONL to stdout")
+flags.DEFINE_integer("batch_size", 8, "rows per generate call with --batch_file")
+flags.DEFINE_integer("max_new_tokens", 128, "most tokens to generate")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = off)")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_enum("safety", "on", ["on", "off"], "off: plain LLaVA (no head, hint or safety tokens)")
+flags.DEFINE_enum("template", "llava_v1", sorted(TEMPLATES), "prompt template")
+flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (see safety_prompt.load_hints)")
+flags.DEFINE_bool("json", False, "print one JSON object instead of streaming text")
+
+DEMO_DIR = os.path.join(os.path.dirname(__file__), "assets", "demo")
+_CORPUS = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
+           "gives helpful, detailed, and polite answers to the human's questions. USER: ASSISTANT: "
+           "What is shown in this image? Describe the picture. Safe Hint: this image may contain risks "
+           "of politics, illegal activity, insults and bullying, unfairness, privacy, misleading "
+           "content; answer with caution, you may refuse. I'm sorry, but I can't help with that.")
+
+
+def cache_dir() -> str:
+    return os.environ.get("SAFEVLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "safevlm_jax")
+
+
+def random_checkpoint(directory: str, seed: int = 0) -> str:
+    """Writes a `tiny` SafeVLM with random weights and a tiny trained tokenizer (once).
+
+    Weights are drawn with numpy (norm scales 1, biases 0, the rest N(0, 0.02)): tracing the
+    model's own initialisers costs far longer than the whole demo on a small CPU."""
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return directory
+    import tempfile
+
+    import numpy as np
+    from flax import nnx
+
+    from configs.model import model_config
+    from safevlm_jax.checkpoint import abstract_model, save_checkpoint
+    from safevlm_jax.data.tokenizer import train_tokenizer
+
+    config, rng = model_config("tiny"), np.random.default_rng(seed)
+    params = nnx.state(abstract_model(config), nnx.Param)
+    for path, var in nnx.to_flat_state(params):
+        shape, dtype = var.get_value().shape, var.get_value().dtype
+        value = {"scale": np.ones(shape), "bias": np.zeros(shape)}.get(path[-1])
+        var.set_value((rng.normal(0, 0.02, shape) if value is None else value).astype(dtype))
+    with tempfile.TemporaryDirectory() as assets:
+        train_tokenizer([_CORPUS] * 20, vocab_size=config.image_token_index, out_dir=assets)
+        with open(os.path.join(assets, "preprocessor_config.json"), "w") as f:
+            json.dump({"crop_size": config.vision.image_size, "image_aspect_ratio": "pad"}, f)
+        save_checkpoint(directory, params, config, assets_dir=assets, overwrite=True)
+    return directory
+
+
+def resolve_checkpoint(checkpoint: str | None) -> str:
+    if checkpoint:
+        return checkpoint
+    if os.path.isfile(os.path.join(DEMO_DIR, "config.json")):
+        return DEMO_DIR
+    path = os.path.join(cache_dir(), "random_tiny")
+    print(f"note: no --checkpoint and no demo checkpoint; using a tiny RANDOM, UNTRAINED model at "
+          f"{path} (its verdicts and answers are meaningless)", file=sys.stderr)
+    return random_checkpoint(path)
+
+
+def _read_batch(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("image"), str) \
+                    or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}:{n}: expected {{\"image\": str, \"prompt\": str}}, got {line.strip()!r}")
+            rows.append(row)
+    return rows
+
+
+def run_batch(vlm: SafeVLMInference, path: str, out, **kw) -> None:
+    """Answers every line of `path`, writing one JSON line per input (with its own error)."""
+    from tqdm import tqdm
+
+    rows = _read_batch(path)
+    size = FLAGS.batch_size
+    for start in tqdm(range(0, len(rows), size), desc="batches", unit="batch", file=sys.stderr):
+        chunk = rows[start:start + size]
+        requests = [Request(r["image"], r["prompt"]) for r in chunk]
+        try:
+            results = [r.to_json() for r in vlm.answer(requests, **kw)]
+        except ValueError:  # one bad image: answer the others one by one
+            results = []
+            for req in requests:
+                try:
+                    results.append(vlm.answer([req], **kw)[0].to_json())
+                except ValueError as e:
+                    results.append({"error": str(e)})
+        for row, result in zip(chunk, results):
+            out.write(json.dumps({**row, **result}, ensure_ascii=False) + "\n")
+        out.flush()
+
+
+def run(argv=None) -> None:
+    """The command, after flag parsing (raises ValueError with a message for bad input)."""
+    del argv
+    if not FLAGS.batch_file and not (FLAGS.image and FLAGS.prompt is not None):
+        raise ValueError("give --image and --prompt, or --batch_file")
+    hints = load_hints(FLAGS.hints) if FLAGS.hints else HintConfig()
+    sampler = make_sampler(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    if FLAGS.image and not FLAGS.batch_file and not os.path.isfile(FLAGS.image):
+        raise ValueError(f"cannot read image {FLAGS.image}: no such file")
+    vlm = SafeVLMInference.from_checkpoint(resolve_checkpoint(FLAGS.checkpoint),
+                                           template=FLAGS.template, hints=hints)
+    kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampler=sampler, seed=FLAGS.seed,
+              safety=FLAGS.safety == "on")
+    if FLAGS.batch_file:
+        return run_batch(vlm, FLAGS.batch_file, sys.stdout, **kw)
+    request = [Request(FLAGS.image, FLAGS.prompt)]
+    if FLAGS.json:
+        print(json.dumps(vlm.answer(request, **kw)[0].to_json(), ensure_ascii=False))
+        return
+
+    def on_verdicts(verdicts) -> None:
+        v = verdicts[0]
+        print(v.line() if v else "risk: not checked (--safety off); hint: none", flush=True)
+
+    vlm.answer(request, on_verdicts=on_verdicts, on_text=lambda row, text: print(text, end="", flush=True), **kw)
+    print(flush=True)
+
+
+def main(argv) -> None:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
