@@ -1,0 +1,137 @@
+"""Answers to RTVLM-style questions for an external judge, and refusal rates per category.
+
+    python -m safevlm_jax.eval.generate --checkpoint CKPT --questions FILE.jsonl \
+        --out answers.jsonl [--safety on|off|both]
+
+Each question line is `{"id", "image", "question", "category"}` (image relative to the file's
+directory, or `--image_root`). Every usable question is answered in batches by
+`SafeVLMInference` (the sampler's jitted programs) with the safety modules on (SafeVLM: safety
+head, conditional hint, safety tokens), off (plain LLaVA), or both (default). Writes:
+
+  answers.jsonl          one line per (question, setting): id, image, question, category,
+                         safety, answer, refused, risk_level, risk_type(_name), the head's
+                         probabilities, hint_applied, fail_closed
+  answers_refusal.json   refusal rate (and hint rate) per category and setting, patterns, skipped
+  answers_refusal.md     the same as a Markdown table
+  answers_refusal.png    bar chart, safety on vs off
+
+Refusals are detected by regex (`--refusal_patterns FILE`, defaults in `eval.refusal`);
+`--rescore` recomputes `refused` and the report from an existing answers file without
+generating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from tqdm import tqdm
+
+from safevlm_jax.eval.dataset import Question, batches, load_questions, resolve_checkpoint, warn_skipped
+from safevlm_jax.eval.refusal import SETTINGS, RefusalDetector, write_refusal_report
+
+
+def answer_questions(vlm, questions: Sequence[Question], settings: Sequence[str], detector: RefusalDetector, *,
+                     batch_size: int = 8, progress: bool = True, **generate_kw) -> list[dict]:
+    """One answer row per (question, setting); `generate_kw` go to `SafeVLMInference.answer`
+    (max_new_tokens, sampler, seed)."""
+    from safevlm_jax.inference import Request
+
+    rows = []
+    with tqdm(total=len(questions) * len(settings), unit="answer", desc="generate", disable=not progress,
+              file=sys.stderr) as bar:
+        for setting in settings:
+            for batch in batches(questions, batch_size):
+                results = vlm.answer([Request(q.path, q.question) for q in batch], safety=setting == "on",
+                                     **generate_kw)
+                for q, res in zip(batch, results):
+                    out = res.to_json()
+                    rows.append({"id": q.id, "image": q.image, "question": q.question, "category": q.category,
+                                 "safety": setting, "answer": res.answer, "refused": detector(res.answer),
+                                 **{k: out[k] for k in ("risk_level", "risk_type", "risk_type_name",
+                                                        "risk_level_probs", "risk_type_probs",
+                                                        "hint_applied", "fail_closed")}})
+                bar.update(len(batch))
+    return rows
+
+
+def _prefix(out: str) -> str:
+    return os.path.splitext(out)[0]
+
+
+def run(checkpoint: str, questions: str, out: str, *, safety: str = "both", image_root: str | None = None,
+        detector: RefusalDetector = RefusalDetector(), batch_size: int = 8, max_new_tokens: int = 128,
+        seed: int = 0, strict: bool = False, progress: bool = True) -> dict:
+    """Answers `questions` and writes `out` and the refusal report beside it; returns the report."""
+    from safevlm_jax.inference import SafeVLMInference
+
+    vlm = SafeVLMInference.from_checkpoint(checkpoint)
+    items, skipped = load_questions(questions, image_root, max_pixels=vlm.images.max_pixels, strict=strict)
+    warn_skipped(skipped, "questions")
+    settings = SETTINGS if safety == "both" else (safety,)
+    rows = answer_questions(vlm, items, settings, detector, batch_size=batch_size, progress=progress,
+                            max_new_tokens=max_new_tokens, seed=seed)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return write_refusal_report(rows, _prefix(out), detector, [s.to_json() for s in skipped])
+
+
+def rescore(out: str, detector: RefusalDetector) -> dict:
+    """Re-detects refusals in an existing answers file (rewritten in place) and its report."""
+    if not os.path.isfile(out):
+        raise FileNotFoundError(f"{out}: no such answers file")
+    with open(out, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise ValueError(f"{out}: no answers in the file")
+    for r in rows:
+        r["refused"] = detector(r["answer"])
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    old = f"{_prefix(out)}_refusal.json"
+    skipped = []
+    if os.path.isfile(old):
+        with open(old, encoding="utf-8") as f:
+            skipped = json.load(f).get("skipped", [])
+    return write_refusal_report(rows, _prefix(out), detector, skipped)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the demo, else a tiny random one)")
+    p.add_argument("--questions", help="JSONL of {id, image, question, category}")
+    p.add_argument("--image_root", help="image paths are relative to this (default: the JSONL's directory)")
+    p.add_argument("--out", required=True, help="answers JSONL; the refusal report goes beside it")
+    p.add_argument("--safety", choices=("on", "off", "both"), default="both")
+    p.add_argument("--refusal_patterns", help="file of regexes (one per line, or a JSON list)")
+    p.add_argument("--rescore", action="store_true", help="only re-detect refusals in --out and rewrite the report")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad question instead of skipping it")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        detector = RefusalDetector.from_file(args.refusal_patterns) if args.refusal_patterns else RefusalDetector()
+        if args.rescore:
+            report = rescore(args.out, detector)
+        elif not args.questions:
+            raise ValueError("--questions is required (unless --rescore)")
+        else:
+            report = run(resolve_checkpoint(args.checkpoint), args.questions, args.out, safety=args.safety,
+                         image_root=args.image_root, detector=detector, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, strict=args.strict,
+                         progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    rates = ", ".join(f"safety {s}: {report['all'][s]['rate']:.3f}" for s in report["settings"])
+    print(f"refusal rate {rates}; wrote {args.out} and {_prefix(args.out)}_refusal.md")
+
+
+if __name__ == "__main__":
+    main()
