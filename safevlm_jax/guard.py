@@ -1,0 +1,152 @@
+"""Guard mode: SafeVLM's safety verdict alone, without the LLM decoder layers.
+
+    guard = Guard.from_checkpoint("ckpt/")                  # loads only what the verdict reads
+    level_probs, type_probs = guard(pixel_values)           # [B, 4], [B, 7] float32 numpy
+
+Why this is the model's own verdict (SPEC §2): the safety head is one cross-attention whose
+keys/values are the safety tokens and the safety projector's output (a function of the CLIP
+features alone) and whose query is the text embedding at the first real position; its
+output at one query position depends only on that query. So the verdict is a function of
+the image and of the first token's embedding (BOS) — not of the rest of the prompt, not of
+any LLM layer. `VerdictModel` holds just those parts (CLIP up to its feature layer, the
+safety projector, the head's safety tokens, the safety head, the token embedding table) and
+computes with SafeVLM's own methods, so it cannot drift from the full model.
+
+The program is data-parallel: parameters are replicated (rule set "data") over a mesh of
+the local devices and the batch is split over them; on several hosts each host runs its own
+mesh on its own slice of the inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from safevlm_jax import sharding
+from safevlm_jax.models.safevlm import SafeVLM
+from safevlm_jax.models.safety_head import first_token
+
+VERDICT_PARTS = ("vision_tower", "safety_projector", "safety_tokens_head", "safety_head",
+                 "language_model/model/embed_tokens")
+
+
+class VerdictModel(nnx.Module):
+    """The parts of a SafeVLM its verdict reads (shared with the model, not copied)."""
+
+    image_features = SafeVLM.image_features  # same code as the full model: one definition
+    safety_logits = SafeVLM.safety_logits
+
+    def __init__(self, model: SafeVLM):
+        if not model.has_safety:
+            raise ValueError("this model has no safety modules, so it has no verdict to compute")
+        self.config = model.config
+        self.vision_tower = model.vision_tower
+        self.safety_projector = model.safety_projector
+        self.safety_tokens_head = model.safety_tokens_head
+        self.safety_head = model.safety_head
+        self.embed_tokens = model.language_model.model.embed_tokens
+
+    def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,
+                 attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """pixel_values [B, H, W, 3] f32; input_ids/attention_mask [B, T] (T >= 1; 1 = real
+        token, any padding side) -> (level_probs [B, 4], type_probs [B, 7]) f32."""
+        ids = jnp.where(input_ids == self.config.image_token_index, 0, input_ids)  # as embed_text
+        query = first_token(self.embed_tokens(ids), attention_mask)
+        level, kind = self.safety_logits(self.image_features(pixel_values), query)
+        return jax.nn.softmax(level, axis=-1), jax.nn.softmax(kind, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def verdict_program(graphdef, state, pixel_values, input_ids, attention_mask):
+    """The jitted guard program: (graphdef, state) of a `VerdictModel` and its inputs ->
+    (level_probs [B, 4], type_probs [B, 7])."""
+    return nnx.merge(graphdef, state)(pixel_values, input_ids, attention_mask)
+
+
+def load_verdict_model(directory: str, mesh: Mesh | None = None,
+                       rules: str = "data") -> VerdictModel:
+    """Restores only the `VERDICT_PARTS` parameters of a checkpoint (never the LLM layers or
+    the LM head), placed by `rules` on `mesh` (default: one device)."""
+    from safevlm_jax.checkpoint import abstract_model, restore_params  # checkpoint stands on models
+    from safevlm_jax.config import ModelConfig
+
+    config = ModelConfig.load(os.path.join(directory, "config.json"))
+    model = abstract_model(config)
+    wanted = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model))
+              if any("/".join(map(str, p)).startswith(part) for part in VERDICT_PARTS)]
+    if any(not isinstance(v, nnx.Param) for _, v in wanted):
+        raise ValueError(f"{directory}: the verdict parts hold non-parameter state; load the "
+                         f"whole model with checkpoint.load_checkpoint instead")
+    abstract = nnx.from_flat_state(wanted)
+    shardings = sharding.state_shardings(abstract, mesh, rules) if mesh is not None else None
+    nnx.update(model, restore_params(directory, abstract, shardings))
+    return VerdictModel(model)
+
+
+class Guard:
+    """Runs `verdict_program` over a mesh of the local devices.
+
+    model: a SafeVLM or VerdictModel; bos_id: the first token used when no prompt is given
+    (the tokenizer's BOS); rules: the sharding rule set (default "data": replicate weights).
+    """
+
+    def __init__(self, model: SafeVLM | VerdictModel, *, bos_id: int, mesh: Mesh | None = None,
+                 rules: str = "data"):
+        verdict = model if isinstance(model, VerdictModel) else VerdictModel(model)
+        self.config = verdict.config
+        self.mesh = mesh or sharding.make_mesh({"data": -1}, jax.local_devices())
+        self.rules, self.bos_id = rules, bos_id
+        self.graphdef, state = nnx.split(verdict)
+        self.state = jax.device_put(state, sharding.state_shardings(state, self.mesh, rules))
+        batch_axes = sharding.get_rules(rules).get("batch", ())
+        self.batch_multiple = int(np.prod([self.mesh.shape[a] for a in batch_axes]))
+
+    @classmethod
+    def from_checkpoint(cls, directory: str, *, mesh: Mesh | None = None,
+                        rules: str = "data") -> "Guard":
+        """Loads the verdict parts of a checkpoint and the BOS id of its tokenizer."""
+        import transformers
+
+        mesh = mesh or sharding.make_mesh({"data": -1}, jax.local_devices())
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+        if tokenizer.bos_token_id is None:
+            raise ValueError(f"{directory}: the tokenizer has no BOS token (the verdict's query)")
+        return cls(load_verdict_model(directory, mesh, rules), bos_id=tokenizer.bos_token_id,
+                   mesh=mesh, rules=rules)
+
+    def __call__(self, pixel_values: np.ndarray, input_ids: np.ndarray | None = None,
+                 attention_mask: np.ndarray | None = None,
+                 pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """pixel_values [B, H, W, 3] f32; input_ids/attention_mask [B, T] (default: BOS alone).
+
+        The batch is padded (repeating row 0) to a multiple of the data-parallel devices, and
+        to `pad_to` rows if given (one shape, one compile). Returns level_probs [B, 4] and
+        type_probs [B, 7] as float32 numpy.
+        """
+        b = pixel_values.shape[0]
+        if input_ids is None:
+            input_ids = np.full((b, 1), self.bos_id, np.int32)
+            attention_mask = np.ones((b, 1), np.int32)
+        elif attention_mask is None:
+            attention_mask = np.ones(input_ids.shape, np.int32)
+        rows = max(b, pad_to or 0)
+        rows = -(-rows // self.batch_multiple) * self.batch_multiple
+        inputs = [_pad_rows(np.asarray(a, dt), rows) for a, dt in
+                  ((pixel_values, np.float32), (input_ids, np.int32), (attention_mask, np.int32))]
+        inputs = [jax.device_put(a, sharding.data_sharding(self.mesh, self.rules, a.ndim)) for a in inputs]
+        with sharding.use_rules(self.mesh, self.rules):
+            level, kind = verdict_program(self.graphdef, self.state, *inputs)
+        return np.asarray(level)[:b], np.asarray(kind)[:b]
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """Pads axis 0 to `rows` by repeating row 0 (a real row: its mask has a token)."""
+    if a.shape[0] == rows:
+        return a
+    return np.concatenate([a, np.repeat(a[:1], rows - a.shape[0], axis=0)], axis=0)
