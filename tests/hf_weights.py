@@ -1,4 +1,5 @@
-"""Test helpers: copy HF torch weights into our modules, for the parity tests.
+"""Test helpers: copy HF torch weights (CLIP, projector, LLaMA + peft LoRA, LLaVA) into our
+modules, for the parity tests.
 
 A copy is a table of rules `(our path, HF state_dict key, transform)`, built by small
 functions per layer kind (`dense`, `layer_norm`, ...) and applied by `copy_table`, which
@@ -77,13 +78,47 @@ def projector_table(bias: bool) -> list[Rule]:
     return dense(("linear_1",), "linear_1", bias) + dense(("linear_2",), "linear_2", bias)
 
 
+def llama_layer(ours: Path, hf: str, lora_targets: tuple[str, ...]) -> list[Rule]:
+    """One `LlamaDecoderLayer` (no biases, as LLaMA-2), with peft LoRA on `lora_targets`."""
+    rules = [(ours + (n, "scale"), f"{hf}.{n}.weight", same)
+             for n in ("input_layernorm", "post_attention_layernorm")]
+    for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                         ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+        for n in names:
+            at, key = ours + (block, n), f"{hf}.{block}.{n}"
+            rules += dense(at, key, bias=False)
+            if n in lora_targets:  # peft lora_A [r, in], lora_B [out, r] -> ours [in, r], [r, out]
+                rules += [(at + ("lora", "lora_a"), f"{key}.lora_A.weight", linear_weight),
+                          (at + ("lora", "lora_b"), f"{key}.lora_B.weight", linear_weight)]
+    return rules
+
+
+def llama_table(num_layers: int, tied: bool, lora_targets: tuple[str, ...] = ()) -> list[Rule]:
+    """HF `LlamaForCausalLM` (optionally peft-wrapped) -> our `LlamaForCausalLM`."""
+    rules = [(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", same),
+             (("model", "norm", "scale"), "model.norm.weight", same)]
+    for i in range(num_layers):
+        rules += llama_layer(("model", "layers", i), f"model.layers.{i}", lora_targets)
+    return rules if tied else rules + [(("lm_head", "kernel"), "lm_head.weight", linear_weight)]
+
+
 # Application ----------------------------------------------------------------------------------
-def copy_table(module: nnx.Module, hf_module, rules: list[Rule]) -> None:
-    """Writes `hf_module`'s weights into `module`'s parameters (in their `param_dtype`).
+def torch_state(hf_module, prefix: str = "") -> dict[str, np.ndarray]:
+    """A torch module's state dict as f32 numpy, keys prefixed, peft's wrapping removed
+    (`base_model.model.`, `.base_layer`, `.default`)."""
+    out = {}
+    for key, value in hf_module.state_dict().items():
+        key = key.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".default.", ".")
+        out[prefix + key] = value.detach().cpu().float().numpy()
+    return out
+
+
+def copy_table(module: nnx.Module, hf_state: dict[str, np.ndarray], rules: list[Rule]) -> None:
+    """Writes the HF weights `hf_state` (see `torch_state`) into `module`'s parameters (in their
+    `param_dtype`).
 
     `module` may be abstract (built under `nnx.eval_shape`): every parameter is replaced, so
     tests need not pay for a random initialisation."""
-    hf_state = {k: v.detach().cpu().float().numpy() for k, v in hf_module.state_dict().items()}
     unused = sorted(set(hf_state) - {key for _, key, _ in rules})
     if unused:
         raise KeyError(f"HF weights without a rule: {unused}")
@@ -105,9 +140,27 @@ def copy_clip(jax_module: nnx.Module, hf_clip_vision_model) -> None:
     """HF `CLIPVisionModel` (or anything with `.vision_model`, e.g. transformers 4 / `CLIPModel`)
     -> our `CLIPVisionModel`, unscanned or scanned."""
     hf = getattr(hf_clip_vision_model, "vision_model", hf_clip_vision_model)
-    copy_table(jax_module, hf, clip_table(len(hf.encoder.layers)))
+    copy_table(jax_module, torch_state(hf), clip_table(len(hf.encoder.layers)))
 
 
 def copy_projector(jax_module: nnx.Module, hf_projector) -> None:
     """HF `LlavaMultiModalProjector` -> our `MultiModalProjector`."""
-    copy_table(jax_module, hf_projector, projector_table(hf_projector.linear_1.bias is not None))
+    copy_table(jax_module, torch_state(hf_projector),
+               projector_table(hf_projector.linear_1.bias is not None))
+
+
+def copy_llama(jax_module: nnx.Module, hf_state: dict[str, np.ndarray]) -> None:
+    """HF `LlamaForCausalLM` weights (`torch_state`, peft LoRA included) -> our `LlamaForCausalLM`."""
+    c = jax_module.config
+    if c.tie_word_embeddings:
+        hf_state = {k: v for k, v in hf_state.items() if k != "lm_head.weight"}
+    targets = tuple({k.split(".")[-3] for k in hf_state if ".lora_A." in k})
+    copy_table(jax_module, hf_state, llama_table(c.num_hidden_layers, c.tie_word_embeddings, targets))
+
+
+def copy_llava(ours: nnx.Module, hf_llava) -> None:
+    """HF `LlavaForConditionalGeneration` -> the LLaVA parts of our `SafeVLM`."""
+    copy_clip(ours.vision_tower, hf_llava.model.vision_tower)
+    copy_projector(ours.multi_modal_projector, hf_llava.model.multi_modal_projector)
+    copy_llama(ours.language_model, {**torch_state(hf_llava.model.language_model, "model."),
+                                     **torch_state(hf_llava.lm_head, "lm_head.")})

@@ -11,7 +11,7 @@ from flax import nnx
 
 from safevlm_jax.config import LoRAConfig, TextConfig
 from safevlm_jax.models.llama import LlamaForCausalLM
-from tests.hf_weights_llama import copy_llama_weights
+from tests.hf_weights import copy_llama, torch_state
 
 SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              rms_norm_eps=1e-5, rope_theta=500.0)
@@ -27,7 +27,7 @@ def make_pair(heads=4, kv_heads=2, tie=False, scan=False, remat="none", seed=0):
                       tie_word_embeddings=tie)
     ours = LlamaForCausalLM(text, LoRAConfig(), scan_layers=scan, remat_policy=remat,
                             rngs=nnx.Rngs(seed))
-    copy_llama_weights(hf, ours, SIZES["num_hidden_layers"])
+    copy_llama(ours, torch_state(hf))
     return hf, ours
 
 

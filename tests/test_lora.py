@@ -12,7 +12,7 @@ from flax import nnx
 from safevlm_jax.config import DEFAULT_LORA_TARGETS, LoRAConfig, TextConfig
 from safevlm_jax.models.llama import LlamaForCausalLM
 from safevlm_jax.models.lora import lora_state, merge_lora, merge_lora_state, unmerge_lora
-from tests.hf_weights_llama import copy_llama_weights
+from tests.hf_weights import copy_llama, torch_state
 
 SIZES = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
@@ -34,7 +34,7 @@ def make_pair(scan=False, dropout=0.0):
     hf.eval()
     ours = LlamaForCausalLM(TextConfig(**SIZES), LoRAConfig(rank=RANK, alpha=ALPHA, dropout=dropout),
                             scan_layers=scan, rngs=nnx.Rngs(0))
-    copy_llama_weights(hf, ours, SIZES["num_hidden_layers"])
+    copy_llama(ours, torch_state(hf))
     return hf, ours
 
 

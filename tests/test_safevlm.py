@@ -13,21 +13,7 @@ from safevlm_jax import sharding
 from safevlm_jax.config import SafetyConfig
 from safevlm_jax.models.safevlm import SafeVLM, merge_image_embeddings
 from tests.hf_llava import TINY_SAFETY, tiny_llava_config
-from tests.hf_weights import copy_clip, copy_projector
-from tests.hf_weights_llama import copy_llama_weights
-
-
-class _LlamaView:
-    """LLaVA's `language_model` + `lm_head` seen as a `LlamaForCausalLM` state dict."""
-
-    def __init__(self, hf):
-        self.hf = hf
-
-    def state_dict(self):
-        out = {f"model.{k}": v for k, v in self.hf.model.language_model.state_dict().items()}
-        if not self.hf.config.text_config.tie_word_embeddings:
-            out["lm_head.weight"] = self.hf.lm_head.weight
-        return out
+from tests.hf_weights import copy_llava
 
 
 def hf_and_ours(tie=False, kv_heads=2, scan=False, safety=SafetyConfig(enabled=False), seed=0):
@@ -40,9 +26,7 @@ def hf_and_ours(tie=False, kv_heads=2, scan=False, safety=SafetyConfig(enabled=F
 
     config = ModelConfig.from_hf(hf.config, safety=safety, scan_layers=scan)
     ours = SafeVLM(config, rngs=nnx.Rngs(seed))
-    copy_clip(ours.vision_tower, hf.model.vision_tower)
-    copy_projector(ours.multi_modal_projector, hf.model.multi_modal_projector)
-    copy_llama_weights(_LlamaView(hf), ours.language_model, config.text.num_hidden_layers)
+    copy_llava(ours, hf)
     return hf, ours
 
 
