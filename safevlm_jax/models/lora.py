@@ -22,9 +22,9 @@ class LoRA(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.scaling = alpha / rank
         self.lora_a = nnx.LoRAParam(fan_in_init(rngs, (in_features, rank), param_dtype, in_features),
-                                    out_sharding=(in_axis, None), eager_sharding=False)
+                                    out_sharding=(in_axis, "lora_rank"), eager_sharding=False)
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype),
-                                    out_sharding=(None, out_axis), eager_sharding=False)
+                                    out_sharding=("lora_rank", out_axis), eager_sharding=False)
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
         self.merged = False  # set by `merge_lora(..., keep_lora=True)`: the kernel holds it
 

@@ -1,0 +1,40 @@
+"""Command line: `python -m safevlm_jax.train --config configs/stage1.py:tiny --workdir DIR`.
+
+Any config field can be overridden: `--config.optimizer.lr=2e-5 --config.mesh.fsdp=8`.
+Multi-process: launch the same command on every host (launch/*.sh); TPU pods and SLURM are
+detected, elsewhere pass `--coordinator HOST:PORT --num_processes N --process_id I`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from safevlm_jax.train import distributed
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config: FILE.py:PRESET",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs, export", required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "HOST:PORT of process 0 (explicit multi-process)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "number of processes (with --coordinator)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "this process's index (with --coordinator)")
+
+
+def main(argv) -> None:
+    del argv
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from safevlm_jax.train.loop import train  # after initialize: it touches jax devices
+
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every file at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    metrics = train(_CONFIG.value, _WORKDIR.value)
+    if distributed.is_chief():
+        print(json.dumps(metrics, sort_keys=True))
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,94 @@
+"""`train(config, workdir)`: build or resume, then run the jitted step over the data.
+
+Every process runs this same function (SPMD): each feeds its own shard of the global batch
+(`make_array_from_process_local_data`), the step is one `jax.jit` over the whole mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+from flax import nnx
+
+from safevlm_jax import sharding
+from safevlm_jax.checkpoint import save_checkpoint
+from safevlm_jax.config import ModelConfig
+from safevlm_jax.data.pipeline import make_global_batch
+from safevlm_jax.models.safevlm import SafeVLM
+from safevlm_jax.train import data as train_data
+from safevlm_jax.train import init as train_init
+from safevlm_jax.train.checkpointing import Checkpointer
+from safevlm_jax.train.metrics import MetricsLogger, peak_flops, step_flops
+from safevlm_jax.train.optimizer import make_optimizer
+from safevlm_jax.train.state import abstract_state, tree_shardings, with_shardings
+from safevlm_jax.train.step import jit_train_step, make_train_step
+
+
+def model_factory(mcfg: ModelConfig, seed: int):
+    return lambda: SafeVLM(mcfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def train(cfg, workdir: str) -> dict:
+    """Trains per `cfg` (see configs/train_common.py); returns the last step's metrics."""
+    mcfg = ModelConfig.from_dict(cfg.model)
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    micro = cfg.batch_per_device * jax.local_device_count()
+    per_process = micro * cfg.accumulation
+    dataset, examples = train_data.make_dataset(cfg, mcfg, workdir, per_process, num_epochs=None)
+    steps_per_epoch = examples // per_process
+    total = cfg.total_steps if cfg.total_steps > 0 else cfg.num_epochs * steps_per_epoch
+    if total <= 0:
+        raise ValueError(f"{examples} examples per process give no step of {per_process} rows")
+
+    optimizer, schedule = make_optimizer(cfg.optimizer, total)
+    make_model = model_factory(mcfg, cfg.seed)
+    graphdef, abstract = abstract_state(make_model, cfg, optimizer)
+    state_sh = tree_shardings(abstract, mesh, cfg.rules)
+    data_iter = iter(dataset)
+    batch_abs = jax.eval_shape(lambda b: b, next(iter(dataset)))
+    batch_abs = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
+                 for k, v in batch_abs.items()}
+    step_fn, _, batch_sh = jit_train_step(
+        make_train_step(graphdef, optimizer, schedule, accumulation=cfg.accumulation,
+                        head_weight=cfg.head_weight), abstract, batch_abs, mesh, cfg.rules)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+                        every_steps=cfg.checkpoint.every_steps, async_save=cfg.checkpoint.async_save)
+    if ckpt.latest_step() is not None:
+        logging.warning("resuming from step %d", ckpt.latest_step())
+        state = ckpt.restore(with_shardings(abstract, state_sh), data_iter)
+    else:
+        state = train_init.initial_state(make_model, cfg, optimizer, state_sh)
+        if cfg.init_from:
+            state = train_init.load_params(state, cfg.init_from, mesh, cfg.rules)
+
+    start = int(state.step)
+    tokens = batch_abs["input_ids"].shape[0] * batch_abs["input_ids"].shape[1]
+    flops = step_flops(abstract.trainable, abstract.frozen, tokens, batch_abs["pixel_values"].shape[0],
+                       mcfg.vision.num_patches)
+    logger = MetricsLogger(workdir, total, start, cfg.log_every_steps, flops, tokens,
+                           peak_flops(cfg.peak_tflops_per_device))
+    profile = [int(x) for x in cfg.profile_steps.split(",")] if cfg.profile_steps else None
+    metrics = {}
+    for step in range(start, total):
+        if profile and step == profile[0]:
+            jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        batch = make_global_batch(next(data_iter), batch_sh)
+        state, metrics = step_fn(state, batch)
+        if profile and step + 1 == profile[0] + profile[1]:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+        logger.log(step + 1, metrics)
+        ckpt.save(step + 1, state, data_iter, force=step + 1 == total)
+    ckpt.wait()
+    ckpt.close()
+    logger.close()
+    export = os.path.join(workdir, "export")
+    if cfg.export and not os.path.exists(export):  # the trained model in the library format, for the next stage
+        dtype = cfg.frozen_dtype or mcfg.param_dtype
+        params = nnx.merge_state(state.trainable, state.frozen).filter(nnx.Param)
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+        save_checkpoint(export, params, mcfg.replace(param_dtype=dtype))
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}

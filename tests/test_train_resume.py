@@ -1,0 +1,118 @@
+"""Checkpoints: a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted
+run; a checkpoint restores onto another device count; stage 2 starts from a stage-1 export."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from safevlm_jax import sharding
+from safevlm_jax.config import ModelConfig
+from safevlm_jax.train.checkpointing import Checkpointer
+from safevlm_jax.train.data import prepare_synthetic
+from safevlm_jax.train.init import load_params
+from safevlm_jax.train.loop import model_factory
+from safevlm_jax.train.optimizer import make_optimizer, path_str
+from safevlm_jax.train.state import abstract_state, tree_shardings, with_shardings
+from train_helpers import tiny_train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    cfg = tiny_train_config(1)
+    return prepare_synthetic(str(tmp_path_factory.mktemp("data")), 32, 0, ModelConfig.from_dict(cfg.model))
+
+
+def command(workdir, dataset, *extra):
+    dataset_dir, tokenizer = dataset
+    return [sys.executable, "-m", "safevlm_jax.train", "--config", "configs/stage1.py:tiny",
+            "--workdir", str(workdir), f"--config.total_steps={STEPS}",
+            "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10",
+            f"--config.data.dataset_dir={dataset_dir}", f"--config.data.tokenizer={tokenizer}", *extra]
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
+
+
+def finished_steps(ckpt_dir):
+    return [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+
+
+def saved_state(workdir, step):
+    tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, dataset):
+    workdir = tmp_path_factory.mktemp("full")
+    subprocess.run(command(workdir, dataset), cwd=ROOT, env=env(), check=True, timeout=600)
+    return workdir
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(tmp_path, dataset, uninterrupted):
+    proc = subprocess.Popen(command(tmp_path, dataset), cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not finished_steps(tmp_path / "checkpoints") and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(finished_steps(tmp_path / "checkpoints"))
+    assert killed_at < STEPS
+    subprocess.run(command(tmp_path, dataset), cwd=ROOT, env=env(), check=True, timeout=600)
+    want, got = saved_state(uninterrupted, STEPS), saved_state(tmp_path, STEPS)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_restore_onto_a_different_device_count(uninterrupted):
+    cfg = tiny_train_config(1)
+    mcfg = ModelConfig.from_dict(cfg.model)
+    optimizer, _ = make_optimizer(cfg.optimizer, STEPS)
+    _, abstract = abstract_state(model_factory(mcfg, cfg.seed), cfg, optimizer)
+    ckpt = Checkpointer(str(uninterrupted / "checkpoints"), keep=10, every_steps=2, async_save=False)
+    values = []
+    for n, shape in ((8, {"fsdp": 8}), (2, {"fsdp": 2})):
+        mesh = sharding.make_mesh(shape, jax.devices()[:n])
+        state = ckpt.restore(with_shardings(abstract, tree_shardings(abstract, mesh, "fsdp")), step=STEPS)
+        assert int(state.step) == STEPS
+        leaf = jax.tree.leaves(state.trainable)[0]
+        assert len(leaf.sharding.device_set) == n
+        values.append([np.asarray(x) for x in jax.tree.leaves(state)])
+    for a, b in zip(*values):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stage2_starts_from_the_stage1_export(uninterrupted):
+    export = str(uninterrupted / "export")
+    cfg = tiny_train_config(2)
+    mcfg = ModelConfig.from_dict(cfg.model)
+    optimizer, _ = make_optimizer(cfg.optimizer, STEPS)
+    mesh = sharding.make_mesh({"fsdp": 8})
+    from safevlm_jax.train.init import initial_state
+
+    _, abstract = abstract_state(model_factory(mcfg, cfg.seed), cfg, optimizer)
+    fresh = initial_state(model_factory(mcfg, cfg.seed), cfg, optimizer,
+                          tree_shardings(abstract, mesh, cfg.rules))
+    fresh_lora = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(fresh.trainable)}
+    state = load_params(fresh, export, mesh, cfg.rules)
+    stage1 = saved_state(uninterrupted, STEPS)
+    tokens = np.asarray(nnx.to_flat_state(state.frozen).to_nested_state()["safety_tokens_llm"].get_value())
+    assert any(np.array_equal(tokens, v) for k, v in stage1.items() if "safety_tokens_llm" in k)
+    for p, v in nnx.to_flat_state(state.trainable):  # LoRA is not in a stage-1 export: kept
+        np.testing.assert_array_equal(np.asarray(v.get_value()), fresh_lora[path_str(p)])
