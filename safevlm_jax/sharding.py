@@ -24,10 +24,13 @@ MESH_AXES = ("data", "fsdp", "tensor")
 RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "replicated": {},
     "data": {"batch": ("data",)},
-    "fsdp": {"batch": ("data", "fsdp"), "embed": ("fsdp",)},
+    # lora_rank: a LoRA factor's rank axis, so that the factor whose other axis is not
+    # `embed` (lora_b of q/k/v/gate/up, lora_a of o/down) is sharded too.
+    "fsdp": {"batch": ("data", "fsdp"), "embed": ("fsdp",), "lora_rank": ("fsdp",)},
     "fsdp_tensor": {
         "batch": ("data", "fsdp"),
         "embed": ("fsdp",),
+        "lora_rank": ("fsdp",),
         "mlp": ("tensor",),
         "heads": ("tensor",),
         "kv": ("tensor",),
