@@ -42,7 +42,7 @@ def run(mesh_shape: tuple, rules: str, accumulation: int):
 def assert_same(a, b):
     np.testing.assert_allclose(a[0], b[0], rtol=2e-5)
     for k in a[1]:
-        np.testing.assert_allclose(a[1][k], b[1][k], rtol=1e-4, atol=2e-6, err_msg=k)
+        np.testing.assert_allclose(a[1][k], b[1][k], rtol=1e-4, atol=1e-5, err_msg=k)  # Adam magnifies ~1e-9 grad noise
 
 
 @pytest.mark.parametrize("rules,mesh_shape", [

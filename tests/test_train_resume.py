@@ -9,7 +9,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -21,7 +20,7 @@ from safevlm_jax.train.init import load_params
 from safevlm_jax.train.loop import model_factory
 from safevlm_jax.train.optimizer import make_optimizer, path_str
 from safevlm_jax.train.state import abstract_state, tree_shardings, with_shardings
-from train_helpers import tiny_train_config
+from train_helpers import read_state, tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
@@ -50,7 +49,7 @@ def finished_steps(ckpt_dir):
 
 
 def saved_state(workdir, step):
-    tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    tree = read_state(os.path.join(workdir, "checkpoints", str(step), "state"))
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 

@@ -57,3 +57,15 @@ def random_batch(mcfg: ModelConfig, batch: int, length: int = 40, seed: int = 0)
 
 def sgd(lr: float = 0.1):
     return optax.sgd(lr), optax.constant_schedule(lr)
+
+
+def read_state(path: str) -> dict:
+    """A saved `state` item as nested dicts of numpy arrays (on any device count)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(path)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))

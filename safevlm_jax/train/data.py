@@ -42,8 +42,10 @@ def prepare_synthetic(root: str, num_examples: int, seed: int, mcfg: ModelConfig
         return f.read().strip(), tok_dir
 
 
-def make_dataset(cfg, mcfg: ModelConfig, workdir: str, batch_per_process: int, num_epochs: int | None):
-    """(grain IterDataset of this process's batches, examples per process per epoch)."""
+def make_dataset(cfg, mcfg: ModelConfig, workdir: str, batch_per_process: int, num_epochs: int | None,
+                 process_index: int | None = None, process_count: int | None = None):
+    """(grain IterDataset of this process's batches, examples per process per epoch).
+    `process_index`/`process_count` default to this JAX process's."""
     d = cfg.data
     dataset_dir, tok_dir = d.dataset_dir, d.tokenizer
     if not dataset_dir:
@@ -59,8 +61,9 @@ def make_dataset(cfg, mcfg: ModelConfig, workdir: str, batch_per_process: int, n
         encoder, ImageConfig(image_size=mcfg.vision.image_size, aspect_mode=d.aspect_mode),
         pad_token_id=mcfg.pad_token_id)
     source = pipeline.data_source(dataset_dir)
-    per_process = len(source) // jax.process_count()
+    count = jax.process_count() if process_count is None else process_count
     ds = pipeline.make_dataset(source, processor, batch_per_process, seed=cfg.seed,
-                               num_epochs=num_epochs)
+                               num_epochs=num_epochs, process_index=process_index,
+                               process_count=count)
     options = grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch)
-    return ds.to_iter_dataset(options), per_process
+    return ds.to_iter_dataset(options), len(source) // count
