@@ -96,7 +96,10 @@ def _read_batch(path: str) -> list[dict]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from e
             if not isinstance(row, dict) or not isinstance(row.get("image"), str) \
                     or not isinstance(row.get("prompt"), str):
                 raise ValueError(f"{path}:{n}: expected {{\"image\": str, \"prompt\": str}}, got {line.strip()!r}")
@@ -104,12 +107,12 @@ def _read_batch(path: str) -> list[dict]:
     return rows
 
 
-def run_batch(vlm: SafeVLMInference, path: str, out, **kw) -> None:
-    """Answers every line of `path`, writing one JSON line per input (with its own error)."""
+def run_batch(vlm: SafeVLMInference, path: str, out, size: int, **kw) -> None:
+    """Answers every line of `path` in batches of `size`, writing one JSON line per input
+    (the input's fields plus the result, or its own error); timings are per batch."""
     from tqdm import tqdm
 
     rows = _read_batch(path)
-    size = FLAGS.batch_size
     for start in tqdm(range(0, len(rows), size), desc="batches", unit="batch", file=sys.stderr):
         chunk = rows[start:start + size]
         requests = [Request(r["image"], r["prompt"]) for r in chunk]
@@ -141,7 +144,7 @@ def run(argv=None) -> None:
     kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampler=sampler, seed=FLAGS.seed,
               safety=FLAGS.safety == "on")
     if FLAGS.batch_file:
-        return run_batch(vlm, FLAGS.batch_file, sys.stdout, **kw)
+        return run_batch(vlm, FLAGS.batch_file, sys.stdout, FLAGS.batch_size, **kw)
     request = [Request(FLAGS.image, FLAGS.prompt)]
     if FLAGS.json:
         print(json.dumps(vlm.answer(request, **kw)[0].to_json(), ensure_ascii=False))
