@@ -1,0 +1,155 @@
+"""Greedy decode speed: our jitted sampler vs HF `LlavaForConditionalGeneration.generate`.
+
+    python benchmarks/sample_vs_hf.py [--new_tokens 32] [--only tiny,350m,350m_bf16]
+
+Both run the same random weights (HF's init, copied into ours with the converter's key
+table) on the same prompts (BOS, the image positions, random text ids), safety off, with
+EOS disabled so every row generates `new_tokens`. Decode tokens/s exclude the prefill: each
+side notes when its first token is out (our per-step callback, an HF streamer) and counts
+rows * (new_tokens - 1) over the time after that. Best of `--repeats` runs after a warm-up.
+Prints a table, then `ratio_tiny=... ratio_350m=... ratio_350m_bf16=...` (batch 1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from checkpoints_tools.export_hf import hf_config  # noqa: E402
+from checkpoints_tools.keymap import canonical_hf_key, llava_rules  # noqa: E402
+from configs.model import model_config  # noqa: E402
+from safevlm_jax.checkpoint import abstract_model  # noqa: E402
+from safevlm_jax.checkpoint_io import path_str  # noqa: E402
+from safevlm_jax.config import ModelConfig, SafetyConfig, TextConfig, VisionConfig  # noqa: E402
+from safevlm_jax.sampler import Decoder  # noqa: E402
+
+flags.DEFINE_integer("new_tokens", 32, "tokens generated per row")
+flags.DEFINE_integer("repeats", 2, "measured runs per case (best is kept)")
+flags.DEFINE_list("only", ["tiny", "350m", "350m_bf16"], "cases to run")
+flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
+FLAGS = flags.FLAGS
+
+
+def config_350m(dtype: str) -> ModelConfig:
+    """A LLaMA decoder of ~370M parameters with LLaVA's vocabulary and ids, a small CLIP tower
+    (64 image positions) so that prefill stays cheap; safety modules off (HF has none)."""
+    return ModelConfig(
+        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                            num_attention_heads=4, image_size=112, patch_size=14),
+        text=TextConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048),
+        safety=SafetyConfig(enabled=False), dtype=dtype, param_dtype=dtype)
+
+
+CASES = {"tiny": lambda: model_config("tiny").replace(safety=SafetyConfig(enabled=False)),
+         "350m": lambda: config_350m("float32"), "350m_bf16": lambda: config_350m("bfloat16")}
+
+
+def build_pair(config: ModelConfig):
+    """(HF model, our model) with the same random weights, in `config.param_dtype`."""
+    torch.manual_seed(0)
+    hf = transformers.LlavaForConditionalGeneration(hf_config(config)).eval()
+    hf.to(getattr(torch, config.param_dtype))
+    rules = {r.hf: r for r in llava_rules(config)}
+    flat = {}
+    for key, tensor in hf.state_dict().items():
+        rule = rules[canonical_hf_key(key)]
+        flat.update(zip(rule.jax, rule.transform.to_jax(tensor.float().numpy())))
+    graphdef, params = nnx.split(abstract_model(config), nnx.Param)
+    for path, var in nnx.to_flat_state(params):
+        var.set_value(jnp.asarray(flat.pop(path_str(path)), config.param_dtype))
+    assert not flat, f"HF weights without a place: {sorted(flat)[:5]}"
+    return hf, nnx.merge(graphdef, params)
+
+
+def prompts(config: ModelConfig, batch: int) -> tuple[list[list[int]], np.ndarray]:
+    rng = np.random.default_rng(1)
+    image = [config.image_token_index] * config.num_image_features
+    ids = [[1] + image + rng.integers(3, 500, size=20).tolist() for _ in range(batch)]
+    pixels = rng.normal(size=(batch, config.vision.image_size, config.vision.image_size, 3))
+    return ids, pixels.astype(np.float32)
+
+
+class _FirstToken(transformers.generation.streamers.BaseStreamer):
+    """HF calls put() with the prompt, then once per generated token."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def run_ours(decoder: Decoder, ids, pixels, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """Decode tokens/s (prefill excluded) and the generated ids."""
+    features, _, _ = decoder.encode(pixels, [p[0] for p in ids], use_safety=False)
+    gen = decoder.generate(ids, features, max_new_tokens=new_tokens, use_safety=False, timed=True)
+    return len(ids) * (new_tokens - 1) / (gen.total_s - gen.prefill_s), gen.tokens
+
+
+def run_hf(hf, ids, pixels, new_tokens: int) -> tuple[float, list[list[int]]]:
+    streamer = _FirstToken()
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones(len(ids), len(ids[0]), dtype=torch.long),
+                          pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)).to(hf.dtype),
+                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=None, pad_token_id=0, streamer=streamer)
+        total = time.perf_counter() - start
+    decode = total - (streamer.first - start)
+    return len(ids) * (new_tokens - 1) / decode, out[:, len(ids[0]):].tolist()
+
+
+def best(fn, repeats: int):
+    runs = [fn() for _ in range(repeats)]
+    return max(r[0] for r in runs), runs[0][1]
+
+
+def main(argv) -> None:
+    del argv
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows, ratios = [], {}
+    for case in FLAGS.only:
+        config = CASES[case]()
+        hf, ours = build_pair(config)
+        n_params = sum(p.numel() for p in hf.parameters())
+        decoder = Decoder(ours, eos_id=-1, pad_id=0)
+        for batch in map(int, FLAGS.batches):
+            ids, pixels = prompts(config, batch)
+            n = FLAGS.new_tokens
+            run_ours(decoder, ids, pixels, 2)  # compile (same new-token bucket as n)
+            ours_tps, ours_ids = best(lambda: run_ours(decoder, ids, pixels, n), FLAGS.repeats)
+            run_hf(hf, ids, pixels, 2)
+            hf_tps, hf_ids = best(lambda: run_hf(hf, ids, pixels, n), FLAGS.repeats)
+            same = ours_ids == hf_ids
+            rows.append((case, f"{n_params / 1e6:.0f}M", config.param_dtype, batch, ours_tps, hf_tps,
+                         ours_tps / hf_tps, same))
+            print(f"{case} batch {batch}: ours {ours_tps:.1f} tok/s, HF {hf_tps:.1f} tok/s, "
+                  f"same tokens: {same}", file=sys.stderr, flush=True)
+            if batch == 1:
+                ratios[case] = ours_tps / hf_tps
+        del hf, ours, decoder
+    print(f"{'case':<10} {'params':>7} {'dtype':>9} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} "
+          f"{'ratio':>6} {'same ids':>8}")
+    for case, params, dtype, batch, o, h, r, same in rows:
+        print(f"{case:<10} {params:>7} {dtype:>9} {batch:>5} {o:>11.1f} {h:>9.1f} {r:>6.2f} {str(same):>8}")
+    print(" ".join(f"ratio_{case}={ratios[case]:.2f}" for case in FLAGS.only if case in ratios))
+
+
+if __name__ == "__main__":
+    app.run(main)
