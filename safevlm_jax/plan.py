@@ -79,20 +79,26 @@ def plan(cfg, mesh_shape: dict[str, int], rules: str | None = None) -> dict[str,
     return out
 
 
-def main(argv) -> None:
-    del argv
-    mesh_shape = parse_mesh(_MESH.value)
-    jax.config.update("jax_num_cpu_devices", math.prod(mesh_shape.values()))
-    jax.config.update("jax_platforms", "cpu")
-    cfg = _CONFIG.value
-    result = plan(cfg, mesh_shape, _RULES.value or None)
-    print(f"mesh {mesh_shape}, rules {_RULES.value or cfg.rules}, batch/device {cfg.batch_per_device} "
+def print_report(cfg, mesh_shape: dict[str, int], rules: str | None, hbm_gib: float) -> bool:
+    """Prints the per-device table of `plan` and whether it fits `hbm_gib`; returns that."""
+    result = plan(cfg, mesh_shape, rules)
+    print(f"mesh {mesh_shape}, rules {rules or cfg.rules}, batch/device {cfg.batch_per_device} "
           f"x accumulation {cfg.accumulation}, length {cfg.data.max_length}")
     print(f"{'per device':<40}{'MiB':>12}{'GiB':>10}")
     for name, value in result.items():
         print(f"{name:<40}{value / 2**20:>12.1f}{value / GIB:>10.3f}")
-    fits = result["total"] <= _HBM.value * GIB
-    print(f"fits {_HBM.value:g} GiB: {'yes' if fits else 'no'}")
+    fits = result["total"] <= hbm_gib * GIB
+    print(f"fits {hbm_gib:g} GiB: {'yes' if fits else 'no'}")
+    return fits
+
+
+def main(argv) -> None:
+    del argv
+    mesh_shape = parse_mesh(_MESH.value)
+    # fake exactly the mesh's devices on the host CPU (before any JAX computation)
+    jax.config.update("jax_num_cpu_devices", math.prod(mesh_shape.values()))
+    jax.config.update("jax_platforms", "cpu")
+    print_report(_CONFIG.value, mesh_shape, _RULES.value or None, _HBM.value)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,11 @@
 """The AOT memory plan compiles the tiny stage-2 step for a mesh of 8 and prints its table."""
 
-from absl.testing import flagsaver
-
 from configs.stage2 import get_config
 from safevlm_jax import plan
 
 
 def test_plan_prints_per_device_table_for_mesh_of_8(capsys):
-    with flagsaver.flagsaver():
-        plan.flags.FLAGS(["plan", "--config=configs/stage2.py:tiny", "--mesh=fsdp=8", "--hbm_gib=1"])
-        plan.main([])
+    assert plan.print_report(get_config("tiny"), plan.parse_mesh("fsdp=8"), None, 1)
     out = capsys.readouterr().out
     for row in ("trainable_params", "frozen_params", "optimizer_state", "temp (activations", "total"):
         assert row in out
