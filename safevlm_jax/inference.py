@@ -23,7 +23,8 @@ from safevlm_jax.config import ModelConfig
 from safevlm_jax.data.errors import BadRecord
 from safevlm_jax.data.images import CLIP_MEAN, CLIP_STD, ImageConfig, decode_image, preprocess
 from safevlm_jax.data.tokenizer import check_matches_model
-from safevlm_jax.safety_prompt import HintConfig, PromptBuilder, Verdict, verdict_from_logits
+from safevlm_jax.policy import RiskPolicy, apply_policy, policy_verdicts
+from safevlm_jax.safety_prompt import HintConfig, PromptBuilder, Verdict
 from safevlm_jax.sampler import Decoder, Greedy
 
 
@@ -94,9 +95,11 @@ class SafeVLMInference:
     """A model, its tokenizer and image settings, a prompt builder and a `Decoder`."""
 
     def __init__(self, model, tokenizer, images: ImageConfig, *, template: str = "llava_v1",
-                 hints: HintConfig = HintConfig(), max_length: int | None = None):
+                 hints: HintConfig = HintConfig(), policy: RiskPolicy = RiskPolicy(),
+                 max_length: int | None = None):
         check_matches_model(tokenizer, model.config)
         self.model, self.tokenizer, self.images, self.hints = model, tokenizer, images, hints
+        self.policy = policy
         self.builders = {safety: PromptBuilder(tokenizer, model.num_image_tokens(safety), template, hints)
                          for safety in (True, False)}
         self.decoder = Decoder(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
@@ -125,20 +128,35 @@ class SafeVLMInference:
         builder = self.builders[safety]
         first = builder.build("")[0]  # the verdict reads only the first token (BOS)
         features, level, kind = self.decoder.encode(pixels, [first] * len(requests), safety)
-        verdicts = ([verdict_from_logits(level[i], kind[i], self.hints) for i in range(len(requests))]
-                    if safety else [None] * len(requests))
-        prompts = [builder.build(r.prompt, v and v.hint) for r, v in zip(requests, verdicts)]
+        n = len(requests)
+        verdicts, decisions = (policy_verdicts(self.policy, level, kind, self.hints) if safety
+                               else ([None] * n, [None] * n))
         encode_s = time.perf_counter() - start
         if on_verdicts:
             on_verdicts(verdicts)
-        stream = _Stream(self.tokenizer, on_text, len(requests)) if on_text else None
-        gen = self.decoder.generate(prompts, features, max_new_tokens=max_new_tokens, sampler=sampler,
-                                    seed=seed, use_safety=safety, on_token=stream, timed=True)
-        decode_s = gen.total_s - gen.prefill_s
-        steps = max(len(t) for t in gen.tokens)
-        timings = {"encode_s": encode_s, "prefill_s": gen.prefill_s, "decode_s": decode_s,
-                   "tokens_per_s": (steps - 1) * len(requests) / decode_s if decode_s > 0 else 0.0}
-        return [Result(self._text(t), t, v, timings) for t, v in zip(gen.tokens, verdicts)]
+
+        def generate(rows: list[int]) -> list[Result]:  # only rows the policy does not block
+            prompts = [builder.build(requests[i].prompt, verdicts[i] and verdicts[i].hint) for i in rows]
+            stream = (_Stream(self.tokenizer, lambda r, text: on_text(rows[r], text), len(rows))
+                      if on_text else None)
+            gen = self.decoder.generate(prompts, features[rows], max_new_tokens=max_new_tokens,
+                                        sampler=sampler, seed=seed, use_safety=safety,
+                                        on_token=stream, timed=True)
+            decode_s = gen.total_s - gen.prefill_s
+            steps = max(len(t) for t in gen.tokens)
+            timings = {"encode_s": encode_s, "prefill_s": gen.prefill_s, "decode_s": decode_s,
+                       "tokens_per_s": (steps - 1) * len(rows) / decode_s if decode_s > 0 else 0.0}
+            return [Result(self._text(t), t, verdicts[i], timings) for i, t in zip(rows, gen.tokens)]
+
+        if not safety:
+            return generate(list(range(n)))
+        outputs = apply_policy(decisions, generate, self.policy)
+        blocked = {"encode_s": encode_s, "prefill_s": 0.0, "decode_s": 0.0, "tokens_per_s": 0.0}
+        for i, out in enumerate(outputs):
+            if on_text and not isinstance(out, Result):  # a blocked row: the refusal is its text
+                on_text(i, out)
+        return [out if isinstance(out, Result) else Result(out, [], verdicts[i], blocked)
+                for i, out in enumerate(outputs)]
 
     def _text(self, ids: list[int]) -> str:
         if ids and ids[-1] == self.tokenizer.eos_token_id:

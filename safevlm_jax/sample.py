@@ -18,6 +18,7 @@ import sys
 from absl import app, flags, logging
 
 from safevlm_jax.inference import Request, SafeVLMInference
+from safevlm_jax.policy import RiskPolicy, load_policy
 from safevlm_jax.safety_prompt import TEMPLATES, HintConfig, load_hints
 from safevlm_jax.sampler import make_sampler
 
@@ -35,6 +36,7 @@ flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_enum("safety", "on", ["on", "off"], "off: plain LLaVA (no head, hint or safety tokens)")
 flags.DEFINE_enum("template", "llava_v1", sorted(TEMPLATES), "prompt template")
 flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (see safety_prompt.load_hints)")
+flags.DEFINE_string("policy", None, "risk policy JSON/YAML file (see safevlm_jax.policy; default: the paper's rules)")
 flags.DEFINE_bool("json", False, "print one JSON object instead of streaming text")
 
 DEMO_DIR = os.path.join(os.path.dirname(__file__), "assets", "demo")
@@ -136,11 +138,13 @@ def run(argv=None) -> None:
     if not FLAGS.batch_file and not (FLAGS.image and FLAGS.prompt is not None):
         raise ValueError("give --image and --prompt, or --batch_file")
     hints = load_hints(FLAGS.hints) if FLAGS.hints else HintConfig()
+    policy = load_policy(FLAGS.policy) if FLAGS.policy else RiskPolicy()
     sampler = make_sampler(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     if FLAGS.image and not FLAGS.batch_file and not os.path.isfile(FLAGS.image):
         raise ValueError(f"cannot read image {FLAGS.image}: no such file")
     vlm = SafeVLMInference.from_checkpoint(resolve_checkpoint(FLAGS.checkpoint),
-                                           template=FLAGS.template, hints=hints)
+                                           template=FLAGS.template, hints=hints,
+                                           policy=policy)
     kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampler=sampler, seed=FLAGS.seed,
               safety=FLAGS.safety == "on")
     if FLAGS.batch_file:

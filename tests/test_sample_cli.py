@@ -138,3 +138,26 @@ def test_module_runs_as_a_program(files):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr
     assert set(json.loads(proc.stdout)) == JSON_KEYS
+
+
+def test_policy_block_answers_the_refusal_without_generating(files, capsys, tmp_path, monkeypatch):
+    from safevlm_jax.safety_prompt import RISK_TYPES
+    from safevlm_jax.sampler import Decoder
+
+    ckpt, root = files
+    policy = tmp_path / "block_all.json"
+    policy.write_text(json.dumps({"rules": {name: {"block": 0} for name in RISK_TYPES},
+                                  "refusal": "Blocked by policy."}))
+
+    def generate(*args, **kwargs):
+        raise AssertionError("a blocked request must not run generation")
+
+    monkeypatch.setattr(Decoder, "generate", generate)
+    code, out, _ = cli(capsys, f"--checkpoint={ckpt}", f"--image={root / 'a.png'}",
+                       "--prompt=What is shown here?", f"--policy={policy}", "--json")
+    assert code == 0 and json.loads(out)["answer"] == "Blocked by policy."
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rules": {"politics": {"refuse": 9}}}))
+    code, _, err = cli(capsys, f"--checkpoint={ckpt}", f"--image={root / 'a.png'}",
+                       "--prompt=x", f"--policy={bad}")
+    assert code == 2 and "rules.politics.refuse" in err
