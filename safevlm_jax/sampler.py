@@ -164,7 +164,7 @@ def _generate(graphdef, state, input_ids, attention_mask, features, cache, key, 
         embeds = merge_image_embeddings(embeds, input_ids, model.image_embeddings(features, use_safety),
                                         model.config.image_token_index)
     positions = default_positions(attention_mask)
-    logits, cache = lm(embeds, positions, attention_mask, cache)
+    logits, cache = lm(embeds, positions, attention_mask, cache, last_only=True)
     key, sub = jax.random.split(key)
     token = sampler(logits[:, -1], sub)
     if timed:

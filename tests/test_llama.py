@@ -93,6 +93,14 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(scan):
     np.testing.assert_allclose(np.concatenate(outs, 1)[real], full[real], atol=1e-5, rtol=0)
 
 
+def test_last_only_logits_equal_the_last_position_of_the_full_forward():
+    _, ours = make_pair()
+    ids, mask = jnp.asarray(IDS), jnp.asarray(MASK)
+    last, _ = nnx.jit(lambda m: m(m.embed(ids), positions_of(mask), mask, last_only=True))(ours)
+    assert last.shape == (2, 1, SIZES["vocab_size"])
+    np.testing.assert_allclose(last, forward(ours, IDS, MASK)[:, -1:], atol=1e-6, rtol=0)
+
+
 def test_scan_layers_equals_unrolled():
     _, unrolled = make_pair(scan=False)
     _, scanned = make_pair(scan=True)

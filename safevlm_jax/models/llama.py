@@ -164,9 +164,12 @@ class LlamaForCausalLM(nnx.Module):
                             c.head_dim, dtype or self.dtype)
 
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None,
+                 last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
         """inputs_embeds [B, T, D]; positions [B, T] int32 (left padding: cumsum(mask) - 1,
-        clipped at 0); attention_mask [B, T] (1 real, 0 padding).
+        clipped at 0); attention_mask [B, T] (1 real, 0 padding). `last_only`: logits of the
+        last position only ([B, 1, vocab]; a prefill needs no more, and the LM head over every
+        prompt position costs T x d x vocab).
 
         Without a cache, attention is causal over these T tokens. With one, the T tokens go to
         slots `cache.index`.. and attend to every valid slot written before them and to
@@ -191,7 +194,7 @@ class LlamaForCausalLM(nnx.Module):
             scan=self.scan_layers, remat_policy=self.remat_policy)
         if cache is not None:  # orders every layer's cache read before the in-place write
             x, new_kv = jax.lax.optimization_barrier((x, new_kv))
-        x = self.model.norm(x)
+        x = self.model.norm(x[:, -1:] if last_only else x)
         logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is not None:
