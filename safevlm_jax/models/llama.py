@@ -66,18 +66,22 @@ class LlamaAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
         q = rope(q, positions, c.rope_theta) * jnp.asarray(c.head_dim**-0.5, q.dtype)
         k, v = rope(k, positions, c.rope_theta).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        # query head h = kv head h // g, group member h % g (HF `repeat_kv` order)
+        # query head h = kv head h // g, group member h % g (HF `repeat_kv` order). Group and
+        # time share one axis (m = g*t): with two free axes XLA:CPU transposed the cache.
         q = q.reshape(b, t, c.num_key_value_heads, g, c.head_dim).transpose(0, 2, 3, 1, 4)
-        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+        q = q.reshape(b, c.num_key_value_heads, g * t, c.head_dim)
+        scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32)
         if cached is not None:  # old slots and new tokens scored separately: no cache concat
-            old = jnp.einsum("bkgtd,bksd->bkgts", q, cached[0].astype(q.dtype),
+            old = jnp.einsum("bkmd,bksd->bkms", q, cached[0].astype(q.dtype),
                              preferred_element_type=jnp.float32)
             scores = jnp.concatenate([old, scores], axis=-1)
+        scores = scores.reshape(b, c.num_key_value_heads, g, t, -1)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # all-masked rows: uniform
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs[..., -t:], v)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, c.num_key_value_heads, g * t, -1)
+        out = jnp.einsum("bkms,bksd->bkmd", probs[..., -t:], v)
         if cached is not None:
-            out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., :-t], cached[1].astype(v.dtype))
+            out = out + jnp.einsum("bkms,bksd->bkmd", probs[..., :-t], cached[1].astype(v.dtype))
+        out = out.reshape(b, c.num_key_value_heads, g, t, c.head_dim).transpose(0, 3, 1, 2, 4)
         out = sharding.constrain(out.reshape(b, t, -1), ("batch", "length", "act_heads"))
         return self.o_proj(out), (k, v)
 
@@ -190,7 +194,7 @@ class LlamaForCausalLM(nnx.Module):
 
         x = sharding.constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "embed"))
         x, new_kv = stack.apply_layers(
-            self.model.layers, x, None if cache is None else (cache.k, cache.v), body,
+            self.model.layers, x, None if cache is None else list(zip(cache.k, cache.v)), body,
             scan=self.scan_layers, remat_policy=self.remat_policy)
         if cache is not None:  # orders every layer's cache read before the in-place write
             x, new_kv = jax.lax.optimization_barrier((x, new_kv))
@@ -198,5 +202,5 @@ class LlamaForCausalLM(nnx.Module):
         logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is not None:
-            cache = write(cache, *new_kv, valid)
+            cache = write(cache, new_kv, valid)
         return logits, cache

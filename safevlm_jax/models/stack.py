@@ -41,10 +41,12 @@ def apply_layers(layers, carry, xs, body: Callable, *, scan: bool, remat_policy:
                  num_layers: int | None = None):
     """Runs `body(layer, carry, x_i) -> (carry, y_i)` over the first `num_layers` layers.
 
-    `xs` is a pytree whose leaves have a leading layer axis (e.g. a KV cache) or None; the
-    returned `ys` are stacked the same way. Remat (jax.checkpoint) wraps each layer when
-    `remat_policy` is not "none".
+    `xs` is None, a pytree whose leaves have a leading layer axis, or a Python list with one
+    pytree per layer (e.g. a KV cache kept as one buffer per layer, so an unrolled stack reads
+    each where it lies); `ys` come back in the same form. Remat (jax.checkpoint) wraps each
+    layer when `remat_policy` is not "none".
     """
+    per_layer = isinstance(xs, list)
     fn = body
     if remat_policy != "none":
         fn = nnx.remat(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
@@ -57,14 +59,22 @@ def apply_layers(layers, carry, xs, body: Callable, *, scan: bool, remat_policy:
         def step(layer, c, x):
             return fn(layer, c, x)
 
-        return step(layers, carry, xs)
+        carry, ys = step(layers, carry, _stack(xs) if per_layer else xs)
+        if per_layer and ys is not None:
+            ys = [jax.tree.map(lambda a: a[i], ys) for i in range(len(xs))]
+        return carry, ys
     ys = []
     for i, layer in enumerate(list(layers)[:num_layers]):
-        x = None if xs is None else jax.tree.map(lambda a: a[i], xs)
+        x = xs[i] if per_layer else None if xs is None else jax.tree.map(lambda a: a[i], xs)
         carry, y = fn(layer, carry, x)
         ys.append(y)
-    ys = None if all(y is None for y in ys) else jax.tree.map(lambda *a: jnp.stack(a), *ys)
-    return carry, ys
+    if all(y is None for y in ys):
+        return carry, None
+    return carry, ys if per_layer else _stack(ys)
+
+
+def _stack(trees: list):
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
 def _first_layers(stacked, n: int):
