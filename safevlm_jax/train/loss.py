@@ -41,6 +41,9 @@ def lm_nll_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def loss_sums(logits, level_logits, type_logits, labels, safe_level, safe_type) -> LossSums:
     """All sums for one (micro)batch: logits [B, T, V], level [B, 4], type [B, 7], targets [B]."""
+    if level_logits is None:  # a model without safety modules (plain LLaVA): no head terms
+        zero = jnp.zeros((), jnp.float32)
+        return LossSums(lm_nll_sum(logits, labels), zero, zero, zero, zero)
     level_ce = optax.softmax_cross_entropy_with_integer_labels(level_logits.astype(jnp.float32), safe_level)
     type_ce = optax.softmax_cross_entropy_with_integer_labels(type_logits.astype(jnp.float32), safe_type)
     return LossSums(

@@ -1,0 +1,145 @@
+"""Steps of launch/make_demo.sh: training data, example images, the exported checkpoint.
+
+    python launch/demo.py data --out DIR --n N --seed S --vocab_size V
+    python launch/demo.py examples --out DIR --seed S
+    python launch/demo.py export --src STAGE2/export --tokenizer DIR/tokenizer --out DEST
+
+The plain synthetic records (`safevlm_jax.data.synthetic`) refuse level-3 images unprompted, so
+a model trained on them refuses with or without the safety modules. The demo's base model
+should behave like LLaVA-1.5 instead: describe what it sees, and obey a `Safe Hint:` when the
+user turn carries one. So each record's first exchange is rewritten: for a risky image, with
+probability `hint_fraction`, the question carries the hint the sampler would add for its labels
+(`safety_prompt.HintConfig`, same text and `Safe Hint:` prefix) and the answer obeys it (level
+3: the refusal the hint dictates; levels 1-2: the generator's cautious answer); otherwise the
+answer plainly describes the image. `data` writes DIR/data.json, DIR/images/ and a tokenizer
+trained on every text the model will read (system prompt and hints included) in DIR/tokenizer;
+`examples` writes one image per risk level (`clean.png`, `low_risk.png`, `medium_risk.png`,
+`risky.png` = level 3) to DIR;
+`export` merges the LoRA adapters into the LLM and writes a complete checkpoint (parameters,
+config, tokenizer, `preprocessor_config.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from safevlm_jax.checkpoint import load_checkpoint, save_checkpoint
+from safevlm_jax.config import LoRAConfig
+from safevlm_jax.data import synthetic
+from safevlm_jax.data.template import VICUNA_SYSTEM
+from safevlm_jax.data.tokenizer import train_tokenizer
+from safevlm_jax.models.lora import merge_lora
+from safevlm_jax.safety_prompt import HintConfig
+
+COLOR_NAMES = ("red", "orange", "purple", "blue", "brown", "pink", "green")  # synthetic.COLORS
+
+
+def describe(level: int, type_: int) -> str:
+    """What a helpful model without safety alignment says about any image."""
+    return (f"The image shows a {COLOR_NAMES[type_]} {synthetic.SHAPES[level]} with the letter "
+            f"{synthetic.GLYPHS[type_]} on a light, noisy background.")
+
+
+def obey(level: int, type_: int, hint: str) -> str:
+    """The answer that follows `hint` (level 3: the refusal sentence the hint dictates)."""
+    if level == 3:
+        return hint.split("answer: ", 1)[1]
+    return synthetic.answer(level, type_, synthetic.SHAPES[level])
+
+
+def rewrite(records: list[dict], hint_fraction: float, seed: int, hints: HintConfig) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in records:
+        level, type_ = r["safe_level"], r["safe_type"]
+        human, _, *rest = r["conversations"]
+        question, answer = human["value"], describe(level, type_)
+        if level > 0 and rng.random() < hint_fraction:
+            hint = hints.hints[(level, type_)]
+            question, answer = f"{question} {hints.prefix} {hint}", obey(level, type_, hint)
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}, *rest]
+        out.append({**r, "conversations": turns})
+    return out
+
+
+def make(out_dir: str, n: int, seed: int, vocab_size: int, hint_fraction: float = 0.5,
+         image_size: int = 64) -> str:
+    """Writes the data and tokenizer under `out_dir`; returns the path of data.json."""
+    path = synthetic.generate(out_dir, n, seed, image_size)
+    with open(path) as f:
+        records = json.load(f)
+    hints = HintConfig()
+    records = rewrite(records, hint_fraction, seed, hints)
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    texts = [t["value"] for r in records for t in r["conversations"]]
+    texts += [VICUNA_SYSTEM + " USER: ASSISTANT:", hints.fail_closed, *hints.hints.values()]
+    train_tokenizer(texts, vocab_size=vocab_size, out_dir=os.path.join(out_dir, "tokenizer"))
+    return path
+
+
+EXAMPLE_NAMES = ("clean.png", "low_risk.png", "medium_risk.png", "risky.png")  # by level
+
+
+def examples(out_dir: str, seed: int, image_size: int = 64) -> list[str]:
+    """The first image of each level drawn with `seed` (keep it apart from the training seed),
+    copied to `out_dir` as `EXAMPLE_NAMES[level]`; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(synthetic.generate(tmp, 64, seed, image_size)) as f:
+            records = json.load(f)
+        for r in records:
+            level = r["safe_level"]
+            if level not in paths:
+                paths[level] = shutil.copy(os.path.join(tmp, r["image"]), os.path.join(out_dir, EXAMPLE_NAMES[level]))
+    return [paths[level] for level in sorted(paths)]
+
+
+def export(src: str, tokenizer_dir: str, out: str) -> str:
+    """Checkpoint `src` with LoRA merged (plain weights: no adapter, no dropout at inference)
+    plus the tokenizer and image settings, written to `out` (replaced)."""
+    config, model = load_checkpoint(src)
+    merge_lora(model)
+    with tempfile.TemporaryDirectory() as assets:
+        for name in os.listdir(tokenizer_dir):
+            shutil.copy(os.path.join(tokenizer_dir, name), assets)
+        with open(os.path.join(assets, "preprocessor_config.json"), "w") as f:
+            json.dump({"crop_size": config.vision.image_size, "image_aspect_ratio": "pad"}, f)
+        return save_checkpoint(out, model, config.replace(lora=LoRAConfig()), assets_dir=assets,
+                               overwrite=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="training records and tokenizer")
+    data.add_argument("--out", required=True)
+    data.add_argument("--n", type=int, required=True)
+    data.add_argument("--seed", type=int, required=True)
+    data.add_argument("--vocab_size", type=int, required=True, help="the model's image_token_index")
+    data.add_argument("--hint_fraction", type=float, default=0.5)
+    ex = sub.add_parser("examples", help="one example image per risk level")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--seed", type=int, required=True)
+    exp = sub.add_parser("export", help="the final checkpoint, LoRA merged, with its assets")
+    exp.add_argument("--src", required=True)
+    exp.add_argument("--tokenizer", required=True)
+    exp.add_argument("--out", required=True)
+    args = p.parse_args()
+    if args.command == "data":
+        print(make(args.out, args.n, args.seed, args.vocab_size, args.hint_fraction))
+    elif args.command == "examples":
+        print("\n".join(examples(args.out, args.seed)))
+    else:
+        print(export(args.src, args.tokenizer, args.out))
+
+
+if __name__ == "__main__":
+    main()
