@@ -117,7 +117,7 @@ class ParamReader:
     """
 
     def __init__(self, checkpoint_dir: str):
-        self.path = os.path.join(checkpoint_dir, PARAMS_DIR)
+        self.path = os.path.join(os.path.abspath(checkpoint_dir), PARAMS_DIR)  # orbax needs absolute
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"{checkpoint_dir}: not a checkpoint (no {PARAMS_DIR}/ directory)")
         meta = flatten(ocp.metadata(self.path).metadata)

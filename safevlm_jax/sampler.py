@@ -200,6 +200,7 @@ class Decoder:
     def __init__(self, model: SafeVLM, *, eos_id: int, pad_id: int, max_length: int | None = None,
                  prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS):
+        model.eval()  # dropout (e.g. LoRA's) off: sampling is deterministic given its seed
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.eos_id, self.pad_id = eos_id, pad_id

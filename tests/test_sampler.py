@@ -132,3 +132,24 @@ def test_make_sampler_maps_cli_numbers():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(temperature=1, top_k=3, top_p=0.5)):
         with pytest.raises(ValueError):
             make_sampler(**bad)
+
+
+def test_model_with_lora_dropout_samples_deterministically(setup, tmp_path, monkeypatch):
+    """A stage-2 export keeps LoRA dropout in its config: sampling switches it off; the
+    checkpoint also loads from a path relative to the working directory."""
+    from flax import nnx
+
+    from configs.model import model_config
+    from safevlm_jax.checkpoint import save_checkpoint
+    from safevlm_jax.config import LoRAConfig
+    from safevlm_jax.models.safevlm import SafeVLM
+
+    _, model, _, pixels = setup
+    config = model_config("tiny").replace(lora=LoRAConfig(rank=2, dropout=0.5))
+    save_checkpoint(str(tmp_path / "lora"), nnx.state(SafeVLM(config, rngs=nnx.Rngs(0)), nnx.Param), config)
+    monkeypatch.chdir(tmp_path)
+    _, lora_model = load_checkpoint("lora")
+    decoder = Decoder(lora_model, eos_id=EOS, pad_id=PAD)
+    ids = prompt(lora_model, 2, 3, 20)
+    first = run(decoder, pixels[:1], [ids], max_new_tokens=4)
+    assert run(decoder, pixels[:1], [ids], max_new_tokens=4) == first
