@@ -15,6 +15,7 @@ naming the file and the reasons.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import json
@@ -205,3 +206,14 @@ def resolve_checkpoint(checkpoint: str | None) -> str:
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         raise FileNotFoundError(f"{checkpoint}: not a checkpoint directory (no config.json)")
     return checkpoint
+
+
+def labelled_data_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags shared by the commands that read a labelled dataset with a checkpoint."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the demo, else a tiny random one)")
+    p.add_argument("--data", required=True, help="SafeVLM JSON file, or a directory with data.json")
+    p.add_argument("--image_root", help="image paths are relative to this (default: the JSON's directory)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batch_size", type=int, default=32)
+    return p

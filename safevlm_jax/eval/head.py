@@ -13,7 +13,6 @@ acts on, data-parallel over the local devices) over batches of images and writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,8 +23,8 @@ from tqdm import tqdm
 
 from safevlm_jax.data.images import ImageConfig
 from safevlm_jax.eval import plots
-from safevlm_jax.eval.dataset import (Example, batches, load_labelled, load_pixels, resolve_checkpoint,
-                                      warn_skipped)
+from safevlm_jax.eval.dataset import (Example, batches, labelled_data_parser, load_labelled, load_pixels,
+                                      resolve_checkpoint, warn_skipped)
 from safevlm_jax.eval.metrics import classification_report
 from safevlm_jax.safety_prompt import RISK_LEVELS, RISK_TYPES
 
@@ -95,12 +94,7 @@ def run(checkpoint: str, data: str, out: str, *, image_root: str | None = None, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="checkpoint directory (default: the demo, else a tiny random one)")
-    p.add_argument("--data", required=True, help="SafeVLM JSON file, or a directory with data.json")
-    p.add_argument("--image_root", help="image paths are relative to this (default: the JSON's directory)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch_size", type=int, default=32)
+    p = labelled_data_parser(__doc__)
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)

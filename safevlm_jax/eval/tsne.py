@@ -15,7 +15,6 @@ themselves and on their 2-D embedding. Writes to DIR:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -28,7 +27,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from safevlm_jax.eval import plots
-from safevlm_jax.eval.dataset import Example, batches, load_labelled, load_pixels, resolve_checkpoint, warn_skipped
+from safevlm_jax.eval.dataset import (Example, batches, labelled_data_parser, load_labelled, load_pixels,
+                                      resolve_checkpoint, warn_skipped)
 from safevlm_jax.safety_prompt import RISK_LEVELS, RISK_TYPES
 
 FEATURE_SETS = ("CLIP", "safety projector")
@@ -116,12 +116,7 @@ def run(checkpoint: str, data: str, out: str, *, image_root: str | None = None, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="checkpoint directory (default: the demo, else a tiny random one)")
-    p.add_argument("--data", required=True, help="SafeVLM JSON file, or a directory with data.json")
-    p.add_argument("--image_root", help="image paths are relative to this (default: the JSON's directory)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch_size", type=int, default=32)
+    p = labelled_data_parser(__doc__)
     p.add_argument("--perplexity", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="use only the first LIMIT usable images")
