@@ -109,13 +109,6 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def logical_axes(state) -> object:
-    """Tree of logical-name tuples (None where a variable has no annotation) for an nnx State."""
-    return jax.tree.map(
-        lambda v: tuple(v.get_metadata().get("out_sharding") or (None,) * len(v.get_value().shape)),
-        state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-
 def state_shardings(state, mesh: Mesh, rules: str | Mapping[str, Sequence[str]]):
     """NamedSharding for every variable of an nnx State (or of its abstract eval_shape)."""
     rules = get_rules(rules)

@@ -7,50 +7,18 @@ import os
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 from sklearn import metrics as skm
 
-from configs.model import model_config
-from safevlm_jax.checkpoint import abstract_model, checkpoint_writer
-from safevlm_jax.checkpoint_io import flat_values
 from safevlm_jax.data.synthetic import generate as synthetic
-from safevlm_jax.data.tokenizer import train_tokenizer
 from safevlm_jax.eval import generate, head, report, tsne
-
-CORPUS = ("A chat between a curious human and an artificial intelligence assistant. USER: ASSISTANT: "
-          "What is shown in this image? Safe Hint: this image may contain risks; answer with caution. "
-          "I'm sorry, but I can't help with that.")
-
-
-def random_checkpoint(directory):
-    """A tiny SafeVLM with random weights written straight from numpy (no model init to
-    compile): norm scales 1, biases 0, kernels N(0, 1/fan_in), the rest N(0, 0.02)."""
-    config = model_config("tiny")
-    rng = np.random.default_rng(0)
-    params = {}
-    for key, v in flat_values(nnx.state(abstract_model(config), nnx.Param)).items():
-        if key.endswith("scale"):
-            params[key] = np.ones(v.shape, v.dtype)
-        elif key.endswith("bias"):
-            params[key] = np.zeros(v.shape, v.dtype)
-        else:
-            std = 1 / np.sqrt(np.prod(v.shape[:-1])) if key.endswith("kernel") else 0.02
-            params[key] = (rng.normal(size=v.shape) * std).astype(v.dtype)
-    assets = os.path.join(directory + "_assets")
-    train_tokenizer([CORPUS] * 10, vocab_size=config.image_token_index, out_dir=assets)
-    with open(os.path.join(assets, "preprocessor_config.json"), "w") as f:
-        json.dump({"crop_size": config.vision.image_size, "image_aspect_ratio": "pad"}, f)
-    with checkpoint_writer(directory, config, assets_dir=assets) as write:
-        write(params)
-    return directory
-
+from safevlm_jax.sample import random_checkpoint
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One checkpoint, 16 synthetic images, 3 questions and the outputs of every command."""
     root = tmp_path_factory.mktemp("eval")
-    ckpt = random_checkpoint(str(root / "ckpt"))
+    ckpt = random_checkpoint(str(root / "ckpt"))  # the sample CLI's tiny random fallback
     data = root / "syn"
     synthetic(str(data), 16, seed=0, image_size=32)
     recs = json.loads((data / "data.json").read_text())

@@ -1,7 +1,8 @@
 """A stack of identical layers: a Python list, or one module with a leading `layers` axis
 that `nnx.scan` runs (so 32/40-layer models compile one layer, not all of them).
 
-Checkpoints of both layouts convert into each other with `stack_state` / `unstack_state`.
+`stack_state` turns per-layer parameters into the scanned layout (the checkpoint reader
+converts stored layouts itself, in `safevlm_jax/checkpoint_io.py`).
 """
 
 from __future__ import annotations
@@ -84,10 +85,6 @@ def _first_layers(stacked, n: int):
     return nnx.merge(graphdef, state)
 
 
-def _is_layer_key(key) -> bool:
-    return isinstance(key, int)
-
-
 def stack_state(flat: dict[tuple, Any], list_name: str = "layers") -> dict[tuple, Any]:
     """Unscanned flat params {(..., 'layers', i, *rest): a} -> scanned {(..., 'layers', *rest): stack}."""
     groups: dict[tuple, dict[int, Any]] = {}
@@ -107,25 +104,8 @@ def stack_state(flat: dict[tuple, Any], list_name: str = "layers") -> dict[tuple
     return out
 
 
-def unstack_state(flat: dict[tuple, Any], num_layers: dict[tuple, int],
-                  list_name: str = "layers") -> dict[tuple, Any]:
-    """Inverse of `stack_state`; `num_layers` maps the prefix before `list_name` to its length."""
-    out = {}
-    for path, value in flat.items():
-        idx = path.index(list_name) if list_name in path else None
-        if idx is None or path[:idx] not in num_layers:
-            out[path] = value
-            continue
-        n = num_layers[path[:idx]]
-        if value.shape[0] != n:
-            raise ValueError(f"{'/'.join(map(str, path))}: leading axis {value.shape[0]} != {n} layers")
-        for i in range(n):
-            out[path[:idx + 1] + (i,) + path[idx + 1:]] = value[i]
-    return out
-
-
 def _layer_index(path: tuple, list_name: str) -> int | None:
     for i in range(len(path) - 1):
-        if path[i] == list_name and _is_layer_key(path[i + 1]):
+        if path[i] == list_name and isinstance(path[i + 1], int):
             return i
     return None

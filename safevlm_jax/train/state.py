@@ -68,7 +68,3 @@ def tree_shardings(tree, mesh: Mesh, rules) -> Any:
 def with_shardings(abstract, shardings):
     """ShapeDtypeStructs carrying shardings (inputs for `.lower`)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def param_count(state) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
