@@ -7,9 +7,11 @@ A checkpoint is a directory:
     tokenizer.json, tokenizer_config.json, preprocessor_config.json, ...   (optional assets)
 
 Writes go to a temporary sibling directory renamed at the end, so a crash leaves nothing
-half-written. Loads restore every array straight into its target sharding (`ShapeDtypeStruct`
-with a `NamedSharding`, no host copy of the whole model) and convert between the scanned
-([num_layers, ...] stacks) and unscanned layouts, so any checkpoint loads into any model.
+half-written; on multi-process runs every process saves its shards of the arrays into the
+same one and process 0 writes the rest (`checkpoint_io.atomic_directory`). Loads restore
+every array straight into its target sharding (`ShapeDtypeStruct` with a `NamedSharding`,
+no host copy of the whole model) and convert between the scanned ([num_layers, ...] stacks)
+and unscanned layouts, so any checkpoint loads into any model.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from orbax.checkpoint import v1 as ocp
 
 from safevlm_jax import sharding
 from safevlm_jax.checkpoint_io import (CONFIG_FILE, PARAMS_DIR, ParamReader, _STACKED,
-                                       atomic_directory, finalize_partial, flat_values, nest,
-                                       path_str, unstacked_shapes, write_partial)
+                                       atomic_directory, finalize_partial, flat_values,
+                                       is_primary, nest, path_str, unstacked_shapes, write_partial)
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.models.safevlm import SafeVLM
 
@@ -65,6 +67,14 @@ def copy_assets(src_dir: str, dst_dir: str) -> list[str]:
     return found
 
 
+def _write_metadata(tmp: str, config: ModelConfig, assets_dir: str | None) -> None:
+    """config.json and the assets of `assets_dir` (if any), from process 0 only."""
+    if is_primary():
+        config.save(os.path.join(tmp, CONFIG_FILE))
+        if assets_dir:
+            copy_assets(assets_dir, tmp)
+
+
 def save_checkpoint(directory: str, model_or_state: nnx.Module | nnx.State, config: ModelConfig,
                     *, assets_dir: str | None = None, overwrite: bool = False) -> str:
     """Writes the `nnx.Param`s of a model (or a State of Params) with `config`, atomically.
@@ -72,6 +82,10 @@ def save_checkpoint(directory: str, model_or_state: nnx.Module | nnx.State, conf
     Arrays may be sharded over any mesh; they are saved in the model's layout (scanned or
     not). `assets_dir`: copy tokenizer/image-processor files from there. Refuses an existing
     `directory` unless `overwrite`. Returns `directory`.
+
+    Multi-process: every process calls it with the same `directory` and the same global
+    (possibly cross-process sharded) arrays; each writes its shards, process 0 the metadata,
+    and all return once `directory` is complete.
     """
     state = (nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module)
              else model_or_state)
@@ -79,9 +93,7 @@ def save_checkpoint(directory: str, model_or_state: nnx.Module | nnx.State, conf
     check_matches(config, {k: v.shape for k, v in flat.items()}, directory)
     with atomic_directory(directory, overwrite) as tmp:
         ocp.save(os.path.join(tmp, PARAMS_DIR), nest(flat))
-        config.save(os.path.join(tmp, CONFIG_FILE))
-        if assets_dir:
-            copy_assets(assets_dir, tmp)
+        _write_metadata(tmp, config, assets_dir)
     return directory
 
 
@@ -104,9 +116,7 @@ def checkpoint_writer(directory: str, config: ModelConfig, *, assets_dir: str | 
         yield write
         check_matches(config, shapes, directory)
         finalize_partial(params)
-        config.save(os.path.join(tmp, CONFIG_FILE))
-        if assets_dir:
-            copy_assets(assets_dir, tmp)
+        _write_metadata(tmp, config, assets_dir)
 
 
 def _drop_leading(s):

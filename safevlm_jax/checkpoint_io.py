@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 
 PARAMS_DIR = "params"
@@ -35,25 +36,54 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
     Refuses an existing `path` unless `overwrite`. On any exception the temporary directory
     is deleted, so a crash never leaves a partial output at `path` (the old one, if any,
     stays untouched until the final rename).
+
+    Multi-process (`jax.process_count() > 1`): every process must enter with the same `path`
+    on a filesystem they all share, and all get the same temporary directory
+    `.<name>.tmp-shared`. Process 0 alone creates it (replacing a crashed run's), renames or
+    deletes it; barriers hold every process until it exists, then until all are done writing,
+    and then until the rename, so all see the finished `path` on return. Inside, write either
+    collectively (orbax `ocp.save` from every process) or from process 0 only (`is_primary`).
     """
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
     parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    owner = is_primary()
+    if jax.process_count() == 1:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    else:
+        tmp = os.path.join(parent, f".{name}.tmp-shared")
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed run
+            os.makedirs(tmp)
+    _barrier(f"atomic_directory created {path}")
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.exists(path):
+    _barrier(f"atomic_directory written {path}")
+    if owner and os.path.exists(path):
         old = tmp + ".old"
         os.rename(path, old)
         os.rename(tmp, path)
         shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
-    else:
+    elif owner:
         os.rename(tmp, path)
+    _barrier(f"atomic_directory renamed {path}")
+
+
+def _barrier(name: str) -> None:
+    """Waits until every JAX process gets here (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def is_primary() -> bool:
+    """True in the process that writes a checkpoint's metadata (process 0)."""
+    return jax.process_index() == 0
 
 
 # Paths and layouts ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Multi-host: 2 processes x 4 fake CPU devices (coordinator on 127.0.0.1) train to the same
-parameters as 1 process x 8 devices fed the same global batches."""
+parameters as 1 process x 8 devices fed the same global batches, and export together a
+library checkpoint equal to the single process's export."""
 
 import os
 import socket
@@ -9,16 +10,19 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs.stage1 import get_config
 from safevlm_jax import sharding
+from safevlm_jax.checkpoint import load_checkpoint
+from safevlm_jax.checkpoint_io import flat_values
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.data.pipeline import make_global_batch
 from safevlm_jax.train.data import make_dataset, prepare_synthetic
 from safevlm_jax.train.init import initial_state
-from safevlm_jax.train.loop import model_factory
+from safevlm_jax.train.loop import export_checkpoint, model_factory
 from safevlm_jax.train.optimizer import make_optimizer
-from safevlm_jax.train.state import abstract_state, tree_shardings
+from safevlm_jax.train.state import abstract_state
 from safevlm_jax.train.step import jit_train_step, make_train_step
 from train_helpers import read_state
 
@@ -33,7 +37,8 @@ def free_port() -> int:
 
 
 def reference(cfg, workdir):
-    """Single process, 8 devices; global batch = concat of the two processes' batches."""
+    """Single process, 8 devices; global batch = concat of the two processes' batches.
+    Returns the trainable leaves and the path of the exported model."""
     mcfg = ModelConfig.from_dict(cfg.model)
     per_process = cfg.batch_per_device * 4 * cfg.accumulation
     iters = [iter(make_dataset(cfg, mcfg, workdir, per_process, None, i, 2)[0]) for i in range(2)]
@@ -50,7 +55,14 @@ def reference(cfg, workdir):
         parts = first if step == 0 else [next(it) for it in iters]
         batch = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
         state, _ = step_fn(state, make_global_batch(batch, batch_sh))
-    return [np.asarray(x) for x in jax.tree.leaves(state.trainable)]
+    export = export_checkpoint(state, cfg, mcfg, os.path.join(workdir, "export"))
+    return [np.asarray(x) for x in jax.tree.leaves(state.trainable)], export
+
+
+def exported_params(directory):
+    """{key: host array} of the Params of a library checkpoint."""
+    _, model = load_checkpoint(directory)
+    return {k: np.asarray(v) for k, v in flat_values(nnx.state(model, nnx.Param)).items()}
 
 
 @pytest.mark.slow
@@ -58,8 +70,7 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     cfg = get_config("tiny")
     dataset_dir, tokenizer = prepare_synthetic(str(tmp_path / "data"), 32, 0, ModelConfig.from_dict(cfg.model))
     overrides = [f"--config.total_steps={STEPS}", f"--config.checkpoint.every_steps={STEPS}",
-                 "--config.export=False", f"--config.data.dataset_dir={dataset_dir}",
-                 f"--config.data.tokenizer={tokenizer}"]
+                 f"--config.data.dataset_dir={dataset_dir}", f"--config.data.tokenizer={tokenizer}"]
     port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     procs = [subprocess.Popen(
@@ -72,9 +83,15 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
         assert p.returncode == 0, out[-3000:]
 
     cfg.data.dataset_dir, cfg.data.tokenizer = dataset_dir, tokenizer
-    want = reference(cfg, str(tmp_path / "ref"))
+    want, want_export = reference(cfg, str(tmp_path / "ref"))
     saved = read_state(str(tmp_path / "run" / "checkpoints" / str(STEPS) / "state"))
     got = [np.asarray(x) for x in jax.tree.leaves(saved["trainable"])]
     assert len(got) == len(want)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam magnifies ~1e-9 grad noise
+
+    assert not [f for f in os.listdir(tmp_path / "run") if ".tmp" in f]  # the temp dir was renamed
+    got, want = exported_params(str(tmp_path / "run" / "export")), exported_params(want_export)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)

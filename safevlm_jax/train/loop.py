@@ -22,12 +22,22 @@ from safevlm_jax.train import init as train_init
 from safevlm_jax.train.checkpointing import Checkpointer
 from safevlm_jax.train.metrics import MetricsLogger, peak_flops, step_flops
 from safevlm_jax.train.optimizer import make_optimizer
-from safevlm_jax.train.state import abstract_state, tree_shardings, with_shardings
+from safevlm_jax.train.state import TrainState, abstract_state, tree_shardings, with_shardings
 from safevlm_jax.train.step import jit_train_step, make_train_step
 
 
 def model_factory(mcfg: ModelConfig, seed: int):
     return lambda: SafeVLM(mcfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def export_checkpoint(state: TrainState, cfg, mcfg: ModelConfig, directory: str) -> str:
+    """Saves the trained model (all its Params, cast to `cfg.frozen_dtype` or the model's
+    param dtype) in the library format, for the next stage. Multi-process: every process
+    calls it and all return once `directory` is complete (`checkpoint.save_checkpoint`)."""
+    dtype = cfg.frozen_dtype or mcfg.param_dtype
+    params = nnx.filter_state(nnx.merge_state(state.trainable, state.frozen), nnx.Param)
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return save_checkpoint(directory, params, mcfg.replace(param_dtype=dtype))
 
 
 def train(cfg, workdir: str) -> dict:
@@ -86,9 +96,6 @@ def train(cfg, workdir: str) -> dict:
     ckpt.close()
     logger.close()
     export = os.path.join(workdir, "export")
-    if cfg.export and not os.path.exists(export):  # the trained model in the library format, for the next stage
-        dtype = cfg.frozen_dtype or mcfg.param_dtype
-        params = nnx.merge_state(state.trainable, state.frozen).filter(nnx.Param)
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
-        save_checkpoint(export, params, mcfg.replace(param_dtype=dtype))
+    if cfg.export and not os.path.exists(export):
+        export_checkpoint(state, cfg, mcfg, export)
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
