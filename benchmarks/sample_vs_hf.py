@@ -18,6 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -124,6 +125,26 @@ def run_hf(hf, ids, pixels, new_tokens: int) -> tuple[float, list[list[int]]]:
     return len(ids) * (new_tokens - 1) / decode, out[:, len(ids[0]):].tolist()
 
 
+def read_bandwidth(gib: float = 1.0) -> float:
+    """Bytes/s of a jitted f32 sum over `gib` GiB (this machine's weight-streaming rate)."""
+    x = jnp.ones((int(gib * 2**28),), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+        total(x).block_until_ready()
+    return 5 * x.nbytes / (time.perf_counter() - start)
+
+
+def decode_bytes(model) -> int:
+    """Weight bytes one decode step reads: every LLM parameter but the embedding table (one
+    row of it is gathered), unless the LM head is tied to it."""
+    lm = model.language_model
+    flat = nnx.to_flat_state(nnx.state(lm, nnx.Param))
+    tied = lm.lm_head is None
+    return sum(v.get_value().nbytes for p, v in flat if tied or "embed_tokens" not in p)
+
+
 def best(fn, repeats: int):
     runs = [fn() for _ in range(repeats)]
     return max(r[0] for r in runs), runs[0][1]
@@ -133,10 +154,12 @@ def main(argv) -> None:
     del argv
     torch.set_num_threads(os.cpu_count() or 1)
     rows, ratios = [], {}
+    bandwidth = read_bandwidth()
     for case in FLAGS.only:
         config = CASES[case]()
         hf, ours = build_pair(config)
         n_params = sum(p.numel() for p in hf.parameters())
+        floor_ms = decode_bytes(ours) / bandwidth * 1e3
         decoder = Decoder(ours, eos_id=-1, pad_id=0)
         for batch in map(int, FLAGS.batches):
             ids, pixels = prompts(config, batch)
@@ -147,16 +170,19 @@ def main(argv) -> None:
             hf_tps, hf_ids = best(lambda: run_hf(hf, ids, pixels, n), FLAGS.repeats)
             same = ours_ids == hf_ids
             rows.append((case, f"{n_params / 1e6:.0f}M", config.param_dtype, batch, ours_tps, hf_tps,
-                         ours_tps / hf_tps, same))
+                         ours_tps / hf_tps, same, floor_ms * ours_tps / batch / 1e3))
             print(f"{case} batch {batch}: ours {ours_tps:.1f} tok/s, HF {hf_tps:.1f} tok/s, "
                   f"same tokens: {same}", file=sys.stderr, flush=True)
             if batch == 1:
                 ratios[case] = ours_tps / hf_tps
         del hf, ours, decoder
+    print(f"weight streaming measured at {bandwidth / 1e9:.1f} GB/s; 'of floor' = (weight bytes / that "
+          f"rate) / our time per decode step")
     print(f"{'case':<10} {'params':>7} {'dtype':>9} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>9} "
-          f"{'ratio':>6} {'same ids':>8}")
-    for case, params, dtype, batch, o, h, r, same in rows:
-        print(f"{case:<10} {params:>7} {dtype:>9} {batch:>5} {o:>11.1f} {h:>9.1f} {r:>6.2f} {str(same):>8}")
+          f"{'ratio':>6} {'same ids':>8} {'of floor':>8}")
+    for case, params, dtype, batch, o, h, r, same, floor in rows:
+        print(f"{case:<10} {params:>7} {dtype:>9} {batch:>5} {o:>11.1f} {h:>9.1f} {r:>6.2f} {str(same):>8} "
+              f"{floor:>8.0%}")
     print(" ".join(f"ratio_{case}={ratios[case]:.2f}" for case in FLAGS.only if case in ratios))
 
 

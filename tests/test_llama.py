@@ -79,8 +79,8 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(scan):
     pos = positions_of(mask)
     step = nnx.jit(lambda m, i, p, a, c: m(m.embed(i), p, a, c), donate_argnums=(4,))
     cache = ours.init_cache(batch=2, max_len=16)
-    assert len(cache.k) == len(cache.v) == 2  # one buffer per layer, each [B, KVH, S, Dh]
-    assert cache.k[0].shape == cache.v[1].shape == (2, 2, 16, 8)
+    assert len(cache.k) == len(cache.v) == 2  # one buffer per layer, each [B * KVH, S, Dh]
+    assert cache.k[0].shape == cache.v[1].shape == (2 * 2, 16, 8)
     assert cache.mask.shape == (2, 16) and cache.index.shape == ()
     prefill = 5
     logits, cache = step(ours, ids[:, :prefill], pos[:, :prefill], mask[:, :prefill], cache)
