@@ -31,11 +31,13 @@ def num_target_tokens(labels: jax.Array) -> jax.Array:
 
 
 def lm_nll_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """logits [B, T, V] (position t predicts token t+1), labels [B, T] with -100 = ignore."""
-    targets = labels[:, 1:]
+    """logits [B, T, V] (position t predicts token t+1), labels [B, T] with -100 = ignore.
+    The labels are shifted, not the logits: slicing [B, T - 1, V] copied the largest
+    activation of the step (and padded its gradient back)."""
+    targets = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX)
     mask = targets != IGNORE_INDEX
     nll = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1].astype(jnp.float32), jnp.where(mask, targets, 0))
+        logits.astype(jnp.float32), jnp.where(mask, targets, 0))
     return jnp.sum(jnp.where(mask, nll, 0.0))
 
 
