@@ -29,7 +29,7 @@ from orbax.checkpoint import v1 as ocp
 
 from safevlm_jax import sharding
 from safevlm_jax.checkpoint_io import (CONFIG_FILE, PARAMS_DIR, ParamReader, _STACKED,
-                                       atomic_directory, finalize_partial, flat_values,
+                                       atomic_directory, finalize_partial, flat_values, local_path,
                                        is_primary, nest, path_str, unstacked_shapes, write_partial)
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.models.safevlm import SafeVLM
@@ -183,7 +183,7 @@ def load_checkpoint(directory: str, mesh: jax.sharding.Mesh | None = None,
     override the config's layer layout (the stored layout is converted either way). `seed`
     initialises non-parameter state (dropout RNGs). Returns (config, model).
     """
-    config_path = os.path.join(directory, CONFIG_FILE)
+    config_path = os.path.join(local_path(directory, "checkpoint"), CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{directory}: not a checkpoint (no {CONFIG_FILE})")
     config = ModelConfig.load(config_path)

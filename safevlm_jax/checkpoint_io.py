@@ -29,6 +29,16 @@ _STACKED = re.compile(r"^(.*/layers)/([^0-9/][^/]*/.*)$")
 
 
 # Directories ---------------------------------------------------------------------------------
+def local_path(path: str, what: str = "path") -> str:
+    """`path` made absolute; a URL (gs://, s3://, ...) is refused with a ValueError. Every
+    reader and writer here uses POSIX calls (atomic renames, the data shards), so a bucket
+    must be mounted (e.g. gcsfuse at /gcs/BUCKET on every host) and passed by its mount path."""
+    if "://" in str(path):
+        raise ValueError(f"{what} {path!r} is a URL: mount the bucket (e.g. gcsfuse at /gcs/BUCKET "
+                         f"on every host) and pass the mounted path")
+    return os.path.abspath(path)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a fresh temporary directory next to `path`, renamed to `path` on success.
@@ -44,7 +54,7 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
     and then until the rename, so all see the finished `path` on return. Inside, write either
     collectively (orbax `ocp.save` from every process) or from process 0 only (`is_primary`).
     """
-    path = os.path.abspath(path)
+    path = local_path(path, "output directory")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
     parent, name = os.path.split(path)
@@ -147,7 +157,7 @@ class ParamReader:
     """
 
     def __init__(self, checkpoint_dir: str):
-        self.path = os.path.join(os.path.abspath(checkpoint_dir), PARAMS_DIR)  # orbax needs absolute
+        self.path = os.path.join(local_path(checkpoint_dir, "checkpoint"), PARAMS_DIR)  # orbax needs absolute
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"{checkpoint_dir}: not a checkpoint (no {PARAMS_DIR}/ directory)")
         meta = flatten(ocp.metadata(self.path).metadata)

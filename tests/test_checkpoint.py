@@ -114,3 +114,20 @@ def test_crash_mid_write_leaves_no_partial_checkpoint(saved, tiny_config, tmp_pa
     with pytest.raises(RuntimeError, match="simulated crash"):
         save_checkpoint(str(tmp_path / "new"), model, tiny_config)
     assert os.listdir(tmp_path) == []
+
+
+def test_urls_are_refused_with_the_mount_to_use_instead(saved, tiny_config, tmp_path):
+    from configs.stage1 import get_config
+    from safevlm_jax.train.loop import train
+
+    path, _ = saved
+    _, model = load_checkpoint(path)
+    with pytest.raises(ValueError, match="gcsfuse"):
+        save_checkpoint("gs://bucket/ckpt", model, tiny_config)
+    with pytest.raises(ValueError, match="gcsfuse"):
+        load_checkpoint("gs://bucket/ckpt")
+    cfg = get_config("tiny")
+    cfg.init_from = "gs://bucket/llava"
+    with pytest.raises(ValueError, match="--config.init_from"):  # before any data or compile
+        train(cfg, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")

@@ -14,6 +14,7 @@ from flax import nnx
 
 from safevlm_jax import sharding
 from safevlm_jax.checkpoint import save_checkpoint
+from safevlm_jax.checkpoint_io import local_path
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.data.pipeline import make_global_batch
 from safevlm_jax.models.safevlm import SafeVLM
@@ -42,6 +43,11 @@ def export_checkpoint(state: TrainState, cfg, mcfg: ModelConfig, directory: str)
 
 def train(cfg, workdir: str) -> dict:
     """Trains per `cfg` (see configs/train_common.py); returns the last step's metrics."""
+    for what, path in (("--workdir", workdir), ("--config.init_from", cfg.init_from),
+                       ("--config.data.dataset_dir", cfg.data.dataset_dir),
+                       ("--config.data.tokenizer", cfg.data.tokenizer)):
+        if path:
+            local_path(path, what)  # refuse URLs before anything runs
     mcfg = ModelConfig.from_dict(cfg.model)
     mesh = sharding.make_mesh(dict(cfg.mesh))
     micro = cfg.batch_per_device * jax.local_device_count()
