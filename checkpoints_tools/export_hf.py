@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoints_tools.keymap import (KEY_STYLES, Rule, llava_rules, lora_rules, safety_rules,
                                       styled_hf_key)
 from checkpoints_tools.safetensors_io import ShardWriter, parse_size, save_tensors
-from safevlm_jax.checkpoint import check_matches, copy_assets
+from safevlm_jax.checkpoint import check_matches, copy_assets, load_config
 from safevlm_jax.checkpoint_io import CONFIG_FILE, ParamReader, atomic_directory, iter_unscanned
 from safevlm_jax.config import ModelConfig
 
@@ -91,7 +91,7 @@ def export_hf(checkpoint: str, out: str, merge_lora: bool = False, key_style: st
     """Writes checkpoint `checkpoint` as HF directory `out` (atomically); returns the files."""
     if key_style not in KEY_STYLES:
         raise ValueError(f"unknown key style {key_style!r}; known: {sorted(KEY_STYLES)}")
-    config = ModelConfig.load(os.path.join(checkpoint, CONFIG_FILE))
+    config = load_config(checkpoint)
     reader = ParamReader(checkpoint)
     check_matches(config, reader.shapes, checkpoint)
     has_lora = config.lora.rank > 0

@@ -20,9 +20,8 @@ import numpy as np
 from absl import app, flags
 
 from checkpoints_tools.keymap import safety_rules
-from safevlm_jax.checkpoint import check_matches, checkpoint_writer
-from safevlm_jax.checkpoint_io import CONFIG_FILE, ParamReader, iter_unscanned, unstacked_shapes
-from safevlm_jax.config import ModelConfig
+from safevlm_jax.checkpoint import check_matches, checkpoint_writer, load_config
+from safevlm_jax.checkpoint_io import ParamReader, iter_unscanned, unstacked_shapes
 
 COPY_BUDGET = 1 << 30  # bytes of other parameters copied per orbax write
 
@@ -81,7 +80,7 @@ def import_safety(src: str, checkpoint: str, out: str | None = None, prefix: str
     """Replaces the safety modules of `checkpoint` by those in `src`; writes `out` (default:
     `checkpoint`, atomically; another existing `out` only with `overwrite`). Shapes must
     match the checkpoint's config; dtypes too unless `cast`. Returns the output directory."""
-    config = ModelConfig.load(os.path.join(checkpoint, CONFIG_FILE))
+    config = load_config(checkpoint)
     if not config.safety.enabled:
         raise ValueError(f"{checkpoint}: config.json has safety modules disabled")
     reader = ParamReader(checkpoint)

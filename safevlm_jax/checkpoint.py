@@ -67,6 +67,15 @@ def copy_assets(src_dir: str, dst_dir: str) -> list[str]:
     return found
 
 
+def load_config(directory: str) -> ModelConfig:
+    """The `ModelConfig` of checkpoint `directory`; FileNotFoundError if it has no config.json
+    (ValueError for a URL: see `checkpoint_io.local_path`)."""
+    path = os.path.join(local_path(directory, "checkpoint"), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory}: not a checkpoint (no {CONFIG_FILE})")
+    return ModelConfig.load(path)
+
+
 def _write_metadata(tmp: str, config: ModelConfig, assets_dir: str | None) -> None:
     """config.json and the assets of `assets_dir` (if any), from process 0 only."""
     if is_primary():
@@ -183,10 +192,7 @@ def load_checkpoint(directory: str, mesh: jax.sharding.Mesh | None = None,
     override the config's layer layout (the stored layout is converted either way). `seed`
     initialises non-parameter state (dropout RNGs). Returns (config, model).
     """
-    config_path = os.path.join(local_path(directory, "checkpoint"), CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{directory}: not a checkpoint (no {CONFIG_FILE})")
-    config = ModelConfig.load(config_path)
+    config = load_config(directory)
     if scan_layers is not None:
         config = config.replace(scan_layers=scan_layers)
     check_matches(config, ParamReader(directory).shapes, directory)

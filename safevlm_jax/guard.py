@@ -20,7 +20,6 @@ mesh on its own slice of the inputs.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -73,11 +72,9 @@ def load_verdict_model(directory: str, mesh: Mesh | None = None,
                        rules: str = "data") -> VerdictModel:
     """Restores only the `VERDICT_PARTS` parameters of a checkpoint (never the LLM layers or
     the LM head), placed by `rules` on `mesh` (default: one device)."""
-    from safevlm_jax.checkpoint import abstract_model, restore_params  # checkpoint stands on models
-    from safevlm_jax.config import ModelConfig
+    from safevlm_jax.checkpoint import abstract_model, load_config, restore_params  # stands on models
 
-    config = ModelConfig.load(os.path.join(directory, "config.json"))
-    model = abstract_model(config)
+    model = abstract_model(load_config(directory))
     wanted = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model))
               if any("/".join(map(str, p)).startswith(part) for part in VERDICT_PARTS)]
     if any(not isinstance(v, nnx.Param) for _, v in wanted):

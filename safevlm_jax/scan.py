@@ -196,7 +196,6 @@ def scan(checkpoint: str, images: str, out: str, *, batch_size: int = 64,
     import jax
 
     from safevlm_jax import scan_report
-    from safevlm_jax.config import ModelConfig
     from safevlm_jax.guard import Guard
     from safevlm_jax.inference import image_config
 
@@ -213,7 +212,7 @@ def scan(checkpoint: str, images: str, out: str, *, batch_size: int = 64,
         paths = [os.path.join(out, VERDICTS), os.path.join(out, SKIPPED)]
     guard = Guard.from_checkpoint(checkpoint)
     batch_size = -(-batch_size // guard.batch_multiple) * guard.batch_multiple
-    cfg = image_config(checkpoint, ModelConfig.load(os.path.join(checkpoint, "config.json")))
+    cfg = image_config(checkpoint, guard.config)
     counts["scored"], counts["skipped"] = scan_keys(guard, source, mine, cfg, policy, *paths,
                                                     batch_size=batch_size, progress=progress)
     if count > 1:
