@@ -92,7 +92,8 @@ def _barrier(name: str) -> None:
 
 
 def is_primary() -> bool:
-    """True in the process that writes a checkpoint's metadata (process 0)."""
+    """True in process 0, the one that writes what all processes share once: a checkpoint's
+    metadata, logs and progress, the synthetic training data."""
     return jax.process_index() == 0
 
 

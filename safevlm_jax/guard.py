@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from safevlm_jax import sharding
+from safevlm_jax.checkpoint_io import path_str
 from safevlm_jax.models.safevlm import SafeVLM
 from safevlm_jax.models.safety_head import first_token
 
@@ -76,7 +77,7 @@ def load_verdict_model(directory: str, mesh: Mesh | None = None,
 
     model = abstract_model(load_config(directory))
     wanted = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model))
-              if any("/".join(map(str, p)).startswith(part) for part in VERDICT_PARTS)]
+              if any(path_str(p).startswith(part) for part in VERDICT_PARTS)]
     if any(not isinstance(v, nnx.Param) for _, v in wanted):
         raise ValueError(f"{directory}: the verdict parts hold non-parameter state; load the "
                          f"whole model with checkpoint.load_checkpoint instead")

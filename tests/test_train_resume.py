@@ -18,7 +18,8 @@ from safevlm_jax.train.checkpointing import Checkpointer
 from safevlm_jax.train.data import prepare_synthetic
 from safevlm_jax.train.init import load_params
 from safevlm_jax.train.loop import model_factory
-from safevlm_jax.train.optimizer import make_optimizer, path_str
+from safevlm_jax.checkpoint_io import path_str
+from safevlm_jax.train.optimizer import make_optimizer
 from safevlm_jax.train.state import abstract_state, tree_shardings, with_shardings
 from train_helpers import read_state, tiny_train_config
 

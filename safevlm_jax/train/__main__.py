@@ -13,6 +13,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from safevlm_jax.checkpoint_io import is_primary
 from safevlm_jax.train import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config: FILE.py:PRESET",
@@ -31,7 +32,7 @@ def main(argv) -> None:
     if not flags.FLAGS["verbosity"].present:  # orbax logs every file at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
     metrics = train(_CONFIG.value, _WORKDIR.value)
-    if distributed.is_chief():
+    if is_primary():
         print(json.dumps(metrics, sort_keys=True))
 
 

@@ -14,6 +14,7 @@ import jax
 import transformers
 from jax.experimental import multihost_utils
 
+from safevlm_jax.checkpoint_io import is_primary
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.data import pipeline, synthetic
 from safevlm_jax.data.builder import build_dataset
@@ -29,7 +30,7 @@ def prepare_synthetic(root: str, num_examples: int, seed: int, mcfg: ModelConfig
     Returns (dataset_dir, tokenizer_dir)."""
     raw, tfds_dir, tok_dir = (os.path.join(root, d) for d in ("raw", "tfds", "tokenizer"))
     marker = os.path.join(root, READY)
-    if jax.process_index() == 0 and not os.path.exists(marker):
+    if is_primary() and not os.path.exists(marker):
         json_path = synthetic.generate(raw, num_examples, seed, image_size=max(64, mcfg.vision.image_size))
         dataset_dir, _ = build_dataset(json_path, raw, tfds_dir, overwrite=True, validation_fraction=0.0)
         with open(json_path) as f:

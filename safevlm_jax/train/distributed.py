@@ -32,6 +32,3 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
     elif cluster_detected():
         jax.distributed.initialize()  # cluster auto-detection (TPU, SLURM, env variables)
 
-
-def is_chief() -> bool:
-    return jax.process_index() == 0

@@ -15,7 +15,7 @@ import time
 import jax
 from flax import nnx
 
-from safevlm_jax.train.optimizer import path_str
+from safevlm_jax.checkpoint_io import is_primary, path_str
 
 # Dense bf16 peak TFLOP/s per device, by `device_kind` prefix (vendor data sheets).
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
@@ -51,7 +51,7 @@ class MetricsLogger:
 
     def __init__(self, workdir: str, total_steps: int, start_step: int, every: int,
                  flops_per_step: float, tokens_per_step: int, peak: float):
-        self.chief = jax.process_index() == 0
+        self.chief = is_primary()
         self.every, self.flops, self.tokens, self.peak = every, flops_per_step, tokens_per_step, peak
         self.writer = self.bar = None
         if self.chief:

@@ -16,10 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-
-def path_str(path: Sequence) -> str:
-    """('a', 0, 'b') -> 'a/0/b'."""
-    return "/".join(str(k) for k in path)
+from safevlm_jax.checkpoint_io import path_str
 
 
 def trainable_filter(patterns: Sequence[str]):
