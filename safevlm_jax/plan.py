@@ -47,7 +47,7 @@ def plan(cfg, mesh_shape: dict[str, int], rules: str | None = None) -> dict[str,
     from safevlm_jax.config import ModelConfig
     from safevlm_jax.train.loop import model_factory
     from safevlm_jax.train.optimizer import make_optimizer
-    from safevlm_jax.train.state import abstract_state, tree_shardings, with_shardings
+    from safevlm_jax.train.state import abstract_state, with_shardings
     from safevlm_jax.train.step import batch_shardings, jit_train_step, make_train_step
 
     rules = rules or cfg.rules

@@ -109,15 +109,20 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def state_shardings(state, mesh: Mesh, rules: str | Mapping[str, Sequence[str]]):
-    """NamedSharding for every variable of an nnx State (or of its abstract eval_shape)."""
+def state_shardings(tree, mesh: Mesh, rules: str | Mapping[str, Sequence[str]]):
+    """NamedShardings for a tree of nnx Variables (an nnx State, abstract or not), sharded by
+    their logical axes, possibly mixed with plain arrays, which are replicated (e.g. a train
+    state: Adam moments are Variables and follow their parameters; step and RNG replicate)."""
     rules = get_rules(rules)
 
-    def one(v):
-        names = v.get_metadata().get("out_sharding") or (None,) * len(v.get_value().shape)
-        return v.replace(NamedSharding(mesh, logical_to_spec(names, rules, mesh, v.get_value().shape)))
+    def one(x):
+        if not isinstance(x, nnx.Variable):
+            return NamedSharding(mesh, P())
+        shape = x.get_value().shape
+        names = x.get_metadata().get("out_sharding") or (None,) * len(shape)
+        return x.replace(NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape)))
 
-    return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def data_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:

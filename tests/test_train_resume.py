@@ -20,7 +20,7 @@ from safevlm_jax.train.init import load_params
 from safevlm_jax.train.loop import model_factory
 from safevlm_jax.checkpoint_io import path_str
 from safevlm_jax.train.optimizer import make_optimizer
-from safevlm_jax.train.state import abstract_state, tree_shardings, with_shardings
+from safevlm_jax.train.state import abstract_state, with_shardings
 from train_helpers import read_state, tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def test_restore_onto_a_different_device_count(uninterrupted):
     values = []
     for n, shape in ((8, {"fsdp": 8}), (2, {"fsdp": 2})):
         mesh = sharding.make_mesh(shape, jax.devices()[:n])
-        state = ckpt.restore(with_shardings(abstract, tree_shardings(abstract, mesh, "fsdp")), step=STEPS)
+        state = ckpt.restore(with_shardings(abstract, sharding.state_shardings(abstract, mesh, "fsdp")), step=STEPS)
         assert int(state.step) == STEPS
         leaf = jax.tree.leaves(state.trainable)[0]
         assert len(leaf.sharding.device_set) == n
@@ -108,7 +108,7 @@ def test_stage2_starts_from_the_stage1_export(uninterrupted):
 
     _, abstract = abstract_state(model_factory(mcfg, cfg.seed), cfg, optimizer)
     fresh = initial_state(model_factory(mcfg, cfg.seed), cfg, optimizer,
-                          tree_shardings(abstract, mesh, cfg.rules))
+                          sharding.state_shardings(abstract, mesh, cfg.rules))
     fresh_lora = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(fresh.trainable)}
     state = load_params(fresh, export, mesh, cfg.rules)
     stage1 = saved_state(uninterrupted, STEPS)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from safevlm_jax import sharding
 from safevlm_jax.checkpoint import restore_params
 from safevlm_jax.checkpoint_io import ParamReader, path_str, unstacked_shapes
-from safevlm_jax.train.state import TrainState, create_state, tree_shardings
+from safevlm_jax.train.state import TrainState, create_state
 
 
 def initial_state(make_model, cfg, optimizer, state_shardings) -> TrainState:
@@ -33,7 +34,7 @@ def load_params(state: TrainState, directory: str, mesh, rules) -> TrainState:
         found, rest = nnx.split_state(tree, in_checkpoint, ...)
         if not jax.tree.leaves(found):
             return tree
-        found = restore_params(directory, found, tree_shardings(found, mesh, rules))
+        found = restore_params(directory, found, sharding.state_shardings(found, mesh, rules))
         return nnx.merge_state(found, rest)
 
     return state._replace(trainable=load(state.trainable), frozen=load(state.frozen))

@@ -23,7 +23,7 @@ from safevlm_jax.train import init as train_init
 from safevlm_jax.train.checkpointing import Checkpointer
 from safevlm_jax.train.metrics import MetricsLogger, peak_flops, step_flops
 from safevlm_jax.train.optimizer import make_optimizer
-from safevlm_jax.train.state import TrainState, abstract_state, tree_shardings, with_shardings
+from safevlm_jax.train.state import TrainState, abstract_state, with_shardings
 from safevlm_jax.train.step import jit_train_step, make_train_step
 
 
@@ -61,7 +61,7 @@ def train(cfg, workdir: str) -> dict:
     optimizer, schedule = make_optimizer(cfg.optimizer, total)
     make_model = model_factory(mcfg, cfg.seed)
     graphdef, abstract = abstract_state(make_model, cfg, optimizer)
-    state_sh = tree_shardings(abstract, mesh, cfg.rules)
+    state_sh = sharding.state_shardings(abstract, mesh, cfg.rules)
     data_iter = iter(dataset)
     batch_abs = jax.eval_shape(lambda b: b, next(iter(dataset)))
     batch_abs = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)

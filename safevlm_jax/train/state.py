@@ -15,9 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from safevlm_jax import sharding
 from safevlm_jax.train.optimizer import split_trainable
 
 
@@ -48,21 +46,6 @@ def abstract_state(make_model, cfg, optimizer):
 
     state = jax.eval_shape(build)
     return holder["graphdef"], state
-
-
-def tree_shardings(tree, mesh: Mesh, rules) -> Any:
-    """NamedShardings for any tree mixing nnx Variables (sharded by their logical axes, so
-    Adam moments follow their parameters) and plain arrays (replicated)."""
-    rules = sharding.get_rules(rules)
-
-    def one(x):
-        if isinstance(x, nnx.Variable):
-            value = x.get_value()
-            names = x.get_metadata().get("out_sharding") or (None,) * len(value.shape)
-            return x.replace(NamedSharding(mesh, sharding.logical_to_spec(names, rules, mesh, value.shape)))
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def with_shardings(abstract, shardings):

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from safevlm_jax import sharding
 from safevlm_jax.train import loss as losses
-from safevlm_jax.train.state import TrainState, tree_shardings
+from safevlm_jax.train.state import TrainState
 
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "safe_level", "safe_type")
 
@@ -103,7 +103,7 @@ def jit_train_step(train_step: Callable, state_abstract: TrainState, batch_abstr
     Tracing happens under `sharding.use_rules(mesh, rules)` so activation constraints apply.
     Returns (jitted fn, state shardings, batch shardings).
     """
-    state_sh = tree_shardings(state_abstract, mesh, rules)
+    state_sh = sharding.state_shardings(state_abstract, mesh, rules)
     batch_sh = batch_shardings(batch_abstract, mesh, rules)
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
 
