@@ -44,7 +44,6 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--shard_mb", type=int, default=64)
     args = parser.parse_args()
-    import torch
     import transformers
 
     vision = transformers.CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,

@@ -34,6 +34,7 @@ from safevlm_jax.config import LoRAConfig
 from safevlm_jax.data import synthetic
 from safevlm_jax.data.template import VICUNA_SYSTEM
 from safevlm_jax.data.tokenizer import train_tokenizer
+from safevlm_jax.inference import save_image_settings
 from safevlm_jax.models.lora import merge_lora
 from safevlm_jax.safety_prompt import HintConfig
 
@@ -110,8 +111,7 @@ def export(src: str, tokenizer_dir: str, out: str) -> str:
     with tempfile.TemporaryDirectory() as assets:
         for name in os.listdir(tokenizer_dir):
             shutil.copy(os.path.join(tokenizer_dir, name), assets)
-        with open(os.path.join(assets, "preprocessor_config.json"), "w") as f:
-            json.dump({"crop_size": config.vision.image_size, "image_aspect_ratio": "pad"}, f)
+        save_image_settings(assets, config)
         return save_checkpoint(out, model, config.replace(lora=LoRAConfig()), assets_dir=assets,
                                overwrite=True)
 

@@ -78,6 +78,13 @@ def image_config(directory: str, config: ModelConfig) -> ImageConfig:
                        std=tuple(settings.get("image_std", CLIP_STD)))
 
 
+def save_image_settings(directory: str, config: ModelConfig) -> None:
+    """Writes `preprocessor_config.json` as LLaVA-1.5 ships it (crop size, "pad" aspect;
+    CLIP's mean/std by default), which `image_config` reads back."""
+    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+        json.dump({"crop_size": config.vision.image_size, "image_aspect_ratio": "pad"}, f)
+
+
 def load_image(path: str, config: ImageConfig) -> np.ndarray:
     """A local image file -> pixel_values [S, S, 3] float32; ValueError naming the file if it
     is missing, unreadable, corrupt or too large."""

@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
-from safevlm_jax.inference import Request, SafeVLMInference
+from safevlm_jax.inference import Request, SafeVLMInference, save_image_settings
 from safevlm_jax.policy import RiskPolicy, load_policy
 from safevlm_jax.safety_prompt import TEMPLATES, HintConfig, load_hints
 from safevlm_jax.sampler import make_sampler
@@ -75,8 +75,7 @@ def random_checkpoint(directory: str, seed: int = 0) -> str:
         var.set_value((rng.normal(0, 0.02, shape) if value is None else value).astype(dtype))
     with tempfile.TemporaryDirectory() as assets:
         train_tokenizer([_CORPUS] * 20, vocab_size=config.image_token_index, out_dir=assets)
-        with open(os.path.join(assets, "preprocessor_config.json"), "w") as f:
-            json.dump({"crop_size": config.vision.image_size, "image_aspect_ratio": "pad"}, f)
+        save_image_settings(assets, config)
         save_checkpoint(directory, params, config, assets_dir=assets, overwrite=True)
     return directory
 

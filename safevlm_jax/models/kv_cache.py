@@ -35,10 +35,11 @@ class KVCache:
     @classmethod
     def init(cls, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
              dtype=jnp.float32) -> "KVCache":
-        shape = (batch * kv_heads, max_len, head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-                   mask=jnp.zeros((batch, max_len), jnp.bool_), index=jnp.zeros((), jnp.int32))
+        def buffers():  # k and v each get their own, donated and written in place
+            return tuple(jnp.zeros((batch * kv_heads, max_len, head_dim), dtype) for _ in range(num_layers))
+
+        return cls(k=buffers(), v=buffers(), mask=jnp.zeros((batch, max_len), jnp.bool_),
+                   index=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
