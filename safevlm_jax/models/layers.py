@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from safevlm_jax.kernels import matvec
 from safevlm_jax.models.lora import LoRA
 from safevlm_jax.models.params import fan_in_init, normal_init, param
 
@@ -59,7 +60,7 @@ class Dense(nnx.Module):
         """
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        y = matvec.dot(x, self.kernel[...], self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:

@@ -125,7 +125,8 @@ class LlamaAttention(nnx.Module):
         v = v.transpose(0, 2, 1, 3).reshape(-1, t, c.head_dim)
         if cached is not None:  # write first, then read the buffers: no copy of the cache
             k, v = kv_cache.update(cached, k, v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, causal_blocks=cached is None)
+        dt = jnp.promote_types(q.dtype, k.dtype)  # a cache wider than the compute dtype sets it
+        out = attention(q.astype(dt), k.astype(dt), v.astype(dt), mask, causal_blocks=cached is None)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
         out = sharding.constrain(out, ("batch", "length", "act_heads"))
         return self.o_proj(out), (None if cached is None else (k, v))

@@ -1,0 +1,1 @@
+"""Native kernels for paths XLA compiles poorly on some backend."""

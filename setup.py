@@ -1,0 +1,16 @@
+"""Builds the CPU kernel safevlm_jax/kernels/matvec.cc against jaxlib's XLA FFI headers
+(jaxlib is a build requirement); the rest of the package is described in pyproject.toml."""
+
+import importlib.util
+import os
+
+from setuptools import Extension, setup
+
+
+def xla_ffi_include() -> str:
+    return os.path.join(importlib.util.find_spec("jaxlib").submodule_search_locations[0], "include")
+
+
+setup(ext_modules=[Extension(
+    "safevlm_jax.kernels._matvec", ["safevlm_jax/kernels/matvec.cc"], language="c++",
+    extra_compile_args=["-O3", "-std=c++17", "-isystem", xla_ffi_include()])])

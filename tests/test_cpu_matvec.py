@@ -1,0 +1,95 @@
+"""The CPU bf16 matrix-vector kernel (safevlm_jax/kernels/matvec.cc): built, exact to f32
+accumulation against numpy, used only where it should be, and the decode step with it
+matches the one without."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.model import model_config
+from safevlm_jax.kernels import matvec
+from safevlm_jax.models.kv_cache import KVCache
+from safevlm_jax.models.safevlm import SafeVLM
+
+
+def test_kernel_is_built_and_registered():
+    """`pip install` builds it (setup.py); without it bf16 decode on CPU silently slows 2x."""
+    assert matvec.library_path() is not None
+    assert matvec.available()
+
+
+def reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return x.astype(np.float64) @ w.astype(np.float64)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 7, 17), (3, 64, 300), (16, 1030, 33),
+                                   (2, 512, 2051), (1, 4096, 1024)])
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_matches_f32_accumulation(m, k, n, x_dtype):
+    """Odd sizes (row blocks, masked column tails, the threaded path from 256 KiB of weights)."""
+    rng = np.random.default_rng(m * 7 + k + n)
+    x = jnp.asarray(rng.normal(size=(m, k)), x_dtype)
+    w = jnp.asarray(rng.normal(size=(k, n)), jnp.bfloat16)
+    got = np.asarray(jax.jit(matvec.bf16_matvec)(x, w).astype(jnp.float32))
+    want = reference(np.asarray(x.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
+    scale = np.abs(np.asarray(x.astype(jnp.float32))) @ np.abs(np.asarray(w.astype(jnp.float32)))
+    if x_dtype == jnp.float32:
+        np.testing.assert_array_less(np.abs(got - want), 1e-5 * scale + 1e-6)
+    else:  # f32 sum, then one rounding to bf16: within one bf16 step of the exact value
+        rounded = want.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+        np.testing.assert_array_less(np.abs(got - rounded), np.abs(want) * 2.0**-7 + 1e-5 * scale + 1e-6)
+
+
+def test_nan_and_inf_propagate():
+    x = jnp.asarray([[1.0, jnp.nan, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], jnp.float32)
+    w = jnp.ones((4, 20), jnp.bfloat16).at[3, 5].set(jnp.inf)
+    y = np.asarray(matvec.bf16_matvec(x, w))
+    assert np.isnan(y[0]).all() and np.isinf(y[1, 5]) and np.isfinite(np.delete(y[1], 5)).all()
+
+
+def lowered(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def test_dot_takes_the_kernel_only_in_decode_for_few_rows_of_bf16_weights():
+    w16, w32 = jnp.ones((8, 4), jnp.bfloat16), jnp.ones((8, 4), jnp.float32)
+    x = lambda rows: jnp.ones((rows, 8), jnp.float32)
+
+    def in_decode(x, w):
+        with matvec.decode_matvecs():
+            return matvec.dot(x, w, jnp.float32)
+
+    assert matvec.TARGET in lowered(in_decode, x(1), w16)
+    assert matvec.TARGET in lowered(in_decode, x(matvec.MAX_ROWS), w16)
+    assert matvec.TARGET not in lowered(in_decode, x(matvec.MAX_ROWS + 1), w16)
+    assert matvec.TARGET not in lowered(in_decode, x(1), w32)
+    assert matvec.TARGET not in lowered(lambda x, w: matvec.dot(x, w, jnp.float32), x(1), w16)
+    np.testing.assert_array_equal(jax.jit(in_decode)(x(2), w16), np.full((2, 4), 8.0))
+
+
+def test_bf16_decode_step_with_the_kernel_matches_xla():
+    """One decode step of a tiny bf16 LLaMA (every Dense through the kernel) against XLA's dots."""
+    config = model_config("tiny")
+    config = config.replace(dtype="bfloat16", param_dtype="bfloat16")
+    lm = SafeVLM(config, rngs=nnx.Rngs(0)).language_model
+    t = config.text
+    batch, slots = 2, 8
+    ids = jnp.asarray([[5], [9]], jnp.int32)
+
+    def step(use_kernel):
+        cache = KVCache.init(t.num_hidden_layers, batch, t.num_key_value_heads, slots, t.head_dim,
+                             jnp.float32)
+        positions, mask = jnp.zeros((batch, 1), jnp.int32), jnp.ones((batch, 1), jnp.int32)
+        if not use_kernel:
+            return lm(lm.embed(ids), positions, mask, cache)[0]
+        with matvec.decode_matvecs():
+            return lm(lm.embed(ids), positions, mask, cache)[0]
+
+    with_kernel = jax.jit(lambda: step(True))
+    assert matvec.TARGET in with_kernel.lower().as_text()
+    got, want = with_kernel(), jax.jit(lambda: step(False))()
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=0.05 * float(jnp.abs(want).max()))
