@@ -1,6 +1,10 @@
-"""The CPU bf16 matrix-vector kernel (safevlm_jax/kernels/matvec.cc): built, exact to f32
-accumulation against numpy, used only where it should be, and the decode step with it
+"""The CPU matrix-vector kernel for decode (safevlm_jax/kernels/matvec.cc): built, exact to
+f32 accumulation against numpy, used only where it should be, and a bf16 decode step with it
 matches the one without."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +20,8 @@ from safevlm_jax.models.safevlm import SafeVLM
 
 
 def test_kernel_is_built_and_registered():
-    """`pip install` builds it (setup.py); without it bf16 decode on CPU silently slows 2x."""
+    """`pip install` builds it (setup.py); without it decode on CPU falls back to XLA's dots
+    (bf16 weights at half the speed), so a broken build must fail here."""
     assert matvec.library_path() is not None
     assert matvec.available()
 
@@ -28,12 +33,13 @@ def reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 7, 17), (3, 64, 300), (16, 1030, 33),
                                    (2, 512, 2051), (1, 4096, 1024)])
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
-def test_matches_f32_accumulation(m, k, n, x_dtype):
+@pytest.mark.parametrize("w_dtype", [jnp.float32, jnp.bfloat16])
+def test_matches_f32_accumulation(m, k, n, x_dtype, w_dtype):
     """Odd sizes (row blocks, masked column tails, the threaded path from 256 KiB of weights)."""
     rng = np.random.default_rng(m * 7 + k + n)
     x = jnp.asarray(rng.normal(size=(m, k)), x_dtype)
-    w = jnp.asarray(rng.normal(size=(k, n)), jnp.bfloat16)
-    got = np.asarray(jax.jit(matvec.bf16_matvec)(x, w).astype(jnp.float32))
+    w = jnp.asarray(rng.normal(size=(k, n)), w_dtype)
+    got = np.asarray(jax.jit(matvec.matvec)(x, w).astype(jnp.float32))
     want = reference(np.asarray(x.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
     scale = np.abs(np.asarray(x.astype(jnp.float32))) @ np.abs(np.asarray(w.astype(jnp.float32)))
     if x_dtype == jnp.float32:
@@ -46,7 +52,7 @@ def test_matches_f32_accumulation(m, k, n, x_dtype):
 def test_nan_and_inf_propagate():
     x = jnp.asarray([[1.0, jnp.nan, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], jnp.float32)
     w = jnp.ones((4, 20), jnp.bfloat16).at[3, 5].set(jnp.inf)
-    y = np.asarray(matvec.bf16_matvec(x, w))
+    y = np.asarray(matvec.matvec(x, w))
     assert np.isnan(y[0]).all() and np.isinf(y[1, 5]) and np.isfinite(np.delete(y[1], 5)).all()
 
 
@@ -54,18 +60,21 @@ def lowered(fn, *args) -> str:
     return jax.jit(fn).lower(*args).as_text()
 
 
-def test_dot_takes_the_kernel_only_in_decode_for_few_rows_of_bf16_weights():
-    w16, w32 = jnp.ones((8, 4), jnp.bfloat16), jnp.ones((8, 4), jnp.float32)
-    x = lambda rows: jnp.ones((rows, 8), jnp.float32)
+def test_dot_takes_the_kernel_only_in_decode_for_few_rows():
+    w16, w32, f16 = (jnp.ones((8, 4), d) for d in (jnp.bfloat16, jnp.float32, jnp.float16))
+    x = lambda rows, dtype=jnp.float32: jnp.ones((rows, 8), dtype)
 
     def in_decode(x, w):
         with matvec.decode_matvecs():
-            return matvec.dot(x, w, jnp.float32)
+            return matvec.dot(x, w, x.dtype)
 
     assert matvec.TARGET in lowered(in_decode, x(1), w16)
+    assert matvec.TARGET in lowered(in_decode, x(1), w32)
+    assert matvec.TARGET in lowered(in_decode, x(1, jnp.bfloat16), w16)
     assert matvec.TARGET in lowered(in_decode, x(matvec.MAX_ROWS), w16)
     assert matvec.TARGET not in lowered(in_decode, x(matvec.MAX_ROWS + 1), w16)
-    assert matvec.TARGET not in lowered(in_decode, x(1), w32)
+    assert matvec.TARGET not in lowered(in_decode, x(1, jnp.bfloat16), w32)  # XLA rounds w first
+    assert matvec.TARGET not in lowered(in_decode, x(1, jnp.float16), f16)
     assert matvec.TARGET not in lowered(lambda x, w: matvec.dot(x, w, jnp.float32), x(1), w16)
     np.testing.assert_array_equal(jax.jit(in_decode)(x(2), w16), np.full((2, 4), 8.0))
 
@@ -93,3 +102,13 @@ def test_bf16_decode_step_with_the_kernel_matches_xla():
     got, want = with_kernel(), jax.jit(lambda: step(False))()
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                atol=0.05 * float(jnp.abs(want).max()))
+
+
+def test_portable_path_matches_too():
+    """The auto-vectorized path (CPUs without AVX-512), forced by its environment switch."""
+    env = dict(os.environ, SAFEVLM_JAX_PORTABLE_MATVEC="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "matches_f32_accumulation or nan_and_inf"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout

@@ -1,12 +1,14 @@
-"""bf16-weight matrix-vector products on CPU through the XLA FFI kernel in matvec.cc.
+"""Matrix-vector products for decode on CPU through the XLA FFI kernel in matvec.cc.
 
-XLA:CPU runs a bf16 dot with few rows about 8x slower than the f32 one, so decoding with
-bf16 weights on CPU was no faster than with f32 weights although it reads half the bytes.
-`dot` sends such products ([rows <= MAX_ROWS, in] x bf16 [in, out]) to the kernel while
+Decode multiplies a few rows by every weight matrix, so its speed is the rate at which the
+weights stream from memory. XLA:CPU runs a bf16 dot with few rows about 8x slower than the
+f32 one (bf16 weights decoded no faster than f32 weights although they are half the bytes),
+and its f32 product streams ~10% below what the kernel's prefetching reaches. `dot` sends
+[rows <= MAX_ROWS, in] x [in, out] products with f32 or bf16 weights to the kernel while
 `decode_matvecs()` is active (the sampler's decode step) and the program runs on CPU; any
 other backend, shape or dtype, or a missing build, takes `jnp.dot`.
 
-The kernel is a shared library built by `pip install` (setup.py) next to this file.
+The kernel is a shared library that `pip install` builds next to this file (setup.py).
 """
 
 import contextlib
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-TARGET = "safevlm_bf16_matvec"
+TARGET = "safevlm_matvec"
 MAX_ROWS = 16  # rows (batch x tokens) up to which a product is weight-streaming bound
 _ENABLED = contextvars.ContextVar("safevlm_matvec", default=False)
 
@@ -40,10 +42,10 @@ def available() -> bool:
     path = library_path()
     if path is None:
         logging.warning("safevlm_jax's CPU kernel is not built (install the package with pip); "
-                        "bf16 decode on CPU uses XLA's slower bf16 dot")
+                        "decode on CPU uses XLA's dots (bf16 weights: about half the speed)")
         return False
     lib = ctypes.CDLL(str(path))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SafeVlmBf16Matvec), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SafeVlmMatvec), platform="cpu")
     return True
 
 
@@ -57,17 +59,21 @@ def decode_matvecs():
         _ENABLED.reset(token)
 
 
-def bf16_matvec(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [M, K] f32|bf16, w [K, N] bf16 -> [M, N] in x's dtype, f32 accumulation (the kernel)."""
+def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] f32|bf16, w [K, N] f32|bf16 -> [M, N] in x's dtype, f32 accumulation (the kernel)."""
+    if not available():
+        raise RuntimeError("safevlm_jax's CPU kernel is not built: install the package with pip")
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)
 
 
 def dot(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """x [M, K] @ w [K, N] computed in `dtype` (x already in it): jnp.dot(x, w.astype(dtype)),
-    or the kernel (same math) on CPU for bf16 w and few rows inside `decode_matvecs()`."""
+    or the kernel (same math, f32 accumulation) on CPU for few rows inside `decode_matvecs()`."""
     default = lambda x, w: jnp.dot(x, w.astype(dtype))
-    if not (_ENABLED.get() and w.dtype == jnp.bfloat16 and x.shape[0] <= MAX_ROWS
-            and x.dtype in (jnp.float32, jnp.bfloat16) and available()):
+    exact_cast = jnp.promote_types(w.dtype, dtype) == dtype  # f32 w in bf16 would round first
+    if not (_ENABLED.get() and x.shape[0] <= MAX_ROWS and exact_cast and x.dtype == dtype
+            and {x.dtype, w.dtype} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
+            and available()):
         return default(x, w)
-    return jax.lax.platform_dependent(x, w, cpu=bf16_matvec, default=default)
+    return jax.lax.platform_dependent(x, w, cpu=matvec, default=default)
