@@ -13,4 +13,5 @@ def xla_ffi_include() -> str:
 
 setup(ext_modules=[Extension(
     "safevlm_jax.kernels._matvec", ["safevlm_jax/kernels/matvec.cc"], language="c++",
-    extra_compile_args=["-O3", "-std=c++17", "-isystem", xla_ffi_include()])])
+    # -Wno-maybe-uninitialized: GCC 12 warns inside its own AVX-512 headers
+    extra_compile_args=["-O3", "-std=c++17", "-Wno-maybe-uninitialized", "-isystem", xla_ffi_include()])])

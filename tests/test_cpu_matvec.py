@@ -61,8 +61,9 @@ def lowered(fn, *args) -> str:
 
 
 def test_dot_takes_the_kernel_only_in_decode_for_few_rows():
-    w16, w32, f16 = (jnp.ones((8, 4), d) for d in (jnp.bfloat16, jnp.float32, jnp.float16))
-    x = lambda rows, dtype=jnp.float32: jnp.ones((rows, 8), dtype)
+    k, n = 8, matvec.MIN_F32_BYTES // 32  # an f32 [k, n] weight of MIN_F32_BYTES
+    w16, w32, f16 = (jnp.ones((k, n), d) for d in (jnp.bfloat16, jnp.float32, jnp.float16))
+    x = lambda rows, dtype=jnp.float32: jnp.ones((rows, k), dtype)
 
     def in_decode(x, w):
         with matvec.decode_matvecs():
@@ -75,8 +76,10 @@ def test_dot_takes_the_kernel_only_in_decode_for_few_rows():
     assert matvec.TARGET not in lowered(in_decode, x(matvec.MAX_ROWS + 1), w16)
     assert matvec.TARGET not in lowered(in_decode, x(1, jnp.bfloat16), w32)  # XLA rounds w first
     assert matvec.TARGET not in lowered(in_decode, x(1, jnp.float16), f16)
+    assert matvec.TARGET not in lowered(in_decode, x(1), w32[:, :-1])  # small f32: XLA's dot
+    assert matvec.TARGET in lowered(in_decode, x(1), w16[:, :8])  # bf16: XLA's is slow at any size
     assert matvec.TARGET not in lowered(lambda x, w: matvec.dot(x, w, jnp.float32), x(1), w16)
-    np.testing.assert_array_equal(jax.jit(in_decode)(x(2), w16), np.full((2, 4), 8.0))
+    np.testing.assert_array_equal(jax.jit(in_decode)(x(2), w16), np.full((2, n), 8.0))
 
 
 def test_bf16_decode_step_with_the_kernel_matches_xla():

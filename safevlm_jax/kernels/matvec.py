@@ -4,7 +4,8 @@ Decode multiplies a few rows by every weight matrix, so its speed is the rate at
 weights stream from memory. XLA:CPU runs a bf16 dot with few rows about 8x slower than the
 f32 one (bf16 weights decoded no faster than f32 weights although they are half the bytes),
 and its f32 product streams ~10% below what the kernel's prefetching reaches. `dot` sends
-[rows <= MAX_ROWS, in] x [in, out] products with f32 or bf16 weights to the kernel while
+[rows <= MAX_ROWS, in] x [in, out] products with bf16 weights, or f32 weights of at least
+MIN_F32_BYTES, to the kernel while
 `decode_matvecs()` is active (the sampler's decode step) and the program runs on CPU; any
 other backend, shape or dtype, or a missing build, takes `jnp.dot`.
 
@@ -24,6 +25,9 @@ from absl import logging
 
 TARGET = "safevlm_matvec"
 MAX_ROWS = 16  # rows (batch x tokens) up to which a product is weight-streaming bound
+# f32 weights smaller than this stay with XLA, as fast there on cache-resident matrices and
+# without a custom call's overhead (through the kernel the tiny model decoded at half speed)
+MIN_F32_BYTES = 2 << 20
 _ENABLED = contextvars.ContextVar("safevlm_matvec", default=False)
 
 
@@ -72,8 +76,9 @@ def dot(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     or the kernel (same math, f32 accumulation) on CPU for few rows inside `decode_matvecs()`."""
     default = lambda x, w: jnp.dot(x, w.astype(dtype))
     exact_cast = jnp.promote_types(w.dtype, dtype) == dtype  # f32 w in bf16 would round first
-    if not (_ENABLED.get() and x.shape[0] <= MAX_ROWS and exact_cast and x.dtype == dtype
-            and {x.dtype, w.dtype} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
+    big_enough = w.dtype == jnp.bfloat16 or w.size * w.dtype.itemsize >= MIN_F32_BYTES
+    if not (_ENABLED.get() and x.shape[0] <= MAX_ROWS and exact_cast and big_enough
+            and x.dtype == dtype and {x.dtype, w.dtype} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
             and available()):
         return default(x, w)
     return jax.lax.platform_dependent(x, w, cpu=matvec, default=default)
