@@ -99,13 +99,17 @@ SAFEVLM_TARGET_CLONES void AccumulateRowsPortable(const float* __restrict x, con
 #define SAFEVLM_AVX512 1
 #define SAFEVLM_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-// 16 columns of row `w` as f32 (masked lanes 0).
-SAFEVLM_AVX512_TARGET inline __m512 Load16(const float* w, __mmask16 mask) {
-  return _mm512_maskz_loadu_ps(mask, w);
+// 16 values as f32: all 16 (kFull; plain loads, 3% faster on bf16) or the lanes in `mask`
+// (the last, partial group of a row; the other lanes 0).
+template <bool kFull>
+SAFEVLM_AVX512_TARGET inline __m512 Load16(const float* p, __mmask16 mask) {
+  return kFull ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask, p);
 }
-SAFEVLM_AVX512_TARGET inline __m512 Load16(const uint16_t* w, __mmask16 mask) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+template <bool kFull>
+SAFEVLM_AVX512_TARGET inline __m512 Load16(const uint16_t* p, __mmask16 mask) {
+  const __m256i half = kFull ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                             : _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
 // Software prefetch, the distance measured on a 2-core AVX-512 machine (weights beyond the
@@ -130,29 +134,45 @@ SAFEVLM_AVX512_TARGET inline void Prefetch(const W* w, int64_t N, int64_t k, int
   }
 }
 
-// AccumulateRowsPortable with AVX-512: kRowBlock rows widened in registers (16 columns at a
-// time, the last partial group masked), each row's x broadcast straight into the FMA.
+// acc[:, n:n+16] += rows k..k+rows-1 of w (columns n..n+15) weighted by x; kFull: all 16
+// columns exist, else those in `mask`.
+template <bool kFull, typename W>
+SAFEVLM_AVX512_TARGET inline void Columns16(const float* __restrict x, const W* __restrict w,
+                                            float* __restrict acc, int64_t M, int64_t K,
+                                            int64_t N, int64_t k, int64_t k1, int64_t rows,
+                                            int64_t n, __mmask16 mask) {
+  __m512 v[kRowBlock];
+  for (int64_t r = 0; r < kRowBlock; ++r) {
+    v[r] = r < rows ? Load16<kFull>(w + (k + r) * N + n, mask) : _mm512_setzero_ps();
+  }
+  Prefetch(w, N, k, k1, rows, n);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K + k;
+    float* am = acc + m * N + n;
+    __m512 a = Load16<kFull>(am, mask);
+    for (int64_t r = 0; r < rows; ++r) a = _mm512_fmadd_ps(_mm512_set1_ps(xm[r]), v[r], a);
+    if (kFull) {
+      _mm512_storeu_ps(am, a);
+    } else {
+      _mm512_mask_storeu_ps(am, mask, a);
+    }
+  }
+}
+
+// AccumulateRowsPortable with AVX-512: kRowBlock rows widened in registers, 16 columns at a
+// time, each row's x broadcast straight into the FMA.
 template <typename W>
 SAFEVLM_AVX512_TARGET void AccumulateRowsAvx512(const float* __restrict x, const W* __restrict w,
                           float* __restrict acc, int64_t M, int64_t K, int64_t N, int64_t k0,
                           int64_t k1) {
+  const int64_t full = N / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (N - full)) - 1);
   for (int64_t k = k0; k < k1; k += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, k1 - k);
-    for (int64_t n = 0; n < N; n += 16) {
-      const __mmask16 mask = N - n >= 16 ? __mmask16(0xffff) : __mmask16((1u << (N - n)) - 1);
-      __m512 v[kRowBlock];
-      for (int64_t r = 0; r < kRowBlock; ++r) {
-        v[r] = r < rows ? Load16(w + (k + r) * N + n, mask) : _mm512_setzero_ps();
-      }
-      Prefetch(w, N, k, k1, rows, n);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = x + m * K + k;
-        float* am = acc + m * N + n;
-        __m512 a = _mm512_maskz_loadu_ps(mask, am);
-        for (int64_t r = 0; r < rows; ++r) a = _mm512_fmadd_ps(_mm512_set1_ps(xm[r]), v[r], a);
-        _mm512_mask_storeu_ps(am, mask, a);
-      }
+    for (int64_t n = 0; n < full; n += 16) {
+      Columns16<true>(x, w, acc, M, K, N, k, k1, rows, n, tail);
     }
+    if (full < N) Columns16<false>(x, w, acc, M, K, N, k, k1, rows, full, tail);
   }
 }
 #endif
