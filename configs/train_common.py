@@ -36,7 +36,8 @@ def train_config(stage: int, preset: str) -> ml_collections.ConfigDict:
     c.frozen_dtype = "" if tiny else "bfloat16"  # "" keeps the model's param_dtype
     # "" (random init from `seed`) or a library checkpoint directory: an imported HF LLaVA
     # (`python -m checkpoints_tools.import_hf`) for stage 1, the stage-1 run's WORKDIR/export
-    # for stage 2. Parameters the checkpoint lacks (new LoRA adapters) keep their init.
+    # for stage 2. Parameters the checkpoint lacks (new LoRA adapters) keep their init. Resuming
+    # reads it again: training checkpoints store no frozen params.
     c.init_from = ""
     c.seed = 0
     c.head_weight = 10.0  # λ in L = L_LM + λ (CE level + CE type)

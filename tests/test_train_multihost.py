@@ -85,7 +85,7 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     cfg.data.dataset_dir, cfg.data.tokenizer = dataset_dir, tokenizer
     want, want_export = reference(cfg, str(tmp_path / "ref"))
     saved = read_state(str(tmp_path / "run" / "checkpoints" / str(STEPS) / "state"))
-    got = [np.asarray(x) for x in jax.tree.leaves(saved["trainable"])]
+    got = [np.asarray(x) for x in jax.tree.leaves(saved["train"]["trainable"])]
     assert len(got) == len(want)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam magnifies ~1e-9 grad noise

@@ -1,5 +1,6 @@
 """Checkpoints: a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted
-run; a checkpoint restores onto another device count; stage 2 starts from a stage-1 export."""
+run; a checkpoint restores onto another device count; steps store no frozen params, and a
+resume over other frozen params is refused; stage 2 starts from a stage-1 export."""
 
 import os
 import signal
@@ -8,15 +9,16 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from safevlm_jax import sharding
 from safevlm_jax.config import ModelConfig
-from safevlm_jax.train.checkpointing import Checkpointer
+from safevlm_jax.train.checkpointing import Checkpointer, frozen_fingerprint, split_frozen
 from safevlm_jax.train.data import prepare_synthetic
-from safevlm_jax.train.init import load_params
+from safevlm_jax.train.init import initial_state, load_params
 from safevlm_jax.train.loop import model_factory
 from safevlm_jax.checkpoint_io import path_str
 from safevlm_jax.train.optimizer import make_optimizer
@@ -89,7 +91,9 @@ def test_restore_onto_a_different_device_count(uninterrupted):
     values = []
     for n, shape in ((8, {"fsdp": 8}), (2, {"fsdp": 2})):
         mesh = sharding.make_mesh(shape, jax.devices()[:n])
-        state = ckpt.restore(with_shardings(abstract, sharding.state_shardings(abstract, mesh, "fsdp")), step=STEPS)
+        shardings = sharding.state_shardings(abstract, mesh, "fsdp")
+        initial = initial_state(model_factory(mcfg, cfg.seed), cfg, optimizer, shardings)
+        state = ckpt.restore(with_shardings(abstract, shardings), initial, step=STEPS)
         assert int(state.step) == STEPS
         leaf = jax.tree.leaves(state.trainable)[0]
         assert len(leaf.sharding.device_set) == n
@@ -104,15 +108,57 @@ def test_stage2_starts_from_the_stage1_export(uninterrupted):
     mcfg = ModelConfig.from_dict(cfg.model)
     optimizer, _ = make_optimizer(cfg.optimizer, STEPS)
     mesh = sharding.make_mesh({"fsdp": 8})
-    from safevlm_jax.train.init import initial_state
-
     _, abstract = abstract_state(model_factory(mcfg, cfg.seed), cfg, optimizer)
     fresh = initial_state(model_factory(mcfg, cfg.seed), cfg, optimizer,
                           sharding.state_shardings(abstract, mesh, cfg.rules))
     fresh_lora = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(fresh.trainable)}
     state = load_params(fresh, export, mesh, cfg.rules)
-    stage1 = saved_state(uninterrupted, STEPS)
+    stage1 = saved_state(uninterrupted, STEPS)  # safety tokens are trained (stored) in stage 1
     tokens = np.asarray(nnx.to_flat_state(state.frozen).to_nested_state()["safety_tokens_llm"].get_value())
     assert any(np.array_equal(tokens, v) for k, v in stage1.items() if "safety_tokens_llm" in k)
     for p, v in nnx.to_flat_state(state.trainable):  # LoRA is not in a stage-1 export: kept
         np.testing.assert_array_equal(np.asarray(v.get_value()), fresh_lora[path_str(p)])
+
+
+def test_checkpoints_store_trained_state_but_no_frozen_params(uninterrupted):
+    cfg = tiny_train_config(1)
+    optimizer, _ = make_optimizer(cfg.optimizer, STEPS)
+    _, abstract = abstract_state(model_factory(ModelConfig.from_dict(cfg.model), cfg.seed), cfg, optimizer)
+    frozen_params = split_frozen(abstract.frozen)[0]
+    saved = saved_state(uninterrupted, STEPS)
+    assert saved["['frozen_fingerprint']"].shape == (len(jax.tree.leaves(frozen_params)),)
+    assert not [k for k in saved if k.startswith("['train']['frozen']")]  # tiny has no RNG streams
+    trained = sum(x.size for x in jax.tree.leaves((abstract.trainable, abstract.opt_state)))
+    hashes, rng, step = len(jax.tree.leaves(frozen_params)), 2, 1
+    assert sum(v.size for v in saved.values()) == trained + hashes + rng + step
+
+
+def test_resume_refuses_other_frozen_params(uninterrupted):
+    cfg = tiny_train_config(1)
+    mcfg = ModelConfig.from_dict(cfg.model)
+    optimizer, _ = make_optimizer(cfg.optimizer, STEPS)
+    _, abstract = abstract_state(model_factory(mcfg, cfg.seed), cfg, optimizer)
+    shardings = sharding.state_shardings(abstract, sharding.make_mesh({"fsdp": 8}), "fsdp")
+    initial = initial_state(model_factory(mcfg, cfg.seed), cfg, optimizer, shardings)
+    ckpt = Checkpointer(str(uninterrupted / "checkpoints"), keep=10, every_steps=2, async_save=False)
+    flat = nnx.to_flat_state(initial.frozen)
+    path, var = next((p, v) for p, v in flat if "vision_tower" in path_str(p))
+    var.set_value(var.get_value().at[0].add(1e-3))  # e.g. another --config.init_from
+    with pytest.raises(ValueError, match="frozen parameters differ.*" + path_str(path)):
+        ckpt.restore(with_shardings(abstract, shardings), initial._replace(frozen=flat.to_nested_state()),
+                     step=STEPS)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_frozen_fingerprint_ignores_sharding_and_sees_every_element(dtype):
+    x = jax.random.normal(jax.random.key(0), (64, 48), dtype)
+    one = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
+    eight = sharding.make_mesh({"fsdp": 8})
+    spread = jax.device_put(x, jax.sharding.NamedSharding(eight, jax.sharding.PartitionSpec("fsdp")))
+    want = np.asarray(frozen_fingerprint({"w": x}, one))
+    np.testing.assert_array_equal(np.asarray(frozen_fingerprint({"w": spread}, eight)), want)
+    swapped = x.at[0, 0].set(x[1, 0]).at[1, 0].set(x[0, 0])  # same values, other places
+    assert not np.array_equal(np.asarray(frozen_fingerprint({"w": swapped}, one)), want)
+    lowest_bit = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")) ^ 1
+    flipped = jax.lax.bitcast_convert_type(lowest_bit, x.dtype)
+    assert not np.array_equal(np.asarray(frozen_fingerprint({"w": flipped}, one)), want)

@@ -1,10 +1,14 @@
 """Training checkpoints: orbax CheckpointManager (async, keep-last-k) in WORKDIR/checkpoints.
 
-Each step directory holds `state` (the whole TrainState: step, trainable and frozen params,
-optimizer state, RNG key data — sharded arrays, written by every host for its shards) and
-`data` (the grain iterator state, one JSON file per process). Orbax finalises a step only
-when every item is written, so a run killed at any moment resumes from the last complete
-step. Restoring takes the target shardings, so a checkpoint loads onto any mesh.
+Each step directory holds `state` and `data` (the grain iterator state, one JSON file per
+process). `state` is what training changes: step, trainable params, optimizer state, RNG key
+data and the frozen non-parameter variables (RNG streams), as sharded arrays written by every
+host for its shards. Frozen parameters are not stored (at 7B they would be 14 GB a step):
+resuming rebuilds them as the run began (init + `init_from`) and checks them against the
+`frozen_fingerprint` stored with the step, so a changed `init_from` is an error, not a silently
+different model. Orbax finalises a step only when every item is written, so a run killed at
+any moment resumes from the last complete step. Restoring takes the target shardings, so a
+checkpoint loads onto any mesh.
 """
 
 from __future__ import annotations
@@ -12,13 +16,53 @@ from __future__ import annotations
 import os
 
 import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from safevlm_jax.checkpoint_io import path_str
 from safevlm_jax.train.state import TrainState
+
+_GOLDEN = np.uint32(0x9E3779B1)
+
+
+def split_frozen(frozen):
+    """frozen State -> (its Params, the rest: RNG stream variables)."""
+    return nnx.split_state(frozen, nnx.Param, ...)
+
+
+def _leaf_hash(x: jax.Array) -> jax.Array:
+    """uint32 []: sum over elements of bits(x[i]) * odd(i), wrapping. Integer sums are
+    associative, so the value is the same for any sharding or reduction order."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+    index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
+    return jnp.sum(bits.astype(jnp.uint32) * (index * _GOLDEN | 1), dtype=jnp.uint32)
+
+
+def frozen_fingerprint(frozen_params, mesh: jax.sharding.Mesh) -> jax.Array:
+    """uint32 [number of frozen params, at least 1]: one hash per leaf in tree order (see
+    `_leaf_hash`), replicated over `mesh` (every process holds it)."""
+    hashes = lambda tree: jnp.stack([_leaf_hash(x) for x in jax.tree.leaves(tree)]
+                                    or [jnp.zeros((), jnp.uint32)])
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(hashes, out_shardings=replicated)(frozen_params)
+
+
+def _mesh(state: TrainState) -> jax.sharding.Mesh:
+    """The mesh the state's arrays (or ShapeDtypeStructs) are sharded over."""
+    return jax.tree.leaves(state.trainable)[0].sharding.mesh
+
+
+def _saved(state: TrainState, fingerprint) -> dict:
+    """The `state` item of a step: `state` less its frozen params, plus their fingerprint."""
+    return {"train": state._replace(frozen=split_frozen(state.frozen)[1]),
+            "frozen_fingerprint": fingerprint}
 
 
 class Checkpointer:
-    """`save(step, state, data_iter)` every `every_steps`; `restore(abstract, data_iter)`."""
+    """`save(step, state, data_iter)` every `every_steps`; `restore(abstract, initial, data_iter)`."""
 
     def __init__(self, directory: str, *, keep: int, every_steps: int, async_save: bool):
         options = ocp.CheckpointManagerOptions(
@@ -26,28 +70,50 @@ class Checkpointer:
             enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                              item_names=("state", "data"))
+        self._fingerprint = None  # the frozen params never change during a run
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, data_iter, force: bool = False) -> bool:
         """Saves if `step` is due (or `force`); async saves return before the write ends."""
+        if not (force or self.manager.should_save(step)):
+            return False
+        if self._fingerprint is None:
+            self._fingerprint = frozen_fingerprint(split_frozen(state.frozen)[0], _mesh(state))
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
-            force=force)
+            state=ocp.args.StandardSave(_saved(state, self._fingerprint)),
+            data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
 
-    def restore(self, abstract: TrainState, data_iter=None, step: int | None = None) -> TrainState:
+    def restore(self, abstract: TrainState, initial: TrainState, data_iter=None,
+                step: int | None = None) -> TrainState:
         """The TrainState of `step` (default: latest) placed as `abstract`'s ShapeDtypeStructs
-        (with shardings) say; `data_iter`, if given, is set to the saved position in place."""
+        (with shardings) say, with the frozen params of `initial` (the run's first state,
+        built as a fresh run builds it). Raises if those differ from the ones the step was
+        trained with. `data_iter`, if given, is set to the saved position in place."""
         step = self.latest_step() if step is None else step
-        items = {"state": ocp.args.StandardRestore(abstract)}
+        frozen_params = split_frozen(initial.frozen)[0]
+        count = max(len(jax.tree.leaves(frozen_params)), 1)
+        replicated = jax.sharding.NamedSharding(_mesh(abstract), jax.sharding.PartitionSpec())
+        target = _saved(abstract, jax.ShapeDtypeStruct((count,), jnp.uint32, sharding=replicated))
+        items = {"state": ocp.args.StandardRestore(target)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        saved = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        self._fingerprint = frozen_fingerprint(frozen_params, _mesh(abstract))
+        want, got = np.asarray(saved["frozen_fingerprint"]), np.asarray(self._fingerprint)
+        if not np.array_equal(want, got):
+            names = [path_str(p) for p, _ in nnx.to_flat_state(frozen_params)]
+            differ = [n for n, a, b in zip(names, want, got) if a != b]
+            raise ValueError(
+                f"the frozen parameters differ from those step {step} of {self.manager.directory} "
+                f"was trained with ({len(differ)} of {len(names)}, e.g. {differ[:3]}): resume with "
+                "the same --config.init_from, seed, model and frozen_dtype as the run began with")
+        train = saved["train"]
+        return train._replace(frozen=nnx.merge_state(frozen_params, train.frozen))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
-

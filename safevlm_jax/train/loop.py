@@ -72,13 +72,12 @@ def train(cfg, workdir: str) -> dict:
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                         every_steps=cfg.checkpoint.every_steps, async_save=cfg.checkpoint.async_save)
-    if ckpt.latest_step() is not None:
+    state = train_init.initial_state(make_model, cfg, optimizer, state_sh)
+    if cfg.init_from:
+        state = train_init.load_params(state, cfg.init_from, mesh, cfg.rules)
+    if ckpt.latest_step() is not None:  # the frozen params stay those built above
         logging.warning("resuming from step %d", ckpt.latest_step())
-        state = ckpt.restore(with_shardings(abstract, state_sh), data_iter)
-    else:
-        state = train_init.initial_state(make_model, cfg, optimizer, state_sh)
-        if cfg.init_from:
-            state = train_init.load_params(state, cfg.init_from, mesh, cfg.rules)
+        state = ckpt.restore(with_shardings(abstract, state_sh), state, data_iter)
 
     start = int(state.step)
     tokens = batch_abs["input_ids"].shape[0] * batch_abs["input_ids"].shape[1]
