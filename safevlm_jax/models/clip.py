@@ -20,6 +20,7 @@ from flax import nnx
 
 from safevlm_jax import sharding
 from safevlm_jax.config import VisionConfig
+from safevlm_jax.kernels.matvec import xla_dot
 from safevlm_jax.models.layers import Dense, LayerNorm, activation
 from safevlm_jax.models.params import normal_init, param
 from safevlm_jax.models.stack import apply_layers, make_layers
@@ -48,8 +49,7 @@ class CLIPPatchEmbedding(nnx.Module):
         gh, gw = h // p, w // p
         x = pixel_values[:, :gh * p, :gw * p].astype(self.dtype)
         x = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
-        kernel = self.kernel[...].astype(self.dtype).reshape(p * p * c, -1)
-        return jnp.dot(x, kernel)
+        return xla_dot(x, self.kernel[...].reshape(p * p * c, -1), self.dtype)
 
 
 class CLIPVisionEmbeddings(nnx.Module):

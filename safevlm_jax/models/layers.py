@@ -83,7 +83,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """[..., embed] -> [..., vocab] logits against the table (tied LM head)."""
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        return matvec.xla_dot(x.astype(self.dtype), self.embedding[...].T, self.dtype)
 
 
 class RMSNorm(nnx.Module):

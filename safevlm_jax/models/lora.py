@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from safevlm_jax.kernels.matvec import xla_dot
 from safevlm_jax.models.params import fan_in_init
 
 
@@ -33,8 +34,8 @@ class LoRA(nnx.Module):
             return jnp.zeros((), dtype)
         if self.dropout is not None:
             x = self.dropout(x)
-        h = jnp.dot(x, self.lora_a[...].astype(dtype))
-        return jnp.dot(h, self.lora_b[...].astype(dtype)) * jnp.asarray(self.scaling, dtype)
+        h = xla_dot(x, self.lora_a[...], dtype)
+        return xla_dot(h, self.lora_b[...], dtype) * jnp.asarray(self.scaling, dtype)
 
 
 def lora_state(model: nnx.Module) -> tuple[nnx.State, nnx.State]:
