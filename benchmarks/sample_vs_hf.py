@@ -7,11 +7,15 @@ table) on the same prompts (BOS, the image positions, random text ids), safety o
 EOS disabled so every row generates `new_tokens`. Decode tokens/s exclude the prefill: each
 side notes when its first token is out (our per-step callback, an HF streamer) and counts
 rows * (new_tokens - 1) over the time after that. Best of `--repeats` runs after a warm-up.
-Prints a table, then `ratio_tiny=... ratio_350m=... ratio_350m_bf16=...` (batch 1).
+Then the prefill: seconds from pixels to the first token for a prompt of the image and
+`--prefill_text` text tokens, batch 1. Prints both tables, then
+`ratio_tiny=... ratio_350m=... ratio_350m_bf16=... ratio_prefill_tiny=...` (batch 1; a ratio
+is HF time / ours).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -38,6 +42,7 @@ flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
 flags.DEFINE_integer("repeats", 2, "measured runs per case (best is kept)")
 flags.DEFINE_list("only", ["tiny", "350m", "350m_bf16"], "cases to run")
 flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
+flags.DEFINE_integer("prefill_text", 440, "text tokens after the image in the prefill prompt (batch 1)")
 FLAGS = flags.FLAGS
 
 
@@ -73,10 +78,10 @@ def build_pair(config: ModelConfig):
     return hf, nnx.merge(graphdef, params)
 
 
-def prompts(config: ModelConfig, batch: int) -> tuple[list[list[int]], np.ndarray]:
+def prompts(config: ModelConfig, batch: int, text: int = 20) -> tuple[list[list[int]], np.ndarray]:
     rng = np.random.default_rng(1)
     image = [config.image_token_index] * config.num_image_features
-    ids = [[1] + image + rng.integers(3, 500, size=20).tolist() for _ in range(batch)]
+    ids = [[1] + image + rng.integers(3, 500, size=text).tolist() for _ in range(batch)]
     pixels = rng.normal(size=(batch, config.vision.image_size, config.vision.image_size, 3))
     return ids, pixels.astype(np.float32)
 
@@ -110,6 +115,24 @@ def run_ours(decoder: Decoder, ids, pixels, new_tokens: int) -> tuple[float, lis
 
     (t_short, _), (t_long, tokens) = seconds(short), seconds(new_tokens)
     return len(ids) * (new_tokens - short) / (t_long - t_short), tokens
+
+
+def prefill_ours(decoder: Decoder, ids, pixels) -> float:
+    """Seconds from pixels and ids to the first generated token (vision tower included)."""
+    start = time.perf_counter()
+    features, _, _ = decoder.encode(pixels, [p[0] for p in ids], use_safety=False)
+    decoder.generate(ids, features, max_new_tokens=1, use_safety=False)
+    return time.perf_counter() - start
+
+
+def prefill_hf(hf, ids, pixels) -> float:
+    """Seconds from `generate` to its first token out (the streamer's second call)."""
+    streamer = _FirstToken()
+    with torch.no_grad():
+        start = time.perf_counter()
+        hf.generate(input_ids=torch.tensor(ids), pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)).to(hf.dtype),
+                    max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0, streamer=streamer)
+    return streamer.first - start
 
 
 def run_hf(hf, ids, pixels, new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -153,7 +176,7 @@ def best(fn, repeats: int):
 def main(argv) -> None:
     del argv
     torch.set_num_threads(os.cpu_count() or 1)
-    rows, ratios = [], {}
+    rows, prefills, ratios = [], [], {}
     bandwidth = read_bandwidth()
     for case in FLAGS.only:
         config = CASES[case]()
@@ -165,9 +188,9 @@ def main(argv) -> None:
             ids, pixels = prompts(config, batch)
             n = FLAGS.new_tokens
             run_ours(decoder, ids, pixels, n)  # compile both programs it times
-            ours_tps, ours_ids = best(lambda: run_ours(decoder, ids, pixels, n), FLAGS.repeats)
+            ours_tps, ours_ids = best(functools.partial(run_ours, decoder, ids, pixels, n), FLAGS.repeats)
             run_hf(hf, ids, pixels, 2)
-            hf_tps, hf_ids = best(lambda: run_hf(hf, ids, pixels, n), FLAGS.repeats)
+            hf_tps, hf_ids = best(functools.partial(run_hf, hf, ids, pixels, n), FLAGS.repeats)
             same = ours_ids == hf_ids
             rows.append((case, f"{n_params / 1e6:.0f}M", config.param_dtype, batch, ours_tps, hf_tps,
                          ours_tps / hf_tps, same, floor_ms * ours_tps / batch / 1e3))
@@ -175,6 +198,13 @@ def main(argv) -> None:
                   f"same tokens: {same}", file=sys.stderr, flush=True)
             if batch == 1:
                 ratios[case] = ours_tps / hf_tps
+        ids, pixels = prompts(config, 1, FLAGS.prefill_text)
+        prefill_ours(decoder, ids, pixels)
+        prefill_hf(hf, ids, pixels)
+        ours_s = min(prefill_ours(decoder, ids, pixels) for _ in range(FLAGS.repeats))
+        hf_s = min(prefill_hf(hf, ids, pixels) for _ in range(FLAGS.repeats))
+        prefills.append((case, config.param_dtype, len(ids[0]), ours_s, hf_s))
+        ratios[f"prefill_{case}"] = hf_s / ours_s
         del hf, ours, decoder
     print(f"weight streaming measured at {bandwidth / 1e9:.1f} GB/s; 'of floor' = (weight bytes / that "
           f"rate) / our time per decode step")
@@ -183,7 +213,11 @@ def main(argv) -> None:
     for case, params, dtype, batch, o, h, r, same, floor in rows:
         print(f"{case:<10} {params:>7} {dtype:>9} {batch:>5} {o:>11.1f} {h:>9.1f} {r:>6.2f} {str(same):>8} "
               f"{floor:>8.0%}")
-    print(" ".join(f"ratio_{case}={ratios[case]:.2f}" for case in FLAGS.only if case in ratios))
+    print(f"\n{'prefill':<10} {'dtype':>9} {'tokens':>6} {'ours s':>7} {'HF s':>7} {'ratio':>6}  (batch 1, "
+          "pixels to first token)")
+    for case, dtype, tokens, o, h in prefills:
+        print(f"{case:<10} {dtype:>9} {tokens:>6} {o:>7.3f} {h:>7.3f} {h / o:>6.2f}")
+    print(" ".join(f"ratio_{key}={value:.2f}" for key, value in ratios.items()))
 
 
 if __name__ == "__main__":
