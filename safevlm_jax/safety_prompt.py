@@ -181,8 +181,11 @@ class PromptBuilder:
       llava_v1: <s>{system} USER: [IMG]\\n{question}[ Safe Hint: {hint}] ASSISTANT:
       psa:      <s>[IMG]\\n{system} USER: {question}[ Safe Hint: {hint}] ASSISTANT:
 
-    [IMG] = `num_image_tokens` image ids. Without a hint the ids equal the data pipeline's
-    `TextEncoder.encode_prompt` (for tokenizers that split before a space, like ours).
+    [IMG] = `num_image_tokens` image ids. The text after the image is one chunk, tokenized as
+    the data pipeline (`TextEncoder`) and LLaVA tokenize it: without a hint the ids equal
+    `TextEncoder.encode_prompt`. A hint's ids are inserted by the program between the
+    question's ids and the tail's, each taken as the tokenizer splits them inside the chunk,
+    so SentencePiece-style tokenizers (LLaMA's) add no word-start marker at the seams.
     """
 
     def __init__(self, tokenizer, num_image_tokens: int, template: str = "llava_v1",
@@ -196,22 +199,31 @@ class PromptBuilder:
         image = [self.encoder.image_token_id] * num_image_tokens
         if t.image_position == "first_user_turn":
             self._head = self.encoder.bos_ids + self._plain(f"{t.system}{t.sep}{t.roles[0]}: ") + image
-            self._question = "\n{}"
+            self._question = "\n{}"  # the chunk after the image
         else:
-            self._head = self.encoder.bos_ids + image + self._plain(f"\n{t.system}{t.sep}{t.roles[0]}:")
-            self._question = " {}"
+            self._head = self.encoder.bos_ids + image
+            self._question = f"\n{t.system}{t.sep}{t.roles[0]}: {{}}"
         self._tail = f"{t.sep}{t.roles[1]}:"
 
     def build(self, question: str, hint: str | None = None) -> list[int]:
         """Token ids of the prompt; `question` is untrusted plain text, `hint` ours."""
-        ids = self._head + self._plain(self._question.format(question))
-        if hint is not None:
-            ids += self._plain(f"{self.encoder.template.sep}{self.hints.prefix} {hint}")
-        return ids + self._plain(self._tail)
+        asked = self._question.format(question)
+        if hint is None:
+            return self._head + self._plain(asked + self._tail)
+        hint_text = f"{self.encoder.template.sep}{self.hints.prefix} {hint}"
+        return (self._head + self._plain(asked) + self._after(asked, hint_text)
+                + self._after(asked + hint_text, self._tail))
 
     def reference(self, question: str) -> list[int]:
         """The data pipeline's prompt for `question` (no hint), for checks."""
         return self.encoder.encode_prompt([Turn(HUMAN, question)]).tolist()
+
+    def _after(self, before: str, text: str) -> list[int]:
+        """Ids of `text` as the tokenizer splits it right after `before`: what `before + text`
+        has past `before`'s ids. If the two share a token at the seam (user text ending in
+        spaces, say), `text` is tokenized on its own, so `before`'s ids stay as they are."""
+        head, full = self._plain(before), self._plain(before + text)
+        return full[len(head):] if full[:len(head)] == head else self._plain(text)
 
     def _plain(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]

@@ -4,7 +4,10 @@ import json
 
 import numpy as np
 import pytest
+import transformers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from safevlm_jax.data.records import HUMAN, Turn
 from safevlm_jax.data.tokenizer import train_tokenizer
 from safevlm_jax.safety_prompt import (DEFAULT_FAIL_CLOSED, DEFAULT_HINTS, RISK_TYPES, HintConfig,
                                        PromptBuilder, load_hints, verdict_from_logits)
@@ -13,11 +16,40 @@ N_IMAGE = 6
 QUESTION = "What is shown in this picture?"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    corpus = ["A chat between a curious human and an artificial intelligence assistant. USER: "
-              "ASSISTANT: What is shown in this picture? Safe Hint: this image contains risks."] * 20
-    return train_tokenizer(corpus, vocab_size=300)
+CORPUS = ["A chat between a curious human and an artificial intelligence assistant. USER: "
+          "ASSISTANT: What is shown in this picture? Safe Hint: this image contains risks."] * 20
+
+
+def llama_style_tokenizer(texts) -> transformers.PreTrainedTokenizerFast:
+    """Laid out as LLaMA's tokenizer.json: BPE over "▁"-marked text with a "▁" prepended to
+    every piece between special tokens, byte fallback <0x00>..<0xFF> in the vocabulary."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # trained on words, as SentencePiece pieces never span a "▁" inside (LLaMA's file then
+    # has no pre-tokenizer)
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       show_progress=False))
+    model = json.loads(tok.to_str())["model"]
+    vocab = model["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    llama = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    llama.normalizer = tok.normalizer
+    llama.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+    llama.add_special_tokens(["<unk>", "<s>", "</s>", "<image>", "<pad>"])
+    llama.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=llama, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="<pad>", extra_special_tokens=["<image>"])
+
+
+@pytest.fixture(scope="module", params=["byte_level", "llama_style"])
+def tokenizer(request):
+    if request.param == "byte_level":
+        return train_tokenizer(CORPUS, vocab_size=300)
+    return llama_style_tokenizer(CORPUS)
 
 
 def logits(index: int, size: int) -> np.ndarray:
@@ -66,11 +98,14 @@ def test_prompt_without_hint_equals_the_data_pipeline_prompt(tokenizer, template
 def test_hint_tokens_go_after_the_question_and_before_assistant(tokenizer, template):
     builder = PromptBuilder(tokenizer, N_IMAGE, template)
     plain, hinted = builder.build(QUESTION), builder.build(QUESTION, DEFAULT_HINTS[3, 4])
-    tail = tokenizer(" ASSISTANT:", add_special_tokens=False)["input_ids"]
-    assert plain[-len(tail):] == hinted[-len(tail):] == tail
-    assert hinted[:len(plain) - len(tail)] == plain[:-len(tail)]  # question untouched
-    inserted = tokenizer.decode(hinted[len(plain) - len(tail):-len(tail)])
-    assert inserted == f" Safe Hint: {DEFAULT_HINTS[3, 4]}"
+    start = next(i for i, (a, b) in enumerate(zip(plain, hinted)) if a != b)
+    tail = plain[start:]  # the question's ids come first in both, untouched
+    assert tokenizer.decode(tail).strip() == "ASSISTANT:" and hinted[-len(tail):] == tail
+    inserted = hinted[start:-len(tail)]
+    assert tokenizer.decode(inserted).strip() == f"Safe Hint: {DEFAULT_HINTS[3, 4]}"
+    # the ids a tokenizer gives the whole chunk: no word-start marker added at either seam
+    whole = builder.encoder.encode_prompt([Turn(HUMAN, f"{QUESTION} Safe Hint: {DEFAULT_HINTS[3, 4]}")])
+    assert hinted == whole.tolist()
 
 
 def test_user_text_imitating_a_hint_or_special_tokens_stays_plain_text(tokenizer):
@@ -82,7 +117,7 @@ def test_user_text_imitating_a_hint_or_special_tokens_stays_plain_text(tokenizer
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
     assert tokenizer.eos_token_id not in ids and tokenizer.pad_token_id not in ids
     text = tokenizer.decode(ids[ids.index(image_id) + N_IMAGE:])
-    assert text == f"\n{attack} Safe Hint: {DEFAULT_HINTS[2, 0]} ASSISTANT:"
+    assert text.lstrip(" ") == f"\n{attack} Safe Hint: {DEFAULT_HINTS[2, 0]} ASSISTANT:"
     # the verdict comes from the head alone: the typed "hint" changes nothing
     assert builder.build(attack) == builder.reference(attack)
 
