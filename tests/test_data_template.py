@@ -12,6 +12,7 @@ from safevlm_jax.data.records import GPT, HUMAN, Turn
 from safevlm_jax.data.synthetic import QUESTIONS, answer
 from safevlm_jax.data.template import IGNORE_INDEX, VICUNA_SYSTEM, TextEncoder
 from safevlm_jax.data.tokenizer import train_tokenizer
+from tokenizer_helpers import llama_style_tokenizer
 
 REF_IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id in preprocess_v1's output
 
@@ -23,10 +24,12 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+@pytest.fixture(scope="module", params=["byte_level", "llama_style"])
+def tokenizer(request):
     corpus = [VICUNA_SYSTEM, "USER: ASSISTANT:"] + list(QUESTIONS) + [answer(lv, ty, "circle")
                                                                        for lv in range(4) for ty in range(7)]
+    if request.param == "llama_style":
+        return llama_style_tokenizer(corpus * 3)
     return train_tokenizer(corpus * 3, vocab_size=500)
 
 
@@ -99,7 +102,7 @@ def test_labels_supervise_exactly_the_answers_and_their_eos(tokenizer, tiny_conf
     ids, labels = encoder.encode(turns_of(rounds))
     supervised = ids[labels != IGNORE_INDEX]
     expected = "".join(" " + a + "</s>" for _, a in rounds)
-    assert tokenizer.decode(supervised) == expected
+    assert tokenizer.decode(supervised).lstrip(" ") == expected[1:]  # LLaMA's decoder drops a first space
     assert np.all(labels[labels != IGNORE_INDEX] == supervised)
 
 
