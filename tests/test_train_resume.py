@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -147,6 +148,14 @@ def test_resume_refuses_other_frozen_params(uninterrupted):
     with pytest.raises(ValueError, match="frozen parameters differ.*" + path_str(path)):
         ckpt.restore(with_shardings(abstract, shardings), initial._replace(frozen=flat.to_nested_state()),
                      step=STEPS)
+
+
+def test_resume_refuses_the_older_layout_by_name(tmp_path):
+    old = Checkpointer(str(tmp_path), keep=1, every_steps=1, async_save=False)
+    old.manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"step": jnp.zeros((), jnp.int32)})))
+    old.wait()
+    with pytest.raises(ValueError, match="older layout"):
+        old.restore(None, None)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -92,6 +92,11 @@ class Checkpointer:
         built as a fresh run builds it). Raises if those differ from the ones the step was
         trained with. `data_iter`, if given, is set to the saved position in place."""
         step = self.latest_step() if step is None else step
+        stored = self.manager.item_metadata(step)["state"]
+        if stored is not None and "frozen_fingerprint" not in stored.keys():
+            raise ValueError(f"step {step} in {self.manager.directory} has the older layout (frozen params "
+                             "inside `state`): resume it with the safevlm_jax version that wrote it, or "
+                             "start a new --workdir")
         frozen_params = split_frozen(initial.frozen)[0]
         count = max(len(jax.tree.leaves(frozen_params)), 1)
         replicated = jax.sharding.NamedSharding(_mesh(abstract), jax.sharding.PartitionSpec())
