@@ -25,21 +25,24 @@ def assert_bf16_close(got, want):
     np.testing.assert_allclose(got, want, rtol=2.0 ** -7, atol=1e-6)
 
 
+@pytest.mark.parametrize("w_axis", [0, 1])
 @pytest.mark.parametrize("lead", [(6,), (2, 3)])
-def test_forward_and_gradients_match_f64_rounded_once(lead):
+def test_forward_and_gradients_match_f64_rounded_once(lead, w_axis):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(*lead, 40)).astype(BF16)
     w = rng.normal(size=(40, 24)).astype(np.float32)  # an f32 master weight used in bf16
+    stored = w if w_axis == 0 else w.T  # [K, N], or [N, K] as a tied embedding table
     g = rng.normal(size=(*lead, 24)).astype(BF16)
-    y, vjp = jax.vjp(lambda x, w: xla_dot(x, w, jnp.bfloat16), jnp.asarray(x), jnp.asarray(w))
+    y, vjp = jax.vjp(lambda x, w: xla_dot(x, w, jnp.bfloat16, w_axis), jnp.asarray(x), jnp.asarray(stored))
     assert y.dtype == jnp.bfloat16
     dx, dw = vjp(jnp.asarray(g))
-    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32 and dw.shape == stored.shape
     x64, w64, g64 = x.astype(np.float64), rounded(w), g.astype(np.float64)
     assert_bf16_close(y, x64 @ w64)
     assert_bf16_close(dx, g64 @ w64.T)
     flat = lambda a: a.reshape(-1, a.shape[-1])
-    assert_bf16_close(dw, flat(x64).T @ flat(g64))  # rounded to bf16, then cast to w's f32
+    dw_want = flat(x64).T @ flat(g64)  # rounded to bf16, then cast to w's f32
+    assert_bf16_close(dw, dw_want if w_axis == 0 else dw_want.T)
 
 
 def compiled_dots(fn, *args) -> list[tuple[str, str]]:
@@ -50,15 +53,18 @@ def compiled_dots(fn, *args) -> list[tuple[str, str]]:
     return [(dtypes[a], dtypes[b]) for a, b in re.findall(r" dot\(%([\w.]+), %([\w.]+)\)", text)]
 
 
-def test_backward_dots_stay_bf16_on_cpu():
+@pytest.mark.parametrize("w2_axis", [0, 1])
+def test_backward_dots_stay_bf16_on_cpu(w2_axis):
     """A 2-layer bf16 MLP over f32 master weights, gradient to the input only (the frozen
-    weights of stage 1 and 2): forward and input-gradient dots all take bf16 operands."""
+    weights of stage 1 and 2): forward and input-gradient dots all take bf16 operands, also
+    when the second weight is stored [out, in] (a tied LM head: `Embed.attend`)."""
     x = jnp.ones((64, 128), jnp.float32)
-    w1, w2 = jnp.ones((128, 256), jnp.float32), jnp.ones((256, 128), jnp.float32)
+    w1 = jnp.ones((128, 256), jnp.float32)
+    w2 = jnp.ones((256, 128) if w2_axis == 0 else (128, 256), jnp.float32)
 
     def loss(x, w1, w2):
         h = jax.nn.silu(xla_dot(x.astype(jnp.bfloat16), w1, jnp.bfloat16))
-        return jnp.square(xla_dot(h, w2, jnp.bfloat16).astype(jnp.float32)).sum()
+        return jnp.square(xla_dot(h, w2, jnp.bfloat16, w2_axis).astype(jnp.float32)).sum()
 
     dots = compiled_dots(jax.grad(loss), x, w1, w2)
     assert len(dots) == 4, dots  # two forward, two input gradients (no weight gradient)

@@ -83,7 +83,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """[..., embed] -> [..., vocab] logits against the table (tied LM head)."""
-        return matvec.xla_dot(x.astype(self.dtype), self.embedding[...].T, self.dtype)
+        return matvec.xla_dot(x.astype(self.dtype), self.embedding[...], self.dtype, w_axis=1)
 
 
 class RMSNorm(nnx.Module):
