@@ -211,19 +211,24 @@ class PromptBuilder:
         if hint is None:
             return self._head + self._plain(asked + self._tail)
         hint_text = f"{self.encoder.template.sep}{self.hints.prefix} {hint}"
-        return (self._head + self._plain(asked) + self._after(asked, hint_text)
-                + self._after(asked + hint_text, self._tail))
+        return self._head + self._joined([asked, hint_text, self._tail])
 
     def reference(self, question: str) -> list[int]:
         """The data pipeline's prompt for `question` (no hint), for checks."""
         return self.encoder.encode_prompt([Turn(HUMAN, question)]).tolist()
 
-    def _after(self, before: str, text: str) -> list[int]:
-        """Ids of `text` as the tokenizer splits it right after `before`: what `before + text`
-        has past `before`'s ids. If the two share a token at the seam (user text ending in
-        spaces, say), `text` is tokenized on its own, so `before`'s ids stay as they are."""
-        head, full = self._plain(before), self._plain(before + text)
-        return full[len(head):] if full[:len(head)] == head else self._plain(text)
+    def _joined(self, pieces: Sequence[str]) -> list[int]:
+        """The pieces' ids one after the other, each as the tokenizer splits it right after
+        the text before it: what the text up to its end has past the text up to its start.
+        If the two share a token at the seam (user text ending in spaces, say), the piece is
+        tokenized on its own, so the ids before it stay as they are."""
+        ids, text, before = [], "", []
+        for piece in pieces:
+            text += piece
+            upto = self._plain(text)
+            ids += upto[len(before):] if upto[:len(before)] == before else self._plain(piece)
+            before = upto
+        return ids
 
     def _plain(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
