@@ -98,15 +98,13 @@ class Checkpointer:
                              "inside `state`): resume it with the safevlm_jax version that wrote it, or "
                              "start a new --workdir")
         frozen_params = split_frozen(initial.frozen)[0]
-        count = max(len(jax.tree.leaves(frozen_params)), 1)
-        replicated = jax.sharding.NamedSharding(_mesh(abstract), jax.sharding.PartitionSpec())
-        target = _saved(abstract, jax.ShapeDtypeStruct((count,), jnp.uint32, sharding=replicated))
+        self._fingerprint = got = frozen_fingerprint(frozen_params, _mesh(abstract))
+        target = _saved(abstract, jax.ShapeDtypeStruct(got.shape, got.dtype, sharding=got.sharding))
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         saved = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
-        self._fingerprint = frozen_fingerprint(frozen_params, _mesh(abstract))
-        want, got = np.asarray(saved["frozen_fingerprint"]), np.asarray(self._fingerprint)
+        want, got = np.asarray(saved["frozen_fingerprint"]), np.asarray(got)
         if not np.array_equal(want, got):
             names = [path_str(p) for p, _ in nnx.to_flat_state(frozen_params)]
             differ = [n for n, a, b in zip(names, want, got) if a != b]
