@@ -1,9 +1,9 @@
 """A tokenizer laid out as LLaMA's (SentencePiece-style), trained in-process for tests."""
 
-import json
-
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from safevlm_jax.data.tokenizer import bpe_merges
 
 
 def llama_style_tokenizer(texts) -> transformers.PreTrainedTokenizerFast:
@@ -16,12 +16,11 @@ def llama_style_tokenizer(texts) -> transformers.PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
                                                        show_progress=False))
-    model = json.loads(tok.to_str())["model"]
-    vocab = model["vocab"]
+    vocab = tok.get_vocab()
     for byte in range(256):
         vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    llama = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    llama = Tokenizer(models.BPE(vocab=vocab, merges=bpe_merges(tok), unk_token="<unk>", byte_fallback=True,
+                                 fuse_unk=True))
     llama.normalizer = tok.normalizer
     llama.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                        decoders.Strip(" ", 1, 0)])

@@ -41,8 +41,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 500,
     vocab = tok.get_vocab()
     unused = [f"<unused_{i}>" for i in range(vocab_size - len(vocab))]
     if unused:
-        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-                  for m in json.loads(tok.to_str())["model"]["merges"]]
+        merges = bpe_merges(tok)
         vocab.update({t: len(vocab) + i for i, t in enumerate(unused)})
         trained = tok
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK))
@@ -57,6 +56,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 500,
     if out_dir is not None:
         hf.save_pretrained(os.fspath(out_dir))
     return hf
+
+
+def bpe_merges(tok: Tokenizer) -> list[tuple[str, str]]:
+    """A trained BPE tokenizer's merges as pairs (to rebuild its model with more vocabulary)."""
+    return [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+            for m in json.loads(tok.to_str())["model"]["merges"]]
 
 
 def image_token_id(tokenizer, image_token: str = IMAGE) -> int:
