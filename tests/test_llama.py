@@ -10,6 +10,7 @@ import transformers
 from flax import nnx
 
 from safevlm_jax.config import LoRAConfig, TextConfig
+from safevlm_jax.models.kv_cache import KVCache
 from safevlm_jax.models.llama import LlamaForCausalLM
 from tests.hf_weights import copy_llama, torch_state
 
@@ -92,6 +93,38 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(scan):
     np.testing.assert_array_equal(np.asarray(cache.mask[:, :9]), MASK.astype(bool))
     real = MASK.astype(bool)
     np.testing.assert_allclose(np.concatenate(outs, 1)[real], full[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_per_row_cache_decodes_inserted_rows_at_their_own_positions_as_each_alone(scan):
+    """Continuous batching: each request prefilled alone (right-padded, logits at its last
+    real token), inserted into a row of a per-row cache, then all rows decoded together, each
+    at its own position (an idle row masked), give every row's full-forward logits."""
+    _, ours = make_pair(scan=scan)
+    seqs, prompt_len, slot_of = [IDS[0, 3:], IDS[1]], [4, 6], [2, 0]  # 6 and 9 tokens
+    full = [forward(ours, s[None], np.ones((1, len(s)), np.int32))[0] for s in seqs]
+    big = KVCache.init(2, 3, 2, 16, 8, per_row=True)
+    assert big.index.shape == (3,)
+    prefill = nnx.jit(lambda m, i, p, a, c, at: m(m.embed(i), p, a, c, logits_at=at))
+    for r, (seq, n, slot) in enumerate(zip(seqs, prompt_len, slot_of)):
+        ids, mask = np.zeros((1, 8), np.int32), (np.arange(8) < n)[None].astype(np.int32)
+        ids[0, :n] = seq[:n]
+        logits, small = prefill(ours, ids, positions_of(mask), mask, ours.init_cache(1, 8),
+                                jnp.array([n - 1]))
+        np.testing.assert_allclose(logits[0, 0], full[r][n - 1], atol=1e-5, rtol=0)
+        big = big.insert(small, jnp.int32(0), jnp.int32(slot), jnp.int32(n))
+    assert big.index.tolist() == [6, 0, 4] and big.mask.sum(1).tolist() == [6, 0, 4]
+    step = nnx.jit(lambda m, i, p, a, c: m(m.embed(i), p, a, c), donate_argnums=(4,))
+    for t in range(3):
+        ids, active = np.zeros((3, 1), np.int32), np.zeros((3, 1), np.int32)
+        for seq, n, slot in zip(seqs, prompt_len, slot_of):
+            if n + t < len(seq):
+                ids[slot, 0], active[slot, 0] = seq[n + t], 1
+        positions = big.index[:, None]
+        logits, big = step(ours, ids, positions, active, big)
+        for r, (seq, n, slot) in enumerate(zip(seqs, prompt_len, slot_of)):
+            if n + t < len(seq):
+                np.testing.assert_allclose(logits[slot, 0], full[r][n + t], atol=1e-5, rtol=0)
 
 
 def test_last_only_logits_equal_the_last_position_of_the_full_forward():

@@ -214,12 +214,13 @@ class LlamaForCausalLM(nnx.Module):
                             c.head_dim, dtype or self.dtype)
 
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                 cache: KVCache | None = None,
-                 last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, last_only: bool = False,
+                 logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """inputs_embeds [B, T, D]; positions [B, T] int32 (left padding: cumsum(mask) - 1,
         clipped at 0); attention_mask [B, T] (1 real, 0 padding). `last_only`: logits of the
         last position only ([B, 1, vocab]; a prefill needs no more, and the LM head over every
-        prompt position costs T x d x vocab).
+        prompt position costs T x d x vocab); `logits_at` [B] int: of that position of each
+        row instead ([B, 1, vocab]; the last real token of a right-padded prompt).
 
         Without a cache, attention is causal over these T tokens. With one, the T tokens go to
         slots `cache.index`.. and attend to every valid slot written before them and to
@@ -231,9 +232,7 @@ class LlamaForCausalLM(nnx.Module):
             mask = jnp.tril(jnp.ones((t, t), jnp.bool_))[None] & valid[:, None, :]  # [B, T, T]
             per_layer = None
         else:  # query j sits in slot index + j: real slots up to its own
-            slot_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (jnp.int32(0), cache.index))
-            upto = jnp.arange(cache.max_len)[None, :] <= cache.index + jnp.arange(t)[:, None]
-            mask = slot_valid[:, None, :] & upto[None]  # [B, T, S]
+            slot_valid, mask = cache.write_mask(valid)  # [B, S], [B, T, S]
             per_layer = [(k, v, cache.index) for k, v in zip(cache.k, cache.v)]
         mask = mask[:, None, None]
         c = self.config  # tables reach every position this call can hold, as HF's rope does
@@ -246,7 +245,11 @@ class LlamaForCausalLM(nnx.Module):
         x = sharding.constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "embed"))
         x, new_kv = stack.apply_layers(self.model.layers, x, per_layer, body,
                                        scan=self.scan_layers, remat_policy=self.remat_policy)
-        x = self.model.norm(x[:, -1:] if last_only else x)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+        elif last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
         logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is not None:
