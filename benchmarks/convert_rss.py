@@ -20,7 +20,7 @@ import tempfile
 CHILD = """
 import resource, sys
 from checkpoints_tools import import_hf
-from safevlm_jax.checkpoint import abstract_model
+from safevlm_jax.checkpoint.format import abstract_model
 from safevlm_jax.config import ModelConfig
 config = ModelConfig.from_hf(sys.argv[1])
 abstract_model(config)

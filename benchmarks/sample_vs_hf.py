@@ -33,10 +33,10 @@ from flax import nnx  # noqa: E402
 from checkpoints_tools.export_hf import hf_config  # noqa: E402
 from checkpoints_tools.keymap import canonical_hf_key, llava_rules  # noqa: E402
 from configs.model import model_config  # noqa: E402
-from safevlm_jax.checkpoint import abstract_model  # noqa: E402
-from safevlm_jax.checkpoint_io import path_str  # noqa: E402
+from safevlm_jax.checkpoint.format import abstract_model  # noqa: E402
+from safevlm_jax.checkpoint.io import path_str  # noqa: E402
 from safevlm_jax.config import ModelConfig, SafetyConfig, TextConfig, VisionConfig  # noqa: E402
-from safevlm_jax.sampler import NEW_TOKEN_BUCKETS, Decoder  # noqa: E402
+from safevlm_jax.inference.decode import NEW_TOKEN_BUCKETS, Decoder  # noqa: E402
 
 flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
 flags.DEFINE_integer("repeats", 2, "measured runs per case (best is kept)")

@@ -27,9 +27,9 @@ from flax import nnx  # noqa: E402
 
 from configs.model import model_config  # noqa: E402
 from safevlm_jax.config import ModelConfig, SafetyConfig, TextConfig, VisionConfig  # noqa: E402
-from safevlm_jax.guard import Guard  # noqa: E402
+from safevlm_jax.guard.model import Guard  # noqa: E402
+from safevlm_jax.inference.decode import Decoder  # noqa: E402
 from safevlm_jax.models.safevlm import SafeVLM  # noqa: E402
-from safevlm_jax.sampler import Decoder  # noqa: E402
 
 QUESTION_TOKENS = 40  # system text + question + "ASSISTANT:" after the image, LLaVA-like
 

@@ -19,11 +19,10 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from checkpoints_tools.keymap import (KEY_STYLES, Rule, llava_rules, lora_rules, safety_rules,
-                                      styled_hf_key)
+from checkpoints_tools.keymap import KEY_STYLES, Rule, llava_rules, lora_rules, safety_rules, styled_hf_key
 from checkpoints_tools.safetensors_io import ShardWriter, parse_size, save_tensors
-from safevlm_jax.checkpoint import check_matches, copy_assets, load_config
-from safevlm_jax.checkpoint_io import CONFIG_FILE, ParamReader, atomic_directory, iter_unscanned
+from safevlm_jax.checkpoint.format import check_matches, copy_assets, load_config
+from safevlm_jax.checkpoint.io import CONFIG_FILE, ParamReader, atomic_directory, iter_unscanned
 from safevlm_jax.config import ModelConfig
 
 ADAPTER_DIR = "lora_adapter"

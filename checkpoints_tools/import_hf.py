@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from checkpoints_tools.keymap import canonical_hf_key, llava_rules
 from checkpoints_tools.safetensors_io import SafetensorsDir
-from safevlm_jax.checkpoint import abstract_model, checkpoint_writer
-from safevlm_jax.checkpoint_io import flat_values
+from safevlm_jax.checkpoint.format import abstract_model, checkpoint_writer
+from safevlm_jax.checkpoint.io import flat_values
 from safevlm_jax.config import ModelConfig, SafetyConfig
 from safevlm_jax.models.safety_head import SafetyHead, init_safety_tokens
 from safevlm_jax.models.safety_projector import SafetyProjector

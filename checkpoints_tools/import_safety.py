@@ -20,8 +20,8 @@ import numpy as np
 from absl import app, flags
 
 from checkpoints_tools.keymap import safety_rules
-from safevlm_jax.checkpoint import check_matches, checkpoint_writer, load_config
-from safevlm_jax.checkpoint_io import ParamReader, iter_unscanned, unstacked_shapes
+from safevlm_jax.checkpoint.format import check_matches, checkpoint_writer, load_config
+from safevlm_jax.checkpoint.io import ParamReader, iter_unscanned, unstacked_shapes
 
 COPY_BUDGET = 1 << 30  # bytes of other parameters copied per orbax write
 

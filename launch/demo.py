@@ -29,14 +29,14 @@ import tempfile
 
 import numpy as np
 
-from safevlm_jax.checkpoint import load_checkpoint, save_checkpoint
+from safevlm_jax.checkpoint.assets import save_image_settings
+from safevlm_jax.checkpoint.format import load_checkpoint, save_checkpoint
 from safevlm_jax.config import LoRAConfig
 from safevlm_jax.data import synthetic
 from safevlm_jax.data.template import VICUNA_SYSTEM
 from safevlm_jax.data.tokenizer import train_tokenizer
-from safevlm_jax.inference import save_image_settings
 from safevlm_jax.models.lora import merge_lora
-from safevlm_jax.safety_prompt import HintConfig
+from safevlm_jax.safety.hints import HintConfig
 
 COLOR_NAMES = ("red", "orange", "purple", "blue", "brown", "pink", "green")  # synthetic.COLORS
 

@@ -17,10 +17,12 @@ import sys
 
 from absl import app, flags, logging
 
-from safevlm_jax.inference import Request, SafeVLMInference, save_image_settings
-from safevlm_jax.policy import RiskPolicy, load_policy
-from safevlm_jax.safety_prompt import TEMPLATES, HintConfig, load_hints
-from safevlm_jax.sampler import make_sampler
+from safevlm_jax.checkpoint.assets import save_image_settings
+from safevlm_jax.inference.pipeline import Request, SafeVLMInference
+from safevlm_jax.inference.sampling import make_sampler
+from safevlm_jax.safety.hints import HintConfig, load_hints
+from safevlm_jax.safety.policy import RiskPolicy, load_policy
+from safevlm_jax.safety.prompt import TEMPLATES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "checkpoint directory (default: demo or random tiny)")
@@ -36,7 +38,7 @@ flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_enum("safety", "on", ["on", "off"], "off: plain LLaVA (no head, hint or safety tokens)")
 flags.DEFINE_enum("template", "llava_v1", sorted(TEMPLATES), "prompt template")
 flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (see safety_prompt.load_hints)")
-flags.DEFINE_string("policy", None, "risk policy JSON/YAML file (see safevlm_jax.policy; default: the paper's rules)")
+flags.DEFINE_string("policy", None, "risk policy JSON/YAML file (see safevlm_jax.safety.policy; default: the paper's rules)")
 flags.DEFINE_bool("json", False, "print one JSON object instead of streaming text")
 
 DEMO_DIR = os.path.join(os.path.dirname(__file__), "assets", "demo")
@@ -64,7 +66,7 @@ def random_checkpoint(directory: str, seed: int = 0) -> str:
     from flax import nnx
 
     from configs.model import model_config
-    from safevlm_jax.checkpoint import abstract_model, save_checkpoint
+    from safevlm_jax.checkpoint.format import abstract_model, save_checkpoint
     from safevlm_jax.data.tokenizer import train_tokenizer
 
     config, rng = model_config("tiny"), np.random.default_rng(seed)

@@ -12,7 +12,7 @@ import tempfile
 from flax import nnx
 
 from configs.model import model_config
-from safevlm_jax.checkpoint import save_checkpoint
+from safevlm_jax.checkpoint.format import save_checkpoint
 from safevlm_jax.data.tokenizer import train_tokenizer
 from safevlm_jax.models.safevlm import SafeVLM
 

@@ -1,4 +1,4 @@
-"""`xla_dot` (safevlm_jax/kernels/matvec.py): 16-bit dots on CPU accumulate in f32, forward and
+"""`xla_dot` (safevlm_jax/models/dot.py): 16-bit dots on CPU accumulate in f32, forward and
 backward, to the same values as an f64 reference rounded once; the compiled step keeps every
 dot on 16-bit operands (XLA:CPU runs f32-converted ones 3-4x slower); f32 is a plain dot."""
 
@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from safevlm_jax.kernels.matvec import xla_dot
+from safevlm_jax.models.dot import xla_dot
 
 BF16 = ml_dtypes.bfloat16
 

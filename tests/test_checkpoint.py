@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from safevlm_jax import checkpoint, sharding
-from safevlm_jax.checkpoint import load_checkpoint, restore_params, save_checkpoint
-from safevlm_jax.checkpoint_io import flat_values
+from safevlm_jax import sharding
+from safevlm_jax.checkpoint import format as checkpoint
+from safevlm_jax.checkpoint.format import load_checkpoint, restore_params, save_checkpoint
+from safevlm_jax.checkpoint.io import flat_values
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def saved(tiny_config, tmp_path_factory):
 
 
 def _unscanned(model):
-    from safevlm_jax.checkpoint_io import unstacked_shapes, layer_key
+    from safevlm_jax.checkpoint.io import layer_key, unstacked_shapes
 
     flat = {k: np.asarray(v) for k, v in flat_values(nnx.state(model, nnx.Param)).items()}
     out = {}

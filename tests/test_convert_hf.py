@@ -16,8 +16,8 @@ import transformers
 from checkpoints_tools import import_hf as import_hf_module
 from checkpoints_tools.export_hf import export_hf
 from checkpoints_tools.import_hf import import_hf
+from safevlm_jax.checkpoint.format import load_checkpoint
 from tests.hf_llava import TINY_SAFETY, read_all, rename_keys, save_tiny_llava
-from safevlm_jax.checkpoint import load_checkpoint
 
 PUBLISHED = lambda k: re.sub(r"^vision_tower\.", "vision_tower.vision_model.", k)  # noqa: E731
 IN_MEMORY = lambda k: (re.sub(r"^language_model\.lm_head\.", "lm_head.",  # noqa: E731
@@ -96,6 +96,7 @@ def _single_file(tmp_path):
 
 def _edit(path, fn):
     from safetensors.numpy import save_file
+
     from tests.hf_llava import read_all_file
 
     save_file(fn(read_all_file(path)), path, metadata={"format": "pt"})

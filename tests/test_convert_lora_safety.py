@@ -13,8 +13,8 @@ from flax import nnx
 from checkpoints_tools.export_hf import export_hf
 from checkpoints_tools.import_hf import import_hf
 from checkpoints_tools.import_safety import import_safety
-from safevlm_jax.checkpoint import abstract_model, load_checkpoint, restore_params, save_checkpoint
-from safevlm_jax.checkpoint_io import flat_values
+from safevlm_jax.checkpoint.format import abstract_model, load_checkpoint, restore_params, save_checkpoint
+from safevlm_jax.checkpoint.io import flat_values
 from safevlm_jax.config import LoRAConfig
 from tests.hf_llava import TINY_SAFETY, read_all_file, save_tiny_llava
 

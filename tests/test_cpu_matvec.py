@@ -15,6 +15,7 @@ from flax import nnx
 
 from configs.model import model_config
 from safevlm_jax.kernels import matvec
+from safevlm_jax.models import dot as dots
 from safevlm_jax.models.kv_cache import KVCache
 from safevlm_jax.models.safevlm import SafeVLM
 
@@ -66,8 +67,8 @@ def test_dot_takes_the_kernel_only_in_decode_for_few_rows():
     x = lambda rows, dtype=jnp.float32: jnp.ones((rows, k), dtype)
 
     def in_decode(x, w):
-        with matvec.decode_matvecs():
-            return matvec.dot(x, w, x.dtype)
+        with dots.decode_matvecs():
+            return dots.dot(x, w, x.dtype)
 
     assert matvec.TARGET in lowered(in_decode, x(1), w16)
     assert matvec.TARGET in lowered(in_decode, x(1), w32)
@@ -78,7 +79,7 @@ def test_dot_takes_the_kernel_only_in_decode_for_few_rows():
     assert matvec.TARGET not in lowered(in_decode, x(1, jnp.float16), f16)
     assert matvec.TARGET not in lowered(in_decode, x(1), w32[:, :-1])  # small f32: XLA's dot
     assert matvec.TARGET in lowered(in_decode, x(1), w16[:, :8])  # bf16: XLA's is slow at any size
-    assert matvec.TARGET not in lowered(lambda x, w: matvec.dot(x, w, jnp.float32), x(1), w16)
+    assert matvec.TARGET not in lowered(lambda x, w: dots.dot(x, w, jnp.float32), x(1), w16)
     np.testing.assert_array_equal(jax.jit(in_decode)(x(2), w16), np.full((2, n), 8.0))
 
 
@@ -97,7 +98,7 @@ def test_bf16_decode_step_with_the_kernel_matches_xla():
         positions, mask = jnp.zeros((batch, 1), jnp.int32), jnp.ones((batch, 1), jnp.int32)
         if not use_kernel:
             return lm(lm.embed(ids), positions, mask, cache)[0]
-        with matvec.decode_matvecs():
+        with dots.decode_matvecs():
             return lm(lm.embed(ids), positions, mask, cache)[0]
 
     with_kernel = jax.jit(lambda: step(True))

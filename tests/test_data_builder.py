@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from safevlm_jax.data import build, synthetic
-from safevlm_jax.data.builder import build_dataset, is_validation, load_report
 from safevlm_jax.data.pipeline import data_source
 from safevlm_jax.data.records import load_json, parse_record, turns_from_json
+from safevlm_jax.data.tfds_builder import build_dataset, is_validation, load_report
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from safevlm_jax.data import synthetic
-from safevlm_jax.data.builder import build_dataset
 from safevlm_jax.data.images import ImageConfig
-from safevlm_jax.data.pipeline import BATCH_KEYS, ExampleProcessor, data_source, make_dataset, make_global_batch
+from safevlm_jax.data.pipeline import (BATCH_KEYS, ExampleProcessor, data_source, make_dataset,
+                                       make_global_batch)
 from safevlm_jax.data.records import load_json
 from safevlm_jax.data.template import IGNORE_INDEX, VICUNA_SYSTEM, TextEncoder
+from safevlm_jax.data.tfds_builder import build_dataset
 from safevlm_jax.data.tokenizer import train_tokenizer
 
 MAX_LEN = 192

@@ -41,7 +41,7 @@ def test_demo_head_is_accurate_on_held_out_images(held_out, tmp_path):
 
 
 def test_demo_refuses_high_risk_only_with_safety_on(held_out):
-    from safevlm_jax.inference import SafeVLMInference
+    from safevlm_jax.inference.pipeline import SafeVLMInference
 
     _, examples = held_out
     category = {0: "clean", 3: "level 3"}
@@ -62,7 +62,7 @@ def test_demo_refuses_high_risk_only_with_safety_on(held_out):
 def test_stage1_same_seed_gives_bit_identical_parameters(tmp_path):
     """Two shortened stage-1 runs of the real command, side by side in separate processes on one
     CPU device each, each building its own synthetic data from the seed."""
-    from safevlm_jax.checkpoint_io import ParamReader
+    from safevlm_jax.checkpoint.io import ParamReader
 
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     args = ["--config", "configs/stage1.py:tiny", "--config.total_steps=3", "--config.accumulation=1",

@@ -14,6 +14,7 @@ from safevlm_jax.data.synthetic import generate as synthetic
 from safevlm_jax.eval import generate, head, report, tsne
 from safevlm_jax.sample import random_checkpoint
 
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One checkpoint, 16 synthetic images, 3 questions and the outputs of every command."""
@@ -59,9 +60,9 @@ def test_head_metrics_agree_with_sklearn_on_its_predictions(runs):
 
 
 def test_head_probabilities_equal_the_guard_on_each_image_alone(runs):
+    from safevlm_jax.checkpoint.assets import image_config
     from safevlm_jax.eval.dataset import load_pixels
-    from safevlm_jax.guard import Guard
-    from safevlm_jax.inference import image_config
+    from safevlm_jax.guard.model import Guard
 
     guard = Guard.from_checkpoint(runs["ckpt"])
     p = json.loads(open(os.path.join(runs["head"], head.PREDICTIONS)).readline())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from safevlm_jax.guard import Guard, VerdictModel, load_verdict_model, verdict_program
+from safevlm_jax.guard.model import Guard, VerdictModel, load_verdict_model, verdict_program
 from safevlm_jax.models import llama
 from safevlm_jax.models.safevlm import SafeVLM
 from tests.guard_helpers import LLM_MLP, tiny_checkpoint, tiny_model

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from safevlm_jax.policy import (RiskPolicy, apply_policy, load_policy, parse_policy,
-                                policy_verdicts)
-from safevlm_jax.safety_prompt import HintConfig, verdict_from_logits
+from safevlm_jax.safety.hints import HintConfig
+from safevlm_jax.safety.policy import RiskPolicy, apply_policy, load_policy, parse_policy, policy_verdicts
+from safevlm_jax.safety.verdict import verdict_from_logits
 
 
 def one_hot_probs(index: int, n: int) -> np.ndarray:

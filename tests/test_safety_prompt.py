@@ -7,8 +7,11 @@ import pytest
 
 from safevlm_jax.data.records import HUMAN, Turn
 from safevlm_jax.data.tokenizer import train_tokenizer
-from safevlm_jax.safety_prompt import (DEFAULT_FAIL_CLOSED, DEFAULT_HINTS, RISK_TYPES, HintConfig,
-                                       PromptBuilder, load_hints, verdict_from_logits)
+from safevlm_jax.safety.hints import DEFAULT_FAIL_CLOSED, DEFAULT_HINTS, HintConfig, load_hints
+from safevlm_jax.safety.prompt import PromptBuilder
+from safevlm_jax.safety.taxonomy import RISK_TYPES
+from safevlm_jax.safety.verdict import verdict_from_logits
+
 from tokenizer_helpers import llama_style_tokenizer
 
 N_IMAGE = 6

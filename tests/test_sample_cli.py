@@ -14,7 +14,7 @@ from absl import flags
 from PIL import Image
 
 from safevlm_jax import sample
-from safevlm_jax.inference import Request, SafeVLMInference
+from safevlm_jax.inference.pipeline import Request, SafeVLMInference
 
 JSON_KEYS = {"answer", "token_ids", "risk_level", "risk_type", "risk_type_name", "risk_level_probs",
              "risk_type_probs", "hint_applied", "fail_closed", "timings"}
@@ -141,8 +141,8 @@ def test_module_runs_as_a_program(files):
 
 
 def test_policy_block_answers_the_refusal_without_generating(files, capsys, tmp_path, monkeypatch):
-    from safevlm_jax.safety_prompt import RISK_TYPES
-    from safevlm_jax.sampler import Decoder
+    from safevlm_jax.inference.decode import Decoder
+    from safevlm_jax.safety.taxonomy import RISK_TYPES
 
     ckpt, root = files
     policy = tmp_path / "block_all.json"

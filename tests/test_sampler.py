@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from checkpoints_tools.import_hf import import_hf
-from safevlm_jax.checkpoint import load_checkpoint
-from safevlm_jax.sampler import (Decoder, Greedy, Temperature, TopK, TopP, bucket, make_sampler)
+from safevlm_jax.checkpoint.format import load_checkpoint
+from safevlm_jax.inference.decode import Decoder, bucket
+from safevlm_jax.inference.sampling import Greedy, Temperature, TopK, TopP, make_sampler
 from tests.hf_llava import TINY_SAFETY, save_tiny_llava
 
 EOS, PAD = 2, 501
@@ -140,7 +141,7 @@ def test_model_with_lora_dropout_samples_deterministically(setup, tmp_path, monk
     from flax import nnx
 
     from configs.model import model_config
-    from safevlm_jax.checkpoint import save_checkpoint
+    from safevlm_jax.checkpoint.format import save_checkpoint
     from safevlm_jax.config import LoRAConfig
     from safevlm_jax.models.safevlm import SafeVLM
 

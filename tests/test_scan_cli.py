@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safevlm_jax import guard as guard_lib
-from safevlm_jax import scan
+from safevlm_jax import scan as scan_cli
+from safevlm_jax.guard import collection as scan, model as guard_lib
 from tests.guard_helpers import tiny_checkpoint
 
 FIELDS = {"path", "risk_level", "risk_type", "risk_type_name", "risk_level_probs",
@@ -52,7 +52,7 @@ def guard_calls(monkeypatch):
 
 def test_scan_cli_writes_verdicts_and_report_and_counts_bad_images(tree, tmp_path, capsys, guard_calls):
     out = tmp_path / "out"
-    scan.main(["--checkpoint", tiny_checkpoint(), "--images", str(tree), "--out", str(out),
+    scan_cli.main(["--checkpoint", tiny_checkpoint(), "--images", str(tree), "--out", str(out),
                "--batch_size", "4", "--no_progress"])
     assert capsys.readouterr().out.startswith("total=8 already_done=0 scored=6 skipped=2")
     rows = list(scan.read_jsonl(out / "verdicts.jsonl"))
@@ -102,7 +102,7 @@ def test_scan_cli_invalid_policy_exits_with_the_field(tree, tmp_path, capsys):
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"rules": {"privacy": {"refuse": 5}}}))
     with pytest.raises(SystemExit) as e:
-        scan.main(["--checkpoint", "unused", "--images", str(tree), "--out", str(tmp_path / "o"),
+        scan_cli.main(["--checkpoint", "unused", "--images", str(tree), "--out", str(tmp_path / "o"),
                    "--policy", str(policy)])
     assert e.value.code == 2
     assert "rules.privacy.refuse: expected a level 0-3" in capsys.readouterr().err

@@ -14,8 +14,8 @@ from flax import nnx
 
 from configs.stage1 import get_config
 from safevlm_jax import sharding
-from safevlm_jax.checkpoint import load_checkpoint
-from safevlm_jax.checkpoint_io import flat_values
+from safevlm_jax.checkpoint.format import load_checkpoint
+from safevlm_jax.checkpoint.io import flat_values
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.data.pipeline import make_global_batch
 from safevlm_jax.train.data import make_dataset, prepare_synthetic
@@ -24,6 +24,7 @@ from safevlm_jax.train.loop import export_checkpoint, model_factory
 from safevlm_jax.train.optimizer import make_optimizer
 from safevlm_jax.train.state import abstract_state
 from safevlm_jax.train.step import jit_train_step, make_train_step
+
 from train_helpers import read_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

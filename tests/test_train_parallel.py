@@ -11,8 +11,9 @@ from flax import nnx
 
 from configs.train_common import LORA, SAFETY_MODULES
 from safevlm_jax import sharding
-from safevlm_jax.checkpoint_io import path_str
+from safevlm_jax.checkpoint.io import path_str
 from safevlm_jax.train.step import jit_train_step, make_train_step
+
 from train_helpers import build, random_batch, tiny_train_config
 
 STEPS = 2

@@ -16,14 +16,15 @@ import pytest
 from flax import nnx
 
 from safevlm_jax import sharding
+from safevlm_jax.checkpoint.io import path_str
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.train.checkpointing import Checkpointer, frozen_fingerprint, split_frozen
 from safevlm_jax.train.data import prepare_synthetic
 from safevlm_jax.train.init import initial_state, load_params
 from safevlm_jax.train.loop import model_factory
-from safevlm_jax.checkpoint_io import path_str
 from safevlm_jax.train.optimizer import make_optimizer
 from safevlm_jax.train.state import abstract_state, with_shardings
+
 from train_helpers import read_state, tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -28,9 +28,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from orbax.checkpoint import v1 as ocp
 
 from safevlm_jax import sharding
-from safevlm_jax.checkpoint_io import (CONFIG_FILE, PARAMS_DIR, ParamReader, _STACKED,
-                                       atomic_directory, finalize_partial, flat_values, local_path,
-                                       is_primary, nest, path_str, unstacked_shapes, write_partial)
+from safevlm_jax.checkpoint.io import (_STACKED, CONFIG_FILE, PARAMS_DIR, ParamReader, atomic_directory,
+                                       finalize_partial, flat_values, is_primary, local_path, nest, path_str,
+                                       unstacked_shapes, write_partial)
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.models.safevlm import SafeVLM
 

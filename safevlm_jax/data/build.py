@@ -13,8 +13,8 @@ import json
 import tensorflow_datasets as tfds
 
 from safevlm_jax.data import images
-from safevlm_jax.data.builder import build_dataset
 from safevlm_jax.data.errors import BadRecord
+from safevlm_jax.data.tfds_builder import build_dataset
 
 
 def main(argv: list[str] | None = None) -> None:

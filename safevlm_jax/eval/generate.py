@@ -38,7 +38,7 @@ def answer_questions(vlm, questions: Sequence[Question], settings: Sequence[str]
                      batch_size: int = 8, progress: bool = True, **generate_kw) -> list[dict]:
     """One answer row per (question, setting); `generate_kw` go to `SafeVLMInference.answer`
     (max_new_tokens, sampler, seed)."""
-    from safevlm_jax.inference import Request
+    from safevlm_jax.inference.pipeline import Request
 
     rows = []
     with tqdm(total=len(questions) * len(settings), unit="answer", desc="generate", disable=not progress,
@@ -66,7 +66,7 @@ def run(checkpoint: str, questions: str, out: str, *, safety: str = "both", imag
         detector: RefusalDetector = RefusalDetector(), batch_size: int = 8, max_new_tokens: int = 128,
         seed: int = 0, strict: bool = False, progress: bool = True) -> dict:
     """Answers `questions` and writes `out` and the refusal report beside it; returns the report."""
-    from safevlm_jax.inference import SafeVLMInference
+    from safevlm_jax.inference.pipeline import SafeVLMInference
 
     vlm = SafeVLMInference.from_checkpoint(checkpoint)
     items, skipped = load_questions(questions, image_root, max_pixels=vlm.images.max_pixels, strict=strict)

@@ -2,7 +2,7 @@
 
     python -m safevlm_jax.eval.head --checkpoint CKPT --data DIR_OR_JSON --out DIR
 
-Runs the guard's jitted verdict program (`safevlm_jax.guard`, the same verdict the sampler
+Runs the guard's jitted verdict program (`safevlm_jax.guard.model`, the same verdict the sampler
 acts on, data-parallel over the local devices) over batches of images and writes to DIR:
 
   head_metrics.json    level and type: accuracy, macro/weighted P/R/F1, per-class rows,
@@ -26,7 +26,7 @@ from safevlm_jax.eval import plots
 from safevlm_jax.eval.dataset import (Example, batches, labelled_data_parser, load_labelled, load_pixels,
                                       resolve_checkpoint, warn_skipped)
 from safevlm_jax.eval.metrics import classification_report
-from safevlm_jax.safety_prompt import RISK_LEVELS, RISK_TYPES
+from safevlm_jax.safety.taxonomy import RISK_LEVELS, RISK_TYPES
 
 METRICS, PREDICTIONS = "head_metrics.json", "predictions.jsonl"
 
@@ -62,8 +62,8 @@ def run(checkpoint: str, data: str, out: str, *, image_root: str | None = None, 
              strict: bool = False, progress: bool = True) -> dict:
     """Scores the checkpoint's safety head on `data` and writes the files above to `out`.
     Returns the content of head_metrics.json."""
-    from safevlm_jax.guard import Guard
-    from safevlm_jax.inference import image_config
+    from safevlm_jax.checkpoint.assets import image_config
+    from safevlm_jax.guard.model import Guard
 
     guard = Guard.from_checkpoint(checkpoint)
     images = image_config(checkpoint, guard.config)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from safevlm_jax.eval import plots
 from safevlm_jax.eval.dataset import (Example, batches, labelled_data_parser, load_labelled, load_pixels,
                                       resolve_checkpoint, warn_skipped)
-from safevlm_jax.safety_prompt import RISK_LEVELS, RISK_TYPES
+from safevlm_jax.safety.taxonomy import RISK_LEVELS, RISK_TYPES
 
 FEATURE_SETS = ("CLIP", "safety projector")
 
@@ -81,8 +81,8 @@ def run(checkpoint: str, data: str, out: str, *, image_root: str | None = None, 
         perplexity: float = 30.0, seed: int = 0, limit: int | None = None, strict: bool = False,
         progress: bool = True) -> dict:
     """Writes the files above to `out`; returns the content of tsne.json."""
-    from safevlm_jax.guard import load_verdict_model
-    from safevlm_jax.inference import image_config
+    from safevlm_jax.checkpoint.assets import image_config
+    from safevlm_jax.guard.model import load_verdict_model
 
     model = load_verdict_model(checkpoint)
     images = image_config(checkpoint, model.config)

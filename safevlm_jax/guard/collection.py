@@ -1,20 +1,10 @@
-"""Scan an image collection with SafeVLM's safety head alone (guard mode).
+"""Scan an image collection with SafeVLM's safety head alone (guard mode): the library
+behind `python -m safevlm_jax.scan` (see that module for the command line and its outputs).
 
-    python -m safevlm_jax.scan --checkpoint CKPT --images DIR_OR_GLOB_OR_TFDS --out OUT \
-        [--batch_size 64] [--policy policy.json] [--no_blur] [--distributed]
-
-`--images` is a folder (walked recursively), a glob (`**` allowed) or a dataset directory
-built by `safevlm_jax.data.build` (every split; keys `split[index]`). Writes:
-
-  OUT/verdicts.jsonl  one object per image: path, risk_level, risk_type, risk_type_name,
-                      risk_level_probs, risk_type_probs, action (the risk policy's)
-  OUT/skipped.jsonl   unreadable / corrupt / too-large images: path, reason, detail
-  OUT/summary.md, OUT/histogram.png, OUT/contact_sheet.png   (`scan_report`)
-
-Re-running skips every path already in verdicts.jsonl or skipped.jsonl. With `--distributed`
-(`jax.distributed.initialize`), process p of n scores items p, p+n, ... of the sorted list
-on its local devices, writing `OUT/parts/*-p-of-n.jsonl`; process 0 merges them into
-verdicts.jsonl and skipped.jsonl and writes the report.
+Re-running skips every path already in verdicts.jsonl or skipped.jsonl. With several
+processes (`jax.distributed.initialize`), process p of n scores items p, p+n, ... of the
+sorted list on its local devices, writing `OUT/parts/*-p-of-n.jsonl`; process 0 merges them
+into verdicts.jsonl and skipped.jsonl and writes the report (`guard.report`).
 """
 
 from __future__ import annotations
@@ -31,8 +21,8 @@ import numpy as np
 
 from safevlm_jax.data.errors import BadRecord
 from safevlm_jax.data.images import ImageConfig, load_pixel_values
-from safevlm_jax.policy import RiskPolicy
-from safevlm_jax.safety_prompt import RISK_TYPES
+from safevlm_jax.safety.policy import RiskPolicy
+from safevlm_jax.safety.taxonomy import RISK_TYPES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VERDICTS, SKIPPED, PARTS = "verdicts.jsonl", "skipped.jsonl", "parts"
@@ -195,9 +185,9 @@ def scan(checkpoint: str, images: str, out: str, *, batch_size: int = 64,
     slice; returns this process's counts {"total", "already_done", "scored", "skipped"}."""
     import jax
 
-    from safevlm_jax import scan_report
-    from safevlm_jax.guard import Guard
-    from safevlm_jax.inference import image_config
+    from safevlm_jax.checkpoint.assets import image_config
+    from safevlm_jax.guard import report as scan_report
+    from safevlm_jax.guard.model import Guard
 
     index, count = jax.process_index(), jax.process_count()
     source = open_source(images)
@@ -224,40 +214,3 @@ def scan(checkpoint: str, images: str, out: str, *, batch_size: int = 64,
     if index == 0:
         scan_report.write_report(out, source, blur=blur)
     return counts
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The command line (see the module docstring)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m safevlm_jax.scan", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (safety modules on)")
-    p.add_argument("--images", required=True, help="folder, glob or TFDS dataset directory")
-    p.add_argument("--out", required=True, help="output directory (re-use it to resume)")
-    p.add_argument("--batch_size", type=int, default=64, help="images per step (all local devices)")
-    p.add_argument("--policy", help="risk policy file (JSON/YAML; default: the paper's rules)")
-    p.add_argument("--no_blur", action="store_true", help="do not blur the contact sheet thumbnails")
-    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (multi-host; settings from the environment)")
-    args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
-    try:
-        from safevlm_jax.policy import load_policy
-
-        policy = load_policy(args.policy) if args.policy else RiskPolicy()
-        if args.distributed:
-            import jax
-
-            jax.distributed.initialize()
-        counts = scan(args.checkpoint, args.images, args.out, batch_size=args.batch_size,
-                      policy=policy, blur=not args.no_blur, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(" ".join(f"{k}={v}" for k, v in counts.items()) + f" out={args.out}")
-
-
-if __name__ == "__main__":
-    main()

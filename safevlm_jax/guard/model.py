@@ -28,9 +28,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from safevlm_jax import sharding
-from safevlm_jax.checkpoint_io import path_str
-from safevlm_jax.models.safevlm import SafeVLM
+from safevlm_jax.checkpoint.io import path_str
 from safevlm_jax.models.safety_head import first_token
+from safevlm_jax.models.safevlm import SafeVLM
 
 VERDICT_PARTS = ("vision_tower", "safety_projector", "safety_tokens_head", "safety_head",
                  "language_model/model/embed_tokens")
@@ -73,7 +73,7 @@ def load_verdict_model(directory: str, mesh: Mesh | None = None,
                        rules: str = "data") -> VerdictModel:
     """Restores only the `VERDICT_PARTS` parameters of a checkpoint (never the LLM layers or
     the LM head), placed by `rules` on `mesh` (default: one device)."""
-    from safevlm_jax.checkpoint import abstract_model, load_config, restore_params  # stands on models
+    from safevlm_jax.checkpoint.format import abstract_model, load_config, restore_params  # stands on models
 
     model = abstract_model(load_config(directory))
     wanted = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model))

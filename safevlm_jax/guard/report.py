@@ -15,15 +15,15 @@ from collections import Counter
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from safevlm_jax.data.images import decode_image
-from safevlm_jax.policy import ACTIONS
-from safevlm_jax.safety_prompt import CLEAN, RISK_LEVELS, RISK_TYPES
+from safevlm_jax.safety.policy import ACTIONS
+from safevlm_jax.safety.taxonomy import CLEAN, RISK_LEVELS, RISK_TYPES
 
 THUMB, LABEL_W, PAD = 96, 150, 4
 
 
 def collect(out: str, per_type: int = 8) -> dict:
     """Counts and, per risky type 0-5, the `per_type` highest-risk rows (risk level >= 1)."""
-    from safevlm_jax.scan import SKIPPED, VERDICTS, read_jsonl
+    from safevlm_jax.guard.collection import SKIPPED, VERDICTS, read_jsonl
 
     levels, types, actions, pairs = Counter(), Counter(), Counter(), Counter()
     top: dict[int, list] = {t: [] for t in range(CLEAN)}

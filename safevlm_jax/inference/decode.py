@@ -15,7 +15,6 @@ writes it in place.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import time
@@ -27,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from safevlm_jax.kernels import matvec
+from safevlm_jax.inference.sampling import Greedy
+from safevlm_jax.models.dot import decode_matvecs
 from safevlm_jax.models.kv_cache import KVCache
 from safevlm_jax.models.safevlm import SafeVLM, default_positions, merge_image_embeddings
-from safevlm_jax.inference.sampling import Greedy
 
 PROMPT_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -109,7 +108,7 @@ def _generate(graphdef, state, input_ids, attention_mask, features, cache, key, 
 
     def body(c):
         step, token, pos, done, out, cache, key = c
-        with matvec.decode_matvecs():
+        with decode_matvecs():
             logits, cache = lm(lm.embed(token[:, None]), pos[:, None], jnp.ones((batch, 1), jnp.int32),
                                cache)
         key, sub = jax.random.split(key)

@@ -6,26 +6,27 @@
 
 Per batch: one small jitted call runs CLIP and the safety head (the verdict needs only the
 image and the first token, SPEC §2), the hints are chosen on the host, then one jitted
-prefill+decode program generates every row (`safevlm_jax.sampler`).
+prefill+decode program generates every row (`safevlm_jax.inference.decode`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
-from safevlm_jax.config import ModelConfig
+from safevlm_jax.checkpoint.assets import image_config
 from safevlm_jax.data.errors import BadRecord
-from safevlm_jax.data.images import CLIP_MEAN, CLIP_STD, ImageConfig, decode_image, preprocess
+from safevlm_jax.data.images import ImageConfig, decode_image, preprocess
 from safevlm_jax.data.tokenizer import check_matches_model
-from safevlm_jax.policy import RiskPolicy, apply_policy, policy_verdicts
-from safevlm_jax.safety_prompt import HintConfig, PromptBuilder, Verdict
-from safevlm_jax.sampler import Decoder, Greedy
+from safevlm_jax.inference.decode import Decoder
+from safevlm_jax.inference.sampling import Greedy
+from safevlm_jax.safety.hints import HintConfig
+from safevlm_jax.safety.policy import RiskPolicy, apply_policy, policy_verdicts
+from safevlm_jax.safety.prompt import PromptBuilder
+from safevlm_jax.safety.verdict import Verdict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,32 +60,6 @@ class Result:
                 "timings": self.timings}
 
 
-def image_config(directory: str, config: ModelConfig) -> ImageConfig:
-    """Image settings of a checkpoint: size from the model config, mean/std from
-    `preprocessor_config.json` (or `processor_config.json`'s `image_processor`), LLaVA-1.5's
-    "pad" aspect mode unless the file says `image_aspect_ratio` otherwise."""
-    settings = {}
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                settings = json.load(f)
-            settings = settings.get("image_processor", settings)
-            break
-    aspect = settings.get("image_aspect_ratio", "pad")
-    return ImageConfig(image_size=config.vision.image_size,
-                       aspect_mode="resize" if aspect in ("resize", "original") else aspect,
-                       mean=tuple(settings.get("image_mean", CLIP_MEAN)),
-                       std=tuple(settings.get("image_std", CLIP_STD)))
-
-
-def save_image_settings(directory: str, config: ModelConfig) -> None:
-    """Writes `preprocessor_config.json` as LLaVA-1.5 ships it (crop size, "pad" aspect;
-    CLIP's mean/std by default), which `image_config` reads back."""
-    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
-        json.dump({"crop_size": config.vision.image_size, "image_aspect_ratio": "pad"}, f)
-
-
 def load_image(path: str, config: ImageConfig) -> np.ndarray:
     """A local image file -> pixel_values [S, S, 3] float32; ValueError naming the file if it
     is missing, unreadable, corrupt or too large."""
@@ -116,7 +91,7 @@ class SafeVLMInference:
     def from_checkpoint(cls, directory: str, **kw) -> "SafeVLMInference":
         import transformers
 
-        from safevlm_jax.checkpoint import load_checkpoint
+        from safevlm_jax.checkpoint.format import load_checkpoint
 
         config, model = load_checkpoint(directory)
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)

@@ -5,10 +5,16 @@ runs 3-4x faster than its bf16 -> bf16 dots (docs/performance.md); other backend
 native dots.
 """
 
+import contextlib
+import contextvars
 import functools
 
 import jax
 import jax.numpy as jnp
+
+from safevlm_jax.kernels import matvec
+
+_ENABLED = contextvars.ContextVar("safevlm_matvec", default=False)
 
 
 def _contract(x: jax.Array, w: jax.Array, w_axis: int, **kwargs) -> jax.Array:
@@ -56,3 +62,26 @@ def xla_dot(x: jax.Array, w: jax.Array, dtype, w_axis: int = 0) -> jax.Array:
     if jnp.dtype(dtype).itemsize != 2:
         return plain(x, w)
     return jax.lax.platform_dependent(x, w, cpu=functools.partial(_dot16, w_axis=w_axis), default=plain)
+
+
+@contextlib.contextmanager
+def decode_matvecs():
+    """While tracing inside this context, eligible `dot`s use the CPU kernel."""
+    token = _ENABLED.set(True)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def dot(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """x [M, K] @ w [K, N] computed in `dtype` (x already in it): `xla_dot`, or the kernel
+    (same math, f32 accumulation) on CPU for few rows inside `decode_matvecs()`."""
+    default = functools.partial(xla_dot, dtype=dtype)
+    exact_cast = jnp.promote_types(w.dtype, dtype) == dtype  # f32 w in bf16 would round first
+    big_enough = w.dtype == jnp.bfloat16 or w.size * w.dtype.itemsize >= matvec.MIN_F32_BYTES
+    if not (_ENABLED.get() and x.shape[0] <= matvec.MAX_ROWS and exact_cast and big_enough
+            and x.dtype == dtype and {x.dtype, w.dtype} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
+            and matvec.available()):
+        return default(x, w)
+    return jax.lax.platform_dependent(x, w, cpu=matvec.matvec, default=default)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from safevlm_jax.kernels import matvec
+from safevlm_jax.models import dot as dots
 from safevlm_jax.models.lora import LoRA
 from safevlm_jax.models.params import fan_in_init, normal_init, param
 
@@ -60,7 +60,7 @@ class Dense(nnx.Module):
         """
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        y = matvec.dot(x, self.kernel[...], self.dtype)
+        y = dots.dot(x, self.kernel[...], self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -83,7 +83,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """[..., embed] -> [..., vocab] logits against the table (tied LM head)."""
-        return matvec.xla_dot(x.astype(self.dtype), self.embedding[...], self.dtype, w_axis=1)
+        return dots.xla_dot(x.astype(self.dtype), self.embedding[...], self.dtype, w_axis=1)
 
 
 class RMSNorm(nnx.Module):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from safevlm_jax.kernels.matvec import xla_dot
+from safevlm_jax.models.dot import xla_dot
 from safevlm_jax.models.params import fan_in_init
 
 

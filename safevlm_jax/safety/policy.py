@@ -34,7 +34,9 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from safevlm_jax.safety_prompt import CLEAN, RISK_LEVELS, RISK_TYPES, HintConfig, Verdict
+from safevlm_jax.safety.hints import HintConfig
+from safevlm_jax.safety.taxonomy import CLEAN, RISK_LEVELS, RISK_TYPES
+from safevlm_jax.safety.verdict import Verdict
 
 ACTIONS = ("none", "caution", "may_refuse", "refuse", "block")  # least to most severe
 HINT_LEVEL = {"caution": 1, "may_refuse": 2, "refuse": 3}  # action -> hint text level

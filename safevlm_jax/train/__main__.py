@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from safevlm_jax.checkpoint_io import is_primary
+from safevlm_jax.checkpoint.io import is_primary
 from safevlm_jax.train import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config: FILE.py:PRESET",

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from safevlm_jax.checkpoint_io import path_str
+from safevlm_jax.checkpoint.io import path_str
 from safevlm_jax.train.state import TrainState
 
 _GOLDEN = np.uint32(0x9E3779B1)

@@ -14,12 +14,12 @@ import jax
 import transformers
 from jax.experimental import multihost_utils
 
-from safevlm_jax.checkpoint_io import is_primary
+from safevlm_jax.checkpoint.io import is_primary
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.data import pipeline, synthetic
-from safevlm_jax.data.builder import build_dataset
 from safevlm_jax.data.images import ImageConfig
 from safevlm_jax.data.template import TextEncoder
+from safevlm_jax.data.tfds_builder import build_dataset
 from safevlm_jax.data.tokenizer import check_matches_model, train_tokenizer
 
 READY = "READY"

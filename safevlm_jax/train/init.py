@@ -11,8 +11,8 @@ import jax
 from flax import nnx
 
 from safevlm_jax import sharding
-from safevlm_jax.checkpoint import restore_params
-from safevlm_jax.checkpoint_io import ParamReader, path_str, unstacked_shapes
+from safevlm_jax.checkpoint.format import restore_params
+from safevlm_jax.checkpoint.io import ParamReader, path_str, unstacked_shapes
 from safevlm_jax.train.state import TrainState, create_state
 
 

@@ -13,13 +13,12 @@ import jax
 from flax import nnx
 
 from safevlm_jax import sharding
-from safevlm_jax.checkpoint import save_checkpoint
-from safevlm_jax.checkpoint_io import local_path
+from safevlm_jax.checkpoint.format import save_checkpoint
+from safevlm_jax.checkpoint.io import local_path
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.data.pipeline import make_global_batch
 from safevlm_jax.models.safevlm import SafeVLM
-from safevlm_jax.train import data as train_data
-from safevlm_jax.train import init as train_init
+from safevlm_jax.train import data as train_data, init as train_init
 from safevlm_jax.train.checkpointing import Checkpointer
 from safevlm_jax.train.metrics import MetricsLogger, peak_flops, step_flops
 from safevlm_jax.train.optimizer import make_optimizer

@@ -15,7 +15,7 @@ import time
 import jax
 from flax import nnx
 
-from safevlm_jax.checkpoint_io import is_primary, path_str
+from safevlm_jax.checkpoint.io import is_primary, path_str
 
 # Dense bf16 peak TFLOP/s per device, by `device_kind` prefix (vendor data sheets).
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,

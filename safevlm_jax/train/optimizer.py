@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from safevlm_jax.checkpoint_io import path_str
+from safevlm_jax.checkpoint.io import path_str
 
 
 def trainable_filter(patterns: Sequence[str]):
