@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from safevlm_jax.safety.hints import HintConfig
-from safevlm_jax.safety.policy import RiskPolicy, apply_policy, load_policy, parse_policy, policy_verdicts
-from safevlm_jax.safety.verdict import verdict_from_logits
+from safevlm_jax.safety.hints import DEFAULT_FAIL_CLOSED, DEFAULT_HINTS
+from safevlm_jax.safety.policy import RiskPolicy, apply_policy, load_policy, parse_policy
+from safevlm_jax.safety.verdict import softmax
 
 
 def one_hot_probs(index: int, n: int) -> np.ndarray:
@@ -22,18 +23,27 @@ def test_default_policy_equals_paper_rules_for_every_level_and_type(level, kind)
     d = RiskPolicy().decide(one_hot_probs(level, 4), one_hot_probs(kind, 7))
     paper = "none" if level == 0 or kind == 6 else ("caution", "may_refuse", "refuse")[level - 1]
     assert (d.risk_level, d.risk_type, d.action) == (level, kind, paper)
-    logits = (np.log(one_hot_probs(level, 4)), np.log(one_hot_probs(kind, 7)))
-    assert d.hint == verdict_from_logits(*logits).hint  # the sampler's own rule, same hint text
+    assert d.hint == (None if paper == "none" else DEFAULT_HINTS[level, kind])
+    [v] = RiskPolicy().verdicts([np.log(one_hot_probs(level, 4))], [np.log(one_hot_probs(kind, 7))])
+    assert (v.risk_level, v.risk_type, v.action, v.hint) == (d.risk_level, d.risk_type, d.action, d.hint)
+    np.testing.assert_allclose(v.risk_level_probs, d.risk_level_probs, rtol=1e-12)  # softmax(log p) = p
 
 
-def test_default_policy_verdicts_equal_verdict_from_logits_including_non_finite():
+def test_default_policy_verdicts_follow_the_paper_rule_and_fail_closed_on_non_finite_logits():
     rng = np.random.default_rng(0)
     level, kind = rng.normal(size=(64, 4)) * 3, rng.normal(size=(64, 7)) * 3
     level[0, 1], kind[1, 2], level[2, 0], kind[2, 0] = np.nan, np.inf, np.nan, np.nan
-    verdicts, decisions = policy_verdicts(RiskPolicy(), level, kind)
-    assert verdicts == [verdict_from_logits(lv, ty) for lv, ty in zip(level, kind)]
-    assert [d.fail_closed for d in decisions[:3]] == [True, True, True]
-    assert {d.action for d in decisions[:3]} == {"refuse"}
+    verdicts = RiskPolicy().verdicts(level, kind)
+    for v, lv, ty in zip(verdicts[3:], level[3:], kind[3:]):
+        want_level, want_type = int(np.argmax(lv)), int(np.argmax(ty))
+        assert (v.risk_level, v.risk_type, v.fail_closed) == (want_level, want_type, False)
+        assert v.hint == (None if want_level == 0 or want_type == 6 else DEFAULT_HINTS[want_level, want_type])
+        np.testing.assert_allclose(v.risk_level_probs, softmax(lv), rtol=1e-12)
+    assert [v.fail_closed for v in verdicts[:3]] == [True, True, True]
+    assert [v.risk_level for v in verdicts[:3]] == [3, 3, 3]
+    assert {v.action for v in verdicts[:3]} == {"refuse"}
+    assert {v.hint for v in verdicts[:3]} == {DEFAULT_FAIL_CLOSED}
+    assert verdicts[1].risk_type is None and None in verdicts[0].risk_level_probs
 
 
 def test_policy_file_replaces_only_the_listed_types(tmp_path):

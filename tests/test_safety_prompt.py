@@ -10,7 +10,7 @@ from safevlm_jax.data.tokenizer import train_tokenizer
 from safevlm_jax.safety.hints import DEFAULT_FAIL_CLOSED, DEFAULT_HINTS, HintConfig, load_hints
 from safevlm_jax.safety.prompt import PromptBuilder
 from safevlm_jax.safety.taxonomy import RISK_TYPES
-from safevlm_jax.safety.verdict import verdict_from_logits
+from safevlm_jax.safety.policy import RiskPolicy
 
 from tokenizer_helpers import llama_style_tokenizer
 
@@ -27,6 +27,11 @@ def tokenizer(request):
     if request.param == "byte_level":
         return train_tokenizer(CORPUS, vocab_size=300)
     return llama_style_tokenizer(CORPUS)
+
+
+def verdict_from_logits(level_logits, type_logits):
+    """The default (paper's) policy's verdict for one row of head logits."""
+    return RiskPolicy().verdicts([level_logits], [type_logits])[0]
 
 
 def logits(index: int, size: int) -> np.ndarray:

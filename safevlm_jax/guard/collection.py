@@ -22,7 +22,6 @@ import numpy as np
 from safevlm_jax.data.errors import BadRecord
 from safevlm_jax.data.images import ImageConfig, load_pixel_values
 from safevlm_jax.safety.policy import RiskPolicy
-from safevlm_jax.safety.taxonomy import RISK_TYPES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VERDICTS, SKIPPED, PARTS = "verdicts.jsonl", "skipped.jsonl", "parts"
@@ -126,11 +125,11 @@ def verdict_rows(keys: Sequence[str], level_probs: np.ndarray, type_probs: np.nd
     """One verdicts.jsonl object per key from probabilities [B, 4], [B, 7]."""
     rows = []
     for key, lp, tp in zip(keys, level_probs, type_probs):
-        d = policy.decide(lp, tp)
-        rows.append({"path": key, "risk_level": d.risk_level, "risk_type": d.risk_type,
-                     "risk_type_name": None if d.risk_type is None else RISK_TYPES[d.risk_type],
+        v = policy.decide(lp, tp)
+        rows.append({"path": key, "risk_level": v.risk_level, "risk_type": v.risk_type,
+                     "risk_type_name": None if v.risk_type is None else v.risk_type_name,
                      "risk_level_probs": [round(float(p), 6) for p in lp],
-                     "risk_type_probs": [round(float(p), 6) for p in tp], "action": d.action})
+                     "risk_type_probs": [round(float(p), 6) for p in tp], "action": v.action})
     return rows
 
 

@@ -24,7 +24,7 @@ from safevlm_jax.data.tokenizer import check_matches_model
 from safevlm_jax.inference.decode import Decoder
 from safevlm_jax.inference.sampling import Greedy
 from safevlm_jax.safety.hints import HintConfig
-from safevlm_jax.safety.policy import RiskPolicy, apply_policy, policy_verdicts
+from safevlm_jax.safety.policy import RiskPolicy, apply_policy
 from safevlm_jax.safety.prompt import PromptBuilder
 from safevlm_jax.safety.verdict import Verdict
 
@@ -111,8 +111,7 @@ class SafeVLMInference:
         first = builder.build("")[0]  # the verdict reads only the first token (BOS)
         features, level, kind = self.decoder.encode(pixels, [first] * len(requests), safety)
         n = len(requests)
-        verdicts, decisions = (policy_verdicts(self.policy, level, kind, self.hints) if safety
-                               else ([None] * n, [None] * n))
+        verdicts = self.policy.verdicts(level, kind, self.hints) if safety else [None] * n
         encode_s = time.perf_counter() - start
         if on_verdicts:
             on_verdicts(verdicts)
@@ -132,7 +131,7 @@ class SafeVLMInference:
 
         if not safety:
             return generate(list(range(n)))
-        outputs = apply_policy(decisions, generate, self.policy)
+        outputs = apply_policy(verdicts, generate, self.policy)
         blocked = {"encode_s": encode_s, "prefill_s": 0.0, "decode_s": 0.0, "tokens_per_s": 0.0}
         for i, out in enumerate(outputs):
             if on_text and not isinstance(out, Result):  # a blocked row: the refusal is its text

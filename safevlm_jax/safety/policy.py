@@ -1,19 +1,20 @@
 """Risk policy: what to do for each (risk level, risk type) the safety head reports.
 
     policy = load_policy("policy.json")             # or RiskPolicy() = the paper's rules
-    d = policy.decide(level_probs, type_probs)      # Decision(level, type, action, hint, ...)
-    outputs = apply_policy(decisions, generate, policy)   # `block` rows never reach generate
+    v = policy.decide(level_probs, type_probs)      # Verdict(level, type, probs, hint, action, ...)
+    verdicts = policy.verdicts(level_logits, type_logits)   # [B, 4], [B, 7] head logits
+    outputs = apply_policy(verdicts, generate, policy)   # `block` rows never reach generate
 
 Per risk type, each action has the minimum level that triggers it (or none); the most
 severe triggered action wins. `caution`, `may_refuse` and `refuse` add the safety prompt's
-level-1/2/3 hint for that type (`safety_prompt.HintConfig`); `block` answers with
+level-1/2/3 hint for that type (`safety.hints.HintConfig`); `block` answers with
 `refusal` without running generation. The default reproduces SPEC §2 exactly: level 0 or
 type 6 (clean) -> none; level 1 -> caution, 2 -> may_refuse, 3 -> refuse.
 
 The level is the argmax of the level probabilities, or, with `level_thresholds`
 {1: t1, 2: t2, 3: t3}, the highest l with P(level >= l) >= t_l (0 if none). The type is the
-argmax. Non-finite head output fails closed (as `safety_prompt.verdict_from_logits`): level
-3, the most severe action any risky type has at level 3, and the fail-closed hint.
+argmax. Non-finite head output fails closed: level 3, the most severe action any risky type
+has at level 3, and the fail-closed hint.
 
 A policy file (JSON; YAML when PyYAML is installed) lists only what differs from the
 default; the rules given for a type replace that type's rules::
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -36,25 +36,13 @@ import numpy as np
 
 from safevlm_jax.safety.hints import HintConfig
 from safevlm_jax.safety.taxonomy import CLEAN, RISK_LEVELS, RISK_TYPES
-from safevlm_jax.safety.verdict import Verdict
+from safevlm_jax.safety.verdict import Verdict, json_probs, softmax
 
 ACTIONS = ("none", "caution", "may_refuse", "refuse", "block")  # least to most severe
 HINT_LEVEL = {"caution": 1, "may_refuse": 2, "refuse": 3}  # action -> hint text level
 PAPER_RULE = {"caution": 1, "may_refuse": 2, "refuse": 3}
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with this request."
 T = TypeVar("T")
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    """One row's outcome. risk_type is None only when the type output was not finite;
-    hint: the text added to the prompt (None for `none` and `block`)."""
-
-    risk_level: int
-    risk_type: int | None
-    action: str
-    hint: str | None
-    fail_closed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +75,8 @@ class RiskPolicy:
         at_least = np.cumsum(np.asarray(level_probs, np.float64)[::-1])[::-1]  # P(level >= l)
         return max([0] + [lv for lv, t in enumerate(self.level_thresholds, 1) if at_least[lv] >= t])
 
-    def decide(self, level_probs, type_probs, hints: HintConfig = HintConfig()) -> Decision:
-        """level_probs [4], type_probs [7] (one row, probabilities) -> Decision."""
+    def decide(self, level_probs, type_probs, hints: HintConfig = HintConfig()) -> Verdict:
+        """level_probs [4], type_probs [7] (one row, probabilities; NaN: not finite) -> Verdict."""
         level_probs, type_probs = np.asarray(level_probs, np.float64), np.asarray(type_probs, np.float64)
         level_ok, type_ok = bool(np.all(np.isfinite(level_probs))), bool(np.all(np.isfinite(type_probs)))
         kind = int(np.argmax(type_probs)) if type_ok else None
@@ -99,33 +87,19 @@ class RiskPolicy:
             hint = None
         else:
             hint = hints.fail_closed if fail_closed else hints.hints[(HINT_LEVEL[action], kind)]
-        return Decision(level, kind, action, hint, fail_closed)
+        return Verdict(level, kind, json_probs(level_probs), json_probs(type_probs), hint, action, fail_closed)
 
-    def decide_logits(self, level_logits, type_logits, hints: HintConfig = HintConfig()) -> Decision:
-        """The same from logits [4], [7]."""
-        return self.decide(_softmax(level_logits), _softmax(type_logits), hints)
-
-
-def policy_verdicts(policy: RiskPolicy, level_logits: np.ndarray, type_logits: np.ndarray,
-                    hints: HintConfig = HintConfig()) -> tuple[list[Verdict], list[Decision]]:
-    """level_logits [B, 4], type_logits [B, 7] -> the sampler's `Verdict`s (hint chosen by the
-    policy; equal to `verdict_from_logits` for the default policy) and the Decisions."""
-    verdicts, decisions = [], []
-    for lv, ty in zip(np.asarray(level_logits), np.asarray(type_logits)):
-        d = policy.decide_logits(lv, ty, hints)
-        probs = tuple(tuple(None if not math.isfinite(p) else float(p) for p in _softmax(x))
-                      for x in (lv, ty))
-        verdicts.append(Verdict(d.risk_level, d.risk_type, *probs, hint=d.hint, fail_closed=d.fail_closed))
-        decisions.append(d)
-    return verdicts, decisions
+    def verdicts(self, level_logits, type_logits, hints: HintConfig = HintConfig()) -> list[Verdict]:
+        """The safety head's level_logits [B, 4] and type_logits [B, 7] -> one Verdict per row."""
+        return [self.decide(lp, tp, hints) for lp, tp in zip(softmax(level_logits), softmax(type_logits))]
 
 
-def apply_policy(decisions: Sequence[Decision], generate: Callable[[list[int]], Sequence[T]],
+def apply_policy(verdicts: Sequence[Verdict], generate: Callable[[list[int]], Sequence[T]],
                  policy: RiskPolicy) -> list[T | str]:
     """Runs `generate(rows)` once, only for the rows not blocked (not at all if every row is
     blocked); it returns one output per given row. Blocked rows get `policy.refusal`."""
-    rows = [i for i, d in enumerate(decisions) if d.action != "block"]
-    outputs: list[T | str] = [policy.refusal] * len(decisions)
+    rows = [i for i, v in enumerate(verdicts) if v.action != "block"]
+    outputs: list[T | str] = [policy.refusal] * len(verdicts)
     if rows:
         generated = list(generate(rows))
         if len(generated) != len(rows):
@@ -133,15 +107,6 @@ def apply_policy(decisions: Sequence[Decision], generate: Callable[[list[int]], 
         for i, out in zip(rows, generated):
             outputs[i] = out
     return outputs
-
-
-def _softmax(x) -> np.ndarray:
-    """Probabilities in f64; all NaN when the logits are not finite."""
-    x = np.asarray(x, np.float64)
-    if not np.all(np.isfinite(x)):
-        return np.full(x.shape, np.nan)
-    e = np.exp(x - x.max())
-    return e / e.sum()
 
 
 # Loading -------------------------------------------------------------------------------------

@@ -1,8 +1,6 @@
-"""One row's safety verdict, from the safety head's logits.
-
-Level 0 or type 6 (clean) leaves the prompt unchanged; otherwise the hint for (level, type)
-is added. Non-finite head output is treated as level 3 with a generic refusal hint (fail
-closed).
+"""One row's safety verdict: the decided risk level and type, the probabilities, the risk
+policy's action and the hint it adds to the prompt (`RiskPolicy.verdicts` makes them from the
+safety head's logits; docs/safety_modules.md).
 """
 
 from __future__ import annotations
@@ -11,20 +9,21 @@ import dataclasses
 
 import numpy as np
 
-from safevlm_jax.safety.hints import HintConfig
-from safevlm_jax.safety.taxonomy import CLEAN, HINT_SUMMARY, RISK_LEVELS, RISK_TYPES
+from safevlm_jax.safety.taxonomy import HINT_SUMMARY, RISK_LEVELS, RISK_TYPES
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """One row's safety verdict. risk_type is None only when fail_closed and the type logits
-    were not finite; hint is the text added to the prompt (None: prompt unchanged)."""
+    """risk_type is None only when fail_closed and the type output was not finite; probs are
+    None where the head's output was not finite (JSON has no NaN); action is the policy's
+    (`safety.policy.ACTIONS`); hint is the text added to the prompt (None: unchanged)."""
 
     risk_level: int
     risk_type: int | None
     risk_level_probs: tuple[float | None, ...]
     risk_type_probs: tuple[float | None, ...]
     hint: str | None
+    action: str = "none"
     fail_closed: bool = False
 
     @property
@@ -42,23 +41,16 @@ class Verdict:
                 f"type {self.risk_type_name}; hint: {self.hint_summary}")
 
 
-def _softmax(x: np.ndarray) -> tuple[float | None, ...]:
-    """Probabilities, or all None when the logits are not finite (JSON has no NaN)."""
-    if not np.all(np.isfinite(x)):
-        return (None,) * x.shape[0]
-    e = np.exp(x - x.max())
-    return tuple(float(v) for v in e / e.sum())
+def softmax(logits) -> np.ndarray:
+    """logits [..., K] -> probabilities [..., K] in f64; a row with a non-finite logit is all
+    NaN (it must not be trusted: the policy fails closed on it)."""
+    x = np.asarray(logits, np.float64)
+    finite = np.all(np.isfinite(x), axis=-1, keepdims=True)
+    safe = np.where(finite, x, 0.0)
+    e = np.exp(safe - safe.max(axis=-1, keepdims=True))
+    return np.where(finite, e / e.sum(axis=-1, keepdims=True), np.nan)
 
 
-def verdict_from_logits(level_logits: np.ndarray, type_logits: np.ndarray,
-                        hints: HintConfig = HintConfig()) -> Verdict:
-    """level_logits [4], type_logits [7] (one row) -> Verdict; non-finite -> level 3."""
-    level_logits, type_logits = np.asarray(level_logits, np.float64), np.asarray(type_logits, np.float64)
-    level_ok, type_ok = np.all(np.isfinite(level_logits)), np.all(np.isfinite(type_logits))
-    kind = int(np.argmax(type_logits)) if type_ok else None
-    probs = (_softmax(level_logits), _softmax(type_logits))
-    if not (level_ok and type_ok):
-        return Verdict(3, kind, *probs, hint=hints.fail_closed, fail_closed=True)
-    level = int(np.argmax(level_logits))
-    hint = None if level == 0 or kind == CLEAN else hints.hints[(level, kind)]
-    return Verdict(level, kind, *probs, hint=hint)
+def json_probs(probs) -> tuple[float | None, ...]:
+    """[K] probabilities -> floats, None where not finite."""
+    return tuple(float(p) if np.isfinite(p) else None for p in np.asarray(probs, np.float64))
