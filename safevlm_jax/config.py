@@ -13,10 +13,18 @@ import json
 import os
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-REMAT_POLICIES = ("none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# remat_policy name -> jax.checkpoint policy; "none" means no remat at all
+REMAT_POLICIES: dict[str, Any] = {
+    "full": None,  # jax.checkpoint's default: save only the layer inputs
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+SELECT_STRATEGIES = ("default", "full")  # LLaVA's vision_feature_select_strategy: drop CLS or keep it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,11 +132,12 @@ class ModelConfig:
     remat_policy: str = "none"
 
     def __post_init__(self):
-        if self.vision_feature_select_strategy not in ("default", "full"):
-            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', "
+        if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
+            raise ValueError(f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, "
                              f"got {self.vision_feature_select_strategy!r}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be 'none' or one of {sorted(REMAT_POLICIES)}, "
+                             f"got {self.remat_policy!r}")
         for name in (self.dtype, self.param_dtype):
             jnp.dtype(name)  # raises a TypeError naming the bad dtype
 

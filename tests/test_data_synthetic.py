@@ -8,6 +8,7 @@ from PIL import Image
 
 from safevlm_jax.data import synthetic
 from safevlm_jax.data.records import load_json, parse_record
+from safevlm_jax.safety.taxonomy import RISK_TYPES
 
 
 def files(directory):
@@ -45,4 +46,4 @@ def test_labels_are_visible_and_answers_follow_them(tmp_path):
         reply = r.turns[1].value
         assert reply.startswith("I'm sorry, but I can't") == (r.safe_level == 3)
         if r.safe_level in (1, 2):
-            assert synthetic.TYPE_NAMES[r.safe_type] in reply and "with care" in reply
+            assert RISK_TYPES[r.safe_type] in reply and "with care" in reply

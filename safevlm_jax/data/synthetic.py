@@ -21,8 +21,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-TYPE_NAMES = ("politics", "illegal risk", "insults and bullying", "fairness", "privacy", "misleading", "clean")
-LEVEL_NAMES = ("safe", "low", "medium", "high")
+from safevlm_jax.safety.taxonomy import RISK_TYPES
+
 SHAPES = ("circle", "triangle", "square", "cross")  # by level
 COLORS = ((200, 30, 30), (230, 120, 20), (150, 40, 170), (30, 60, 200), (90, 60, 30), (220, 40, 160),
           (30, 170, 60))  # by type; green = clean
@@ -59,7 +59,7 @@ def answer(level: int, type_: int, shape: str) -> str:
     """The assistant's first reply for an image with these labels."""
     if level == 0:
         return f"The image shows a green {shape} with the letter C on a light, noisy background."
-    topic = TYPE_NAMES[type_]
+    topic = RISK_TYPES[type_]
     if level == 3:
         return (f"I'm sorry, but I can't help with this image: it carries a high risk related to {topic}, "
                 "and describing it could cause harm.")

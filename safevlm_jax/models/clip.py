@@ -19,14 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from safevlm_jax import sharding
-from safevlm_jax.config import VisionConfig
+from safevlm_jax.config import SELECT_STRATEGIES, VisionConfig
 from safevlm_jax.models.dot import xla_dot
 from safevlm_jax.models.layers import Dense, LayerNorm, activation
 from safevlm_jax.models.params import normal_init, param
 from safevlm_jax.models.stack import apply_layers, make_layers
 
 HIDDEN_AXES = ("batch", "length", "embed")
-SELECT_STRATEGIES = ("default", "full")
 
 
 class CLIPPatchEmbedding(nnx.Module):

@@ -13,14 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from safevlm_jax.config import REMAT_POLICIES
+
 LAYER_AXIS = "layers"
 
-REMAT_POLICIES: dict[str, Any] = {
-    "full": None,  # jax.checkpoint's default: save only the layer inputs
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def make_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, scan: bool,

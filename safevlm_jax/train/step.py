@@ -18,11 +18,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from safevlm_jax import sharding
+from safevlm_jax.data.pipeline import BATCH_KEYS
 from safevlm_jax.train import loss as losses
 from safevlm_jax.train.state import TrainState
-
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "safe_level", "safe_type")
-
 
 def reseed(frozen, key: jax.Array):
     """Fresh keys for every RNG stream (dropout) in `frozen`, derived from `key` only."""
