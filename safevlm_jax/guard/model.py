@@ -3,7 +3,7 @@
     guard = Guard.from_checkpoint("ckpt/")                  # loads only what the verdict reads
     level_probs, type_probs = guard(pixel_values)           # [B, 4], [B, 7] float32 numpy
 
-Why this is the model's own verdict (SPEC §2): the safety head is one cross-attention whose
+Why this is the model's own verdict (docs/safety_modules.md): the safety head is one cross-attention whose
 keys/values are the safety tokens and the safety projector's output (a function of the CLIP
 features alone) and whose query is the text embedding at the first real position; its
 output at one query position depends only on that query. So the verdict is a function of

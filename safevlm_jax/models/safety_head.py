@@ -1,4 +1,5 @@
-"""Safety tokens and safety head: one cross-attention read-out, two classifiers (SPEC §2).
+"""Safety tokens and safety head: one cross-attention read-out, two classifiers
+(docs/safety_modules.md).
 
     query = text embedding of the first real token [B, d]
     keys = values = concat(safety_tokens_head [T_s, d] broadcast, safety projector out [B, Q, d])

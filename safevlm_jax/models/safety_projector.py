@@ -1,4 +1,5 @@
-"""Safety projector: Honeybee's C-Abstractor over CLIP patch features (SPEC §2).
+"""Safety projector: Honeybee's C-Abstractor over CLIP patch features
+(docs/safety_modules.md).
 
     features [B, N, C] -> grid [B, √N, √N, C] -> net_0 (RegStage C -> h) -> adaptive average
     pool to [B, √Q, √Q, h] -> net_2 (RegStage h -> h) -> [B, Q, h] -> readout_0 · SiLU ·
@@ -161,7 +162,7 @@ def adaptive_avg_pool2d(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 class SafetyProjector(nnx.Module):
-    """C-Abstractor: CLIP features [B, N, C] -> safety features [B, Q, d] (SPEC §2).
+    """C-Abstractor: CLIP features [B, N, C] -> safety features [B, Q, d] (docs/safety_modules.md).
 
     `net_0`: RegStage C -> h; (`net.1` is the parameter-free adaptive pool); `net_2`: RegStage
     h -> h; `readout_0` [h, d] · SiLU · `readout_2` [d, d]. h = `config.abstractor_hidden_size`,

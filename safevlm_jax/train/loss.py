@@ -1,4 +1,4 @@
-"""SafeVLM loss (SPEC §2): L = L_LM + λ · (CE(level) + CE(type)), λ = 10.
+"""SafeVLM loss (docs/safety_modules.md): L = L_LM + λ · (CE(level) + CE(type)), λ = 10.
 
 Losses are returned as *sums* with their counts, so that a batch split into microbatches is
 normalised by the whole batch's counts and gives exactly the one-big-batch loss.
