@@ -8,8 +8,8 @@
 Per risk type, each action has the minimum level that triggers it (or none); the most
 severe triggered action wins. `caution`, `may_refuse` and `refuse` add the safety prompt's
 level-1/2/3 hint for that type (`safety.hints.HintConfig`); `block` answers with
-`refusal` without running generation. The default is the paper's rule (docs/safety_modules.md): level 0 or
-type 6 (clean) -> none; level 1 -> caution, 2 -> may_refuse, 3 -> refuse.
+`refusal` without running generation. The default is the paper's rule (docs/safety_modules.md):
+level 0 or type 6 (clean) -> none; level 1 -> caution, 2 -> may_refuse, 3 -> refuse.
 
 The level is the argmax of the level probabilities, or, with `level_thresholds`
 {1: t1, 2: t2, 3: t3}, the highest l with P(level >= l) >= t_l (0 if none). The type is the
