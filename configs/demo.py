@@ -9,7 +9,7 @@ stage0 stands in for LLaVA pre-training: CLIP, projector and LLM learn the synth
 from scratch, as plain LLaVA without safety modules (so its LLM, like `--safety off`, never
 sees safety tokens); stage1 adds them with a fresh init, since init_from keeps the init of what
 a checkpoint lacks. stage1 and
-stage2 are SPEC §3's stages at this size: the safety modules, then LoRA on the LLM linears.
+stage2 are the paper's stages (docs/architecture.md) at this size: the safety modules, then LoRA on the LLM linears.
 The model is about 2M parameters: a CLIP-like tower on 64 px images in 8 px patches (an 8 x 8
 grid, which the C-Abstractor keeps as its 64 queries), a 4-layer LLaMA decoder of width 128,
 and the vocabulary of `launch/demo_data.py`'s tokenizer (1000 tokens, then <image>, <pad>).

@@ -1,4 +1,5 @@
-"""Shared training config for `stage1.py` / `stage2.py` (SPEC §3); every field is data.
+"""Shared training config for `stage1.py` / `stage2.py` (docs/architecture.md,
+"Training"); every field is data.
 
 Presets: `tiny` (CPU tests: f32, larger lr so a few steps visibly learn), `7b`, `13b`
 (bf16 compute, f32 master weights for what trains, bf16 frozen weights, scanned + rematted

@@ -3,7 +3,7 @@
 The presets in `configs/` are ml_collections ConfigDicts (so they can be overridden from the
 command line); `ModelConfig.from_dict` turns the `model` part of one into this typed form, and
 `ModelConfig.from_hf` reads a real checkpoint's `config.json` through transformers, so no size
-is ever hard-coded for a real model (SPEC §1).
+is ever hard-coded for a real model (docs/checkpoint_format.md).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SafetyConfig:
-    """SafeVLM safety modules (SPEC §2)."""
+    """SafeVLM safety modules (docs/safety_modules.md)."""
 
     enabled: bool = True
     num_tokens: int = 64
@@ -205,7 +205,8 @@ class ModelConfig:
         """From a `transformers.LlavaConfig` or a directory/`config.json` holding one.
 
         Sizes come from transformers (which fills the library defaults the published files
-        leave out, SPEC §1); SafeVLM safety settings come from `overrides` (default: SPEC §2).
+        leave out, docs/checkpoint_format.md); SafeVLM safety settings come from `overrides`
+        (default: docs/safety_modules.md).
         """
         hf = hf_config_or_dir
         if isinstance(hf, (str, os.PathLike)):

@@ -1,4 +1,5 @@
-"""Images: safe paths under an image root, guarded decoding, CLIP preprocessing (SPEC §1).
+"""Images: safe paths under an image root, guarded decoding, CLIP preprocessing
+(docs/architecture.md, "Images").
 
 `preprocess` equals transformers' `CLIPImageProcessor` (PIL backend: shortest side resized
 bicubic with PIL, center crop, rescale by 1/255, normalize) but returns channels last,

@@ -5,7 +5,7 @@
 Each run directory holds the outputs of `eval.head` (head_metrics.json), `eval.tsne`
 (tsne.json) and/or `eval.generate` (*_refusal.json), with their PNGs. Writes OUT/report.md,
 OUT/report.html and OUT/figures/*.png (copies, so the report can be moved as one folder).
-The SafeVLM paper's published numbers (SPEC §5) are added as separate rows and tables whose
+The SafeVLM paper's published numbers (`PAPER_*` below) are added as separate rows and tables whose
 labels start with "paper:" — they are quoted, never computed from the runs.
 """
 
@@ -23,7 +23,7 @@ from typing import Sequence
 from safevlm_jax.eval.refusal import rates_table
 from safevlm_jax.eval.tables import html_table, markdown_table
 
-SOURCE = "SafeVLM paper (arXiv 2405.13581), as quoted in SPEC §5"
+SOURCE = "SafeVLM paper (arXiv 2405.13581)"
 PAPER_HEAD_ACCURACY = "≈ 0.92–0.99 per class"
 PAPER_RTVLM = (("LLaVA-1.5-7B", "6.39"), ("LLaVA-1.5-13B", "6.55"), ("GPT-4V", "7.92"), ("SafeVLM-7B", "8.18"),
                ("SafeVLM-7B+LoRA", "8.26"), ("SafeVLM-13B", "8.40"), ("SafeVLM-13B+LoRA", "8.46"))
