@@ -5,7 +5,7 @@ or more of our unscanned parameter paths (`language_model/model/layers/3/self_at
 kernel`) through a reversible `Transform`; both directions are exact (transposes, reshapes
 and splits only, no arithmetic), so HF -> JAX -> HF returns the same bytes.
 
-HF LLaVA files name their tensors in several ways (SPEC §1); `canonical_hf_key` maps each to
+HF LLaVA files name their tensors in several ways (docs/checkpoint_format.md); `canonical_hf_key` maps each to
 the published `llava-hf` names used in the table:
 
     vision_tower.vision_model.*  <- vision_tower.* (transformers 5 files), model.vision_tower.*
@@ -13,7 +13,7 @@ the published `llava-hf` names used in the table:
     language_model.lm_head.*     <- lm_head.*
     multi_modal_projector.*      <- model.multi_modal_projector.*
 
-The safety modules use the authors' names (SPEC §2): `safety_query_tokens` [1, T, d],
+The safety modules use the authors' names (docs/safety_modules.md): `safety_query_tokens` [1, T, d],
 `safety_query_tokens_2` [T, d] (stored [1, T, d] as well), `safe_mm_projector.proj.*`,
 `safe_part.*` (torch `nn.MultiheadAttention` packs q/k/v in `in_proj_weight` [3d, d]).
 """
@@ -162,7 +162,7 @@ def _regstage(hf: str, ours: str, depth: int, in_chs: int, out_chs: int) -> list
 
 
 def safety_rules(config: ModelConfig) -> list[Rule]:
-    """The authors' safety-module keys (SPEC §2, no prefix) <-> our paths."""
+    """The authors' safety-module keys (docs/checkpoint_format.md, no prefix) <-> our paths."""
     c, h, depth = config.vision.hidden_size, config.abstractor_hidden_size, config.safety.depth
     p, a = "safe_mm_projector.proj", "safety_head/cross_attention"
     qkv = tuple(f"{a}/{n}_proj" for n in "qkv")

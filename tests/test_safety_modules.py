@@ -1,4 +1,5 @@
-"""Safety projector (C-Abstractor), safety tokens and safety head vs a PyTorch reference (SPEC §2)."""
+"""Safety projector (C-Abstractor), safety tokens and safety head vs a PyTorch reference
+(docs/safety_modules.md)."""
 
 import dataclasses
 
@@ -179,7 +180,7 @@ def test_parameter_shapes_and_count_follow_spec_for_clip_l_7b():
 
 
 def _spec_projector_count(c, h, d, depth=3):
-    """SPEC §2 by hand: LN = 2 x channels, SE squeeze = round(0.25 x block input)."""
+    """docs/safety_modules.md by hand: LN = 2 x channels, SE squeeze = round(0.25 x block input)."""
     def block(i, o):
         rd = int(round(0.25 * i))
         n = (i * o + 2 * o) + (9 * o + 2 * o) + (2 * o * rd + rd + o) + (o * o + 2 * o)

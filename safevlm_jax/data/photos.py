@@ -2,7 +2,7 @@
 
     python -m safevlm_jax.data.photos --out DIR [--set all|held_out|other]
 
-writes the photos whole as labelled data (`DIR/data.json`, `DIR/images/*.png`, SPEC §4 records
+writes the photos whole as labelled data (`DIR/data.json`, `DIR/images/*.png`, SafeVLM records
 without conversations) for `python -m safevlm_jax.eval.head --data DIR`.
 
 `SAMPLE_PHOTOS` are the 28 images that `skimage.data`'s loaders give without a download: 26
