@@ -6,7 +6,8 @@
 
 Without --checkpoint it uses the demo checkpoint in `safevlm_jax/assets/demo/` if present,
 else a tiny *random, untrained* checkpoint created on first use in the cache directory
-(`$SAFEVLM_CACHE`, default `~/.cache/safevlm_jax`), announced on stderr.
+(`$SAFEVLM_CACHE`, default `~/.cache/safevlm_jax`), announced on stderr
+(`safevlm_jax.checkpoint.demo`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 
 from absl import app, flags, logging
 
-from safevlm_jax.checkpoint.assets import save_image_settings
+from safevlm_jax.checkpoint.demo import resolve_checkpoint
 from safevlm_jax.inference.pipeline import Request, SafeVLMInference
 from safevlm_jax.inference.sampling import make_sampler
 from safevlm_jax.safety.hints import HintConfig, load_hints
@@ -40,58 +41,6 @@ flags.DEFINE_enum("template", "llava_v1", sorted(TEMPLATES), "prompt template")
 flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (see safety_prompt.load_hints)")
 flags.DEFINE_string("policy", None, "risk policy JSON/YAML file (see safevlm_jax.safety.policy; default: the paper's rules)")
 flags.DEFINE_bool("json", False, "print one JSON object instead of streaming text")
-
-DEMO_DIR = os.path.join(os.path.dirname(__file__), "assets", "demo")
-_CORPUS = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
-           "gives helpful, detailed, and polite answers to the human's questions. USER: ASSISTANT: "
-           "What is shown in this image? Describe the picture. Safe Hint: this image may contain risks "
-           "of politics, illegal activity, insults and bullying, unfairness, privacy, misleading "
-           "content; answer with caution, you may refuse. I'm sorry, but I can't help with that.")
-
-
-def cache_dir() -> str:
-    return os.environ.get("SAFEVLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "safevlm_jax")
-
-
-def random_checkpoint(directory: str, seed: int = 0) -> str:
-    """Writes a `tiny` SafeVLM with random weights and a tiny trained tokenizer (once).
-
-    Weights are drawn with numpy (norm scales 1, biases 0, the rest N(0, 0.02)): tracing the
-    model's own initialisers costs far longer than the whole demo on a small CPU."""
-    if os.path.isfile(os.path.join(directory, "config.json")):
-        return directory
-    import tempfile
-
-    import numpy as np
-    from flax import nnx
-
-    from configs.model import model_config
-    from safevlm_jax.checkpoint.format import abstract_model, save_checkpoint
-    from safevlm_jax.data.tokenizer import train_tokenizer
-
-    config, rng = model_config("tiny"), np.random.default_rng(seed)
-    params = nnx.state(abstract_model(config), nnx.Param)
-    for path, var in nnx.to_flat_state(params):
-        shape, dtype = var.get_value().shape, var.get_value().dtype
-        value = {"scale": np.ones(shape), "bias": np.zeros(shape)}.get(path[-1])
-        var.set_value((rng.normal(0, 0.02, shape) if value is None else value).astype(dtype))
-    with tempfile.TemporaryDirectory() as assets:
-        train_tokenizer([_CORPUS] * 20, vocab_size=config.image_token_index, out_dir=assets)
-        save_image_settings(assets, config)
-        save_checkpoint(directory, params, config, assets_dir=assets, overwrite=True)
-    return directory
-
-
-def resolve_checkpoint(checkpoint: str | None) -> str:
-    if checkpoint:
-        return checkpoint
-    if os.path.isfile(os.path.join(DEMO_DIR, "config.json")):
-        return DEMO_DIR
-    path = os.path.join(cache_dir(), "random_tiny")
-    print(f"note: no --checkpoint and no demo checkpoint; using a tiny RANDOM, UNTRAINED model at "
-          f"{path} (its verdicts and answers are meaningless)", file=sys.stderr)
-    return random_checkpoint(path)
-
 
 def _read_batch(path: str) -> list[dict]:
     rows = []

@@ -14,7 +14,7 @@ from safevlm_jax.data import synthetic
 from safevlm_jax.eval.dataset import Question, load_labelled
 from safevlm_jax.eval.generate import answer_questions
 from safevlm_jax.eval.refusal import RefusalDetector, refusal_rates
-from safevlm_jax.sample import DEMO_DIR
+from safevlm_jax.checkpoint.demo import DEMO_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELD_OUT_SEED = 7

@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 
 from safevlm_jax.data.synthetic import generate as synthetic
 from safevlm_jax.eval import generate, head, report, tsne
-from safevlm_jax.sample import random_checkpoint
+from safevlm_jax.checkpoint.demo import random_checkpoint
 
 
 @pytest.fixture(scope="module")

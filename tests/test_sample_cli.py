@@ -14,6 +14,7 @@ from absl import flags
 from PIL import Image
 
 from safevlm_jax import sample
+from safevlm_jax.checkpoint import demo
 from safevlm_jax.inference.pipeline import Request, SafeVLMInference
 
 JSON_KEYS = {"answer", "token_ids", "risk_level", "risk_type", "risk_type_name", "risk_level_probs",
@@ -26,7 +27,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(io.StringIO()) as err:
         mp.setenv("SAFEVLM_CACHE", str(root / "cache"))
-        mp.setattr(sample, "DEMO_DIR", str(root / "no_demo"))
+        mp.setattr(demo, "DEMO_DIR", str(root / "no_demo"))
         ckpt = sample.resolve_checkpoint(None)
     assert "RANDOM, UNTRAINED" in err.getvalue() and ckpt == str(root / "cache" / "random_tiny")
     rng = np.random.default_rng(0)
@@ -123,7 +124,7 @@ def test_non_finite_safety_head_fails_closed_with_the_refusal_hint(files):
 def test_without_checkpoint_the_random_tiny_one_is_reused_not_rewritten(files, monkeypatch):
     ckpt, root = files
     monkeypatch.setenv("SAFEVLM_CACHE", str(root / "cache"))
-    monkeypatch.setattr(sample, "DEMO_DIR", str(root / "no_demo"))
+    monkeypatch.setattr(demo, "DEMO_DIR", str(root / "no_demo"))
     stamp = os.path.getmtime(os.path.join(ckpt, "config.json"))
     assert sample.resolve_checkpoint(None) == ckpt
     assert os.path.getmtime(os.path.join(ckpt, "config.json")) == stamp

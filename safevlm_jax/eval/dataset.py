@@ -200,7 +200,7 @@ def resolve_checkpoint(checkpoint: str | None) -> str:
     """`checkpoint` if it is one; without it the demo checkpoint, else a tiny random one
     (announced on stderr), as `safevlm_jax.sample` does."""
     if checkpoint is None:
-        from safevlm_jax.sample import resolve_checkpoint as default_checkpoint
+        from safevlm_jax.checkpoint.demo import resolve_checkpoint as default_checkpoint
 
         return default_checkpoint(None)
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
