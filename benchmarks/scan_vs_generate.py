@@ -36,7 +36,7 @@ QUESTION_TOKENS = 40  # system text + question + "ASSISTANT:" after the image, L
 
 def config_350m() -> ModelConfig:
     """~350M parameters in LLaVA-1.5's layout: a small CLIP at 336 px (576 patches), a
-    1024-wide 20-layer LLaMA with the full 32064 vocabulary, 7B-recipe safety modules."""
+    1024-wide 20-layer LLaMA with the full 32064 vocabulary, the default safety modules (`SafetyConfig()`)."""
     return ModelConfig(
         vision=VisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=12,
                             num_attention_heads=6),
