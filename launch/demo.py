@@ -9,7 +9,7 @@ a model trained on them refuses with or without the safety modules. The demo's b
 should behave like LLaVA-1.5 instead: describe what it sees, and obey a `Safe Hint:` when the
 user turn carries one. So each record's first exchange is rewritten: for a risky image, with
 probability `hint_fraction`, the question carries the hint the sampler would add for its labels
-(`safety_prompt.HintConfig`, same text and `Safe Hint:` prefix) and the answer obeys it (level
+(`safety.hints.HintConfig`, same text and `Safe Hint:` prefix) and the answer obeys it (level
 3: the refusal the hint dictates; levels 1-2: the generator's cautious answer); otherwise the
 answer plainly describes the image. `data` writes DIR/data.json, DIR/images/ and a tokenizer
 trained on every text the model will read (system prompt and hints included) in DIR/tokenizer;

@@ -38,7 +38,7 @@ flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_enum("safety", "on", ["on", "off"], "off: plain LLaVA (no head, hint or safety tokens)")
 flags.DEFINE_enum("template", "llava_v1", sorted(TEMPLATES), "prompt template")
-flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (see safety_prompt.load_hints)")
+flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (see safevlm_jax.safety.hints.load_hints)")
 flags.DEFINE_string("policy", None, "risk policy JSON/YAML file (see safevlm_jax.safety.policy; default: the paper's rules)")
 flags.DEFINE_bool("json", False, "print one JSON object instead of streaming text")
 

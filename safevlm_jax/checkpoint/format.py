@@ -8,7 +8,7 @@ A checkpoint is a directory:
 
 Writes go to a temporary sibling directory renamed at the end, so a crash leaves nothing
 half-written; on multi-process runs every process saves its shards of the arrays into the
-same one and process 0 writes the rest (`checkpoint_io.atomic_directory`). Loads restore
+same one and process 0 writes the rest (`checkpoint.io.atomic_directory`). Loads restore
 every array straight into its target sharding (`ShapeDtypeStruct` with a `NamedSharding`,
 no host copy of the whole model) and convert between the scanned ([num_layers, ...] stacks)
 and unscanned layouts, so any checkpoint loads into any model.
@@ -69,7 +69,7 @@ def copy_assets(src_dir: str, dst_dir: str) -> list[str]:
 
 def load_config(directory: str) -> ModelConfig:
     """The `ModelConfig` of checkpoint `directory`; FileNotFoundError if it has no config.json
-    (ValueError for a URL: see `checkpoint_io.local_path`)."""
+    (ValueError for a URL: see `checkpoint.io.local_path`)."""
     path = os.path.join(local_path(directory, "checkpoint"), CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: not a checkpoint (no {CONFIG_FILE})")

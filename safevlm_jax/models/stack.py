@@ -2,7 +2,7 @@
 that `nnx.scan` runs (so 32/40-layer models compile one layer, not all of them).
 
 `stack_state` turns per-layer parameters into the scanned layout (the checkpoint reader
-converts stored layouts itself, in `safevlm_jax/checkpoint_io.py`).
+converts stored layouts itself, in `safevlm_jax/checkpoint/io.py`).
 """
 
 from __future__ import annotations
