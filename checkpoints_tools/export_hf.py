@@ -24,42 +24,10 @@ from checkpoints_tools.safetensors_io import ShardWriter, parse_size, save_tenso
 from safevlm_jax.checkpoint.format import check_matches, copy_assets, load_config
 from safevlm_jax.checkpoint.io import CONFIG_FILE, ParamReader, atomic_directory, iter_unscanned
 from safevlm_jax.config import ModelConfig
+from safevlm_jax.models.lora import fold
 
 ADAPTER_DIR = "lora_adapter"
 SAFETY_FILE = "safety_modules.safetensors"
-
-
-def hf_config(config: ModelConfig):
-    """A `transformers.LlavaConfig` equal to `config` (sizes, ids, feature layer, dtype)."""
-    import transformers
-
-    v, t = config.vision, config.text
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-        num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-        image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
-        layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
-    text = transformers.LlamaConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
-        max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=t.tie_word_embeddings,
-        hidden_act=t.hidden_act, attention_bias=t.attention_bias, mlp_bias=t.mlp_bias)
-    return transformers.LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=config.image_token_index,
-        pad_token_id=None if config.pad_token_id < 0 else config.pad_token_id,
-        vision_feature_layer=config.vision_feature_layer,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        projector_hidden_act=config.projector_hidden_act,
-        multimodal_projector_bias=config.multimodal_projector_bias,
-        tie_word_embeddings=t.tie_word_embeddings, dtype=config.param_dtype)
-
-
-def _merge(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, scaling: float) -> np.ndarray:
-    """kernel [in, out] + lora_a [in, r] @ lora_b [r, out] * scaling, in f32, kernel's dtype."""
-    update = lora_a.astype(np.float32) @ lora_b.astype(np.float32) * np.float32(scaling)
-    return (kernel.astype(np.float32) + update).astype(kernel.dtype)
 
 
 def _emit(reader: ParamReader, rules: list[Rule], extra: dict[str, list[str]], budget: int):
@@ -109,11 +77,11 @@ def export_hf(checkpoint: str, out: str, merge_lora: bool = False, key_style: st
                                        desc="export", unit="tensor"):
             if lora:
                 a, b = (lora[p] for p in merge[rule.hf])
-                arrays = [_merge(arrays[0], a, b, config.lora.scaling)]
+                arrays = [np.asarray(fold(arrays[0], a, b, config.lora.scaling))]
             writer.add(styled_hf_key(rule.hf, key_style), rule.transform.to_hf(arrays))
         files = writer.close()
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(hf_config(config).to_dict(), f, indent=2, sort_keys=True)
+            json.dump(config.to_hf().to_dict(), f, indent=2, sort_keys=True)
         files += copy_assets(checkpoint, tmp)
         if config.safety.enabled:
             sr = safety_rules(config)

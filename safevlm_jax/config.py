@@ -268,6 +268,33 @@ class ModelConfig:
         kw.update(overrides)
         return cls(**kw)
 
+    def to_hf(self):
+        """The inverse of `from_hf`: a `transformers.LlavaConfig` equal to this config (sizes,
+        ids, feature layer, dtype); safety settings are ours and stay out of it."""
+        import transformers  # heavy: only needed for this path
+
+        v, t = self.vision, self.text
+        vision = transformers.CLIPVisionConfig(
+            hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+            image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
+            layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
+        text = transformers.LlamaConfig(
+            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+            max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=t.tie_word_embeddings,
+            hidden_act=t.hidden_act, attention_bias=t.attention_bias, mlp_bias=t.mlp_bias)
+        return transformers.LlavaConfig(
+            vision_config=vision, text_config=text, image_token_index=self.image_token_index,
+            pad_token_id=None if self.pad_token_id < 0 else self.pad_token_id,
+            vision_feature_layer=self.vision_feature_layer,
+            vision_feature_select_strategy=self.vision_feature_select_strategy,
+            projector_hidden_act=self.projector_hidden_act,
+            multimodal_projector_bias=self.multimodal_projector_bias,
+            tie_word_embeddings=t.tie_word_embeddings, dtype=self.param_dtype)
+
 
 def _build(cls, value, where: str, already_built: bool = False):
     if dataclasses.is_dataclass(value) and not already_built:

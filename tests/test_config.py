@@ -46,3 +46,14 @@ def test_from_hf_reads_sizes_from_llava_config(tmp_path):
     assert cfg.text.rms_norm_eps == 1e-6 and cfg.text.head_dim == 12
     assert cfg.vision.num_patches == 16 and cfg.image_token_index == 299
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llava"
+
+
+def test_hf_config_round_trip_is_exact(tiny_config):
+    """`to_hf` is the inverse of `from_hf`: the round trip gives the same ModelConfig."""
+    from safevlm_jax.config import ModelConfig
+
+    for config in (tiny_config, tiny_config.replace(pad_token_id=-1)):
+        back = ModelConfig.from_hf(config.to_hf(), safety=config.safety, lora=config.lora,
+                                   param_dtype=config.param_dtype, dtype=config.dtype,
+                                   scan_layers=config.scan_layers, remat_policy=config.remat_policy)
+        assert back == config

@@ -48,10 +48,12 @@ def _adapters(model: nnx.Module):
     return [(m, m.lora) for _, m in nnx.iter_modules(model) if isinstance(getattr(m, "lora", None), LoRA)]
 
 
-def delta(lora: LoRA) -> jax.Array:
-    """lora_a @ lora_b * scaling in f32: [in, out] (or [layers, in, out] when scanned)."""
-    return jnp.matmul(lora.lora_a[...].astype(jnp.float32),
-                      lora.lora_b[...].astype(jnp.float32)) * lora.scaling
+def fold(kernel, lora_a, lora_b, scaling: float, sign: float = 1.0):
+    """kernel [..., in, out] + sign * lora_a [..., in, r] @ lora_b [..., r, out] * scaling,
+    computed in f32 and returned in the kernel's dtype: the one LoRA merge (modules, states
+    and the HF export all use it, so each gives the same bits)."""
+    update = jnp.matmul(jnp.asarray(lora_a, jnp.float32), jnp.asarray(lora_b, jnp.float32)) * scaling
+    return (jnp.asarray(kernel, jnp.float32) + sign * update).astype(kernel.dtype)
 
 
 def merge_lora(model: nnx.Module, *, keep_lora: bool = False) -> nnx.Module:
@@ -63,8 +65,7 @@ def merge_lora(model: nnx.Module, *, keep_lora: bool = False) -> nnx.Module:
     """
     for owner, lora in _adapters(model):
         if not lora.merged:
-            kernel = owner.kernel[...]
-            owner.kernel[...] = (kernel.astype(jnp.float32) + delta(lora)).astype(kernel.dtype)
+            owner.kernel[...] = fold(owner.kernel[...], lora.lora_a[...], lora.lora_b[...], lora.scaling)
         if keep_lora:
             lora.merged = True
         else:
@@ -76,8 +77,7 @@ def unmerge_lora(model: nnx.Module) -> nnx.Module:
     """Inverse of `merge_lora(model, keep_lora=True)`, in place; returns `model`."""
     for owner, lora in _adapters(model):
         if lora.merged:
-            kernel = owner.kernel[...]
-            owner.kernel[...] = (kernel.astype(jnp.float32) - delta(lora)).astype(kernel.dtype)
+            owner.kernel[...] = fold(owner.kernel[...], lora.lora_a[...], lora.lora_b[...], lora.scaling, -1.0)
             lora.merged = False
     return model
 
@@ -93,8 +93,6 @@ def merge_lora_state(state: nnx.State, scaling: float) -> nnx.State:
         a = flat.get(path[:-1] + ("lora", "lora_a")) if path[-1] == "kernel" else None
         if a is not None:
             b = flat[path[:-1] + ("lora", "lora_b")]
-            kernel = var.get_value()
-            d = jnp.matmul(a.get_value().astype(jnp.float32), b.get_value().astype(jnp.float32))
-            var = var.replace((kernel.astype(jnp.float32) + d * scaling).astype(kernel.dtype))
+            var = var.replace(fold(var.get_value(), a.get_value(), b.get_value(), scaling))
         out.append((path, var))
     return nnx.from_flat_state(out)
