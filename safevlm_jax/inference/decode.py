@@ -29,7 +29,7 @@ from flax import nnx
 from safevlm_jax.inference.sampling import Greedy
 from safevlm_jax.models.dot import decode_matvecs
 from safevlm_jax.models.kv_cache import KVCache
-from safevlm_jax.models.safevlm import SafeVLM, default_positions, merge_image_embeddings
+from safevlm_jax.models.safevlm import SafeVLM, default_positions
 
 PROMPT_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -89,10 +89,7 @@ def _generate(graphdef, state, input_ids, attention_mask, features, cache, key, 
     lm = model.language_model
     batch, slots = input_ids.shape[0], cache.max_len - input_ids.shape[1]
     cache = KVCache(cache.k, cache.v, jnp.zeros_like(cache.mask), jnp.zeros((), jnp.int32))
-    embeds = model.embed_text(input_ids)
-    if features is not None:
-        embeds = merge_image_embeddings(embeds, input_ids, model.image_embeddings(features, use_safety),
-                                        model.config.image_token_index)
+    embeds = model.input_embeddings(input_ids, features, use_safety)
     positions = default_positions(attention_mask)
     logits, cache = lm(embeds, positions, attention_mask, cache, last_only=True)
     key, sub = jax.random.split(key)

@@ -113,6 +113,17 @@ class SafeVLM(nnx.Module):
         ids = jnp.where(input_ids == self.config.image_token_index, 0, input_ids)
         return self.language_model.embed(ids)
 
+    def input_embeddings(self, input_ids: jax.Array, features: jax.Array | None,
+                         use_safety: bool = True) -> jax.Array:
+        """The LLM's inputs [B, T, d]: text embeddings of input_ids [B, T] (each `<image>`
+        expanded to `num_image_tokens(use_safety)` image ids) with `image_embeddings` of the
+        CLIP features [num_images, N, C] (or None: text only) at the image positions."""
+        embeds = self.embed_text(input_ids)
+        if features is None:
+            return embeds
+        return merge_image_embeddings(embeds, input_ids, self.image_embeddings(features, use_safety),
+                                      self.config.image_token_index)
+
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None,
                  attention_mask: jax.Array, positions: jax.Array | None = None,
                  cache: Any = None, use_safety: bool = True) -> SafeVLMOutput:
@@ -120,15 +131,10 @@ class SafeVLM(nnx.Module):
         image ids; pixel_values [num_images, H, W, 3] or None; attention_mask [B, T] (1 = real).
         """
         use_safety = use_safety and self.has_safety
-        text_embeds = self.embed_text(input_ids)
-        embeds, level, kind = text_embeds, None, None
-        if pixel_values is not None:
-            features = self.image_features(pixel_values)
-            embeds = merge_image_embeddings(text_embeds, input_ids,
-                                            self.image_embeddings(features, use_safety),
-                                            self.config.image_token_index)
-            if use_safety:  # one image per row: the head reads row b's image and first token
-                level, kind = self.safety_logits(features, first_token(text_embeds, attention_mask))
+        features = None if pixel_values is None else self.image_features(pixel_values)
+        embeds, level, kind = self.input_embeddings(input_ids, features, use_safety), None, None
+        if features is not None and use_safety:  # one image per row: row b's image, first token
+            level, kind = self.safety_logits(features, first_token(self.embed_text(input_ids), attention_mask))
         if positions is None:
             positions = default_positions(attention_mask)
         logits, cache = self.language_model(embeds, positions, attention_mask, cache=cache)
