@@ -1,5 +1,6 @@
-"""Text side: parity with LLaVA-1.5's `preprocess_v1`, LlavaProcessor image-token count,
-special-token injection, truncation."""
+"""Text side: parity with LLaVA-1.5's `preprocess_v1` (byte-level BPE, a LLaMA-layout BPE and
+the real LLaMA tokenizer in each layout), LlavaProcessor image-token count, special-token
+injection, truncation."""
 
 import logging
 
@@ -12,87 +13,44 @@ from safevlm_jax.data.records import GPT, HUMAN, Turn
 from safevlm_jax.data.synthetic import QUESTIONS, answer
 from safevlm_jax.data.template import IGNORE_INDEX, VICUNA_SYSTEM, TextEncoder
 from safevlm_jax.data.tokenizer import train_tokenizer
-from tokenizer_helpers import llama_style_tokenizer
-
-REF_IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id in preprocess_v1's output
+from llava_ref import PSA_PROMPT, expand_image, preprocess_v1, tokenizer_image_token
+from tokenizer_helpers import REAL_LAYOUTS, llama_style_tokenizer, llava_tokenizer
 
 CONVERSATIONS = [
     [("What is shown in this image?", answer(0, 6, "circle")), ("What colour is the shape?", "It is green.")],
     [("Describe the picture.", answer(3, 1, "cross"))],
     [("Can you tell me about this image?", "xyzzy qwv!"), ("Is it safe to share?", "Zq zq."),
      ("And the text?", answer(2, 4, "square"))],
+    # odd whitespace where LLaVA counts tokens and we read offsets (template docstring)
+    [("What is it?", "\nA list:\n- x"), ("More?  ", "  two spaces "), ("And?\n", " ok\n")],
 ]
 
 
-@pytest.fixture(scope="module", params=["byte_level", "llama_style"])
+@pytest.fixture(scope="module", params=["byte_level", "llama_style", *REAL_LAYOUTS])
 def tokenizer(request):
     corpus = [VICUNA_SYSTEM, "USER: ASSISTANT:"] + list(QUESTIONS) + [answer(lv, ty, "circle")
                                                                        for lv in range(4) for ty in range(7)]
     if request.param == "llama_style":
         return llama_style_tokenizer(corpus * 3)
+    if request.param in REAL_LAYOUTS:
+        return llava_tokenizer(request.param)
     return train_tokenizer(corpus * 3, vocab_size=500)
-
-
-# --- LLaVA-1.5 reference (llava/mm_utils.py, llava/train/train.py), straightforward form ---
-def ref_tokenizer_image_token(prompt, tokenizer):
-    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
-    input_ids, offset = [], 0
-    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
-        offset = 1
-        input_ids.append(chunks[0][0])
-    separated = [x for pair in zip(chunks, [[REF_IMAGE_TOKEN_INDEX] * (offset + 1)] * len(chunks)) for x in pair][:-1]
-    for x in separated:
-        input_ids.extend(x[offset:])
-    return input_ids
-
-
-def ref_preprocess_v1(rounds, tokenizer):
-    """conv_vicuna_v1 prompt, preprocess_multimodal's "<image>\\n" prefix, preprocess_v1 masking."""
-    sep, sep2 = " ", "</s>"
-    prompt = VICUNA_SYSTEM + sep
-    for i, (q, a) in enumerate(rounds):
-        q = "<image>\n" + q if i == 0 else q
-        prompt += "USER: " + q + sep + "ASSISTANT: " + a + sep2
-    input_ids = ref_tokenizer_image_token(prompt, tokenizer)
-    target = list(input_ids)
-    instruction_sep = sep + "ASSISTANT" + ": "
-    cur_len = 1
-    target[:cur_len] = [IGNORE_INDEX]
-    for rou in prompt.split(sep2):
-        if rou == "":
-            break
-        parts = rou.split(instruction_sep)
-        assert len(parts) == 2
-        parts[0] += instruction_sep
-        round_len = len(ref_tokenizer_image_token(rou, tokenizer))
-        instruction_len = len(ref_tokenizer_image_token(parts[0], tokenizer)) - 2
-        target[cur_len:cur_len + instruction_len] = [IGNORE_INDEX] * instruction_len
-        cur_len += round_len
-    target[cur_len:] = [IGNORE_INDEX] * (len(target) - cur_len)
-    assert cur_len == len(input_ids), "reference tokenization mismatch"
-    return input_ids, target
-
-
-def expand_image(ids, labels, image_id, n):
-    out_ids, out_labels = [], []
-    for i, l in zip(ids, labels):
-        out_ids += [image_id] * n if i == REF_IMAGE_TOKEN_INDEX else [i]
-        out_labels += [IGNORE_INDEX] * n if i == REF_IMAGE_TOKEN_INDEX else [l]
-    return out_ids, out_labels
 
 
 def turns_of(rounds):
     return [Turn(role, text) for q, a in rounds for role, text in ((HUMAN, q), (GPT, a))]
 
 
-@pytest.mark.parametrize("rounds", CONVERSATIONS, ids=["two_rounds", "refusal", "three_rounds_rare_words"])
+@pytest.mark.parametrize("rounds", CONVERSATIONS, ids=["two_rounds", "refusal", "three_rounds_rare_words",
+                                                      "odd_whitespace"])
 def test_input_ids_and_labels_equal_llava_preprocess_v1(tokenizer, tiny_config, rounds):
     n = tiny_config.num_image_tokens
     encoder = TextEncoder(tokenizer, n, max_len=1024)
     ids, labels = encoder.encode(turns_of(rounds))
-    ref_ids, ref_labels = expand_image(*ref_preprocess_v1(rounds, tokenizer), encoder.image_token_id, n)
+    ref_ids, ref_labels = expand_image(*preprocess_v1(rounds, tokenizer), encoder.image_token_id, n)
     assert ids.tolist() == ref_ids
     assert labels.tolist() == ref_labels
+    assert sum(lab != IGNORE_INDEX for lab in ref_labels) > len(rounds)  # LLaVA found no mismatch
     assert encoder.num_truncated == 0
 
 
@@ -138,13 +96,14 @@ def test_user_text_cannot_inject_image_or_special_tokens(tokenizer, tiny_config)
     assert int((prompt == tokenizer.eos_token_id).sum()) == 0
 
 
-def test_psa_template_puts_the_image_first(tokenizer, tiny_config):
+def test_psa_prompt_equals_the_authors_string_tokenized_as_their_code_does(tokenizer, tiny_config):
     n = tiny_config.num_image_tokens
     encoder = TextEncoder(tokenizer, n, max_len=1024, template="psa")
     ids = encoder.encode_prompt([Turn(HUMAN, "What is this?")])
-    assert ids[0] == tokenizer.bos_token_id
-    assert np.all(ids[1:1 + n] == encoder.image_token_id) and encoder.image_end == 1 + n
-    assert tokenizer.decode(ids[1 + n:]) == "\n" + VICUNA_SYSTEM + " USER: What is this? ASSISTANT:"
+    ref = expand_image(*[tokenizer_image_token(PSA_PROMPT.format(question="What is this?"), tokenizer)] * 2,
+                       encoder.image_token_id, n)[0]
+    assert ids.tolist() == ref
+    assert ids[0] == tokenizer.bos_token_id and encoder.image_end == 1 + n
 
 
 def test_truncation_is_counted_and_never_cuts_the_image(tokenizer, tiny_config, caplog):
