@@ -22,25 +22,21 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from safevlm_jax import sharding
 from safevlm_jax.checkpoint.io import path_str
-from safevlm_jax.models.safety_head import first_token
-from safevlm_jax.models.safevlm import SafeVLM
+from safevlm_jax.models.safevlm import SafetyVerdict, SafeVLM
 
 VERDICT_PARTS = ("vision_tower", "safety_projector", "safety_tokens_head", "safety_head",
                  "language_model/model/embed_tokens")
 
 
-class VerdictModel(nnx.Module):
-    """The parts of a SafeVLM its verdict reads (shared with the model, not copied)."""
-
-    image_features = SafeVLM.image_features  # same code as the full model: one definition
-    safety_logits = SafeVLM.safety_logits
+class VerdictModel(SafetyVerdict):
+    """The parts of a SafeVLM its verdict reads (shared with the model, not copied); the
+    verdict's code is `SafetyVerdict`'s, the same as the full model's."""
 
     def __init__(self, model: SafeVLM):
         if not model.has_safety:
@@ -50,15 +46,16 @@ class VerdictModel(nnx.Module):
         self.safety_projector = model.safety_projector
         self.safety_tokens_head = model.safety_tokens_head
         self.safety_head = model.safety_head
-        self.embed_tokens = model.language_model.model.embed_tokens
+        self.embed_tokens = model.token_embedding()
+
+    def token_embedding(self) -> nnx.Module:
+        return self.embed_tokens
 
     def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,
                  attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """pixel_values [B, H, W, 3] f32; input_ids/attention_mask [B, T] (T >= 1; 1 = real
         token, any padding side) -> (level_probs [B, 4], type_probs [B, 7]) f32."""
-        ids = jnp.where(input_ids == self.config.image_token_index, 0, input_ids)  # as embed_text
-        query = first_token(self.embed_tokens(ids), attention_mask)
-        level, kind = self.safety_logits(self.image_features(pixel_values), query)
+        level, kind = self.verdict_logits(self.image_features(pixel_values), input_ids, attention_mask)
         return jax.nn.softmax(level, axis=-1), jax.nn.softmax(kind, axis=-1)
 
 

@@ -58,7 +58,46 @@ def merge_image_embeddings(text_embeds: jax.Array, input_ids: jax.Array, image_e
     return jnp.where(is_image[..., None], gathered, text_embeds)
 
 
-class SafeVLM(nnx.Module):
+class SafetyVerdict(nnx.Module):
+    """What SafeVLM's safety verdict reads and how it computes it (docs/safety_modules.md):
+    CLIP features, the text embedding of each row's first real token, and the safety
+    projector, tokens and head. `SafeVLM` is one; the guard's verdict-only model
+    (`safevlm_jax.guard.model.VerdictModel`) is another, holding just these parts.
+
+    Subclasses hold `config`, `vision_tower`, `safety_projector`, `safety_tokens_head`,
+    `safety_head`, and return their token embedding table from `token_embedding`.
+    """
+
+    def token_embedding(self) -> nnx.Module:
+        raise NotImplementedError
+
+    def image_features(self, pixel_values: jax.Array) -> jax.Array:
+        """[B, H, W, 3] -> CLIP features [B, N, C] at the configured layer and strategy."""
+        return self.vision_tower.image_features(
+            pixel_values, self.config.vision_feature_layer, self.config.vision_feature_select_strategy)
+
+    def embed_text(self, input_ids: jax.Array) -> jax.Array:
+        """[B, T] -> [B, T, d]; `<image>` ids may lie outside the vocabulary, so they are masked."""
+        ids = jnp.where(input_ids == self.config.image_token_index, 0, input_ids)
+        return sharding.constrain(self.token_embedding()(ids), ("batch", "length", "embed"))
+
+    def safety_logits(self, features: jax.Array, query: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Risk level [B, 4] and type [B, 7] logits from CLIP features [B, N(+1), C] and the
+        text embedding of each row's first real token [B, d]."""
+        if self.config.vision_feature_select_strategy == "full":
+            features = features[:, 1:]  # the C-Abstractor needs the square patch grid, no CLS
+        keys = safety_keys(self.safety_tokens_head, self.safety_projector(features))
+        return self.safety_head(query, keys)
+
+    def verdict_logits(self, features: jax.Array, input_ids: jax.Array,
+                       attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Risk level [B, 4] and type [B, 7] logits from CLIP features [B, N(+1), C] (one image
+        per row) and input_ids/attention_mask [B, T] (any padding side): the head's query is
+        the embedding of each row's first real token."""
+        return self.safety_logits(features, first_token(self.embed_text(input_ids), attention_mask))
+
+
+class SafeVLM(SafetyVerdict):
     """The whole model; every part is its own subtree so it can be loaded and frozen alone."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -77,6 +116,9 @@ class SafeVLM(nnx.Module):
             self.safety_tokens_llm = init_safety_tokens(config, rngs)
             self.safety_head = SafetyHead(config, rngs=rngs)
 
+    def token_embedding(self) -> nnx.Module:
+        return self.language_model.model.embed_tokens
+
     @property
     def has_safety(self) -> bool:
         return self.config.safety.enabled
@@ -86,11 +128,6 @@ class SafeVLM(nnx.Module):
         return self.config.num_image_features + (
             self.config.safety.num_tokens if use_safety and self.has_safety else 0)
 
-    def image_features(self, pixel_values: jax.Array) -> jax.Array:
-        """[B, H, W, 3] -> CLIP features [B, N, C] at the configured layer and strategy."""
-        return self.vision_tower.image_features(
-            pixel_values, self.config.vision_feature_layer, self.config.vision_feature_select_strategy)
-
     def image_embeddings(self, features: jax.Array, use_safety: bool = True) -> jax.Array:
         """CLIP features [B, N, C] -> LLM inputs [B, (64 +) N, d]: safety_tokens_llm first."""
         emb = self.multi_modal_projector(features)
@@ -99,19 +136,6 @@ class SafeVLM(nnx.Module):
                                       (emb.shape[0],) + self.safety_tokens_llm.shape)
             emb = jnp.concatenate([tokens, emb], axis=1)
         return sharding.constrain(emb, ("batch", "length", "embed"))
-
-    def safety_logits(self, features: jax.Array, query: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Risk level [B, 4] and type [B, 7] logits from CLIP features [B, N(+1), C] and the
-        text embedding of each row's first real token [B, d]."""
-        if self.config.vision_feature_select_strategy == "full":
-            features = features[:, 1:]  # the C-Abstractor needs the square patch grid, no CLS
-        keys = safety_keys(self.safety_tokens_head, self.safety_projector(features))
-        return self.safety_head(query, keys)
-
-    def embed_text(self, input_ids: jax.Array) -> jax.Array:
-        """[B, T] -> [B, T, d]; `<image>` ids may lie outside the vocabulary, so they are masked."""
-        ids = jnp.where(input_ids == self.config.image_token_index, 0, input_ids)
-        return self.language_model.embed(ids)
 
     def input_embeddings(self, input_ids: jax.Array, features: jax.Array | None,
                          use_safety: bool = True) -> jax.Array:
@@ -134,7 +158,7 @@ class SafeVLM(nnx.Module):
         features = None if pixel_values is None else self.image_features(pixel_values)
         embeds, level, kind = self.input_embeddings(input_ids, features, use_safety), None, None
         if features is not None and use_safety:  # one image per row: row b's image, first token
-            level, kind = self.safety_logits(features, first_token(self.embed_text(input_ids), attention_mask))
+            level, kind = self.verdict_logits(features, input_ids, attention_mask)
         if positions is None:
             positions = default_positions(attention_mask)
         logits, cache = self.language_model(embeds, positions, attention_mask, cache=cache)
