@@ -1,8 +1,8 @@
 """Matrix-vector products for decode on CPU through the XLA FFI kernel in matvec.cc.
 
 Decode multiplies a few rows by every weight matrix, so its speed is the rate at which the
-weights stream from memory. XLA:CPU runs a bf16 dot with few rows about 8x slower than the
-f32 one, and its f32 product streams ~10% below what the kernel's prefetching reaches
+weights stream from memory. XLA:CPU's bf16 dot with few rows is much slower than its f32
+one, and its f32 product streams below what the kernel's prefetching reaches
 (docs/performance.md). `matvec` computes [rows <= MAX_ROWS, in] x [in, out] with f32
 accumulation; `safevlm_jax.models.dot.dot` decides when a product takes it.
 
@@ -20,7 +20,7 @@ from absl import logging
 TARGET = "safevlm_matvec"
 MAX_ROWS = 16  # rows (batch x tokens) up to which a product is weight-streaming bound
 # f32 weights smaller than this stay with XLA, as fast there on cache-resident matrices and
-# without a custom call's overhead (through the kernel the tiny model decoded at half speed)
+# without a custom call's overhead (docs/performance.md)
 MIN_F32_BYTES = 2 << 20
 
 

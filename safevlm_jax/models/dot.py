@@ -1,7 +1,7 @@
 """`xla_dot`: the dot every model product takes (prefill, vision tower, training).
 
 On CPU it accumulates 16-bit inputs in f32 explicitly, forward and backward, which XLA:CPU
-runs 3-4x faster than its bf16 -> bf16 dots (docs/performance.md); other backends keep their
+runs faster than its bf16 -> bf16 dots (docs/performance.md); other backends keep their
 native dots.
 """
 
@@ -54,9 +54,9 @@ def xla_dot(x: jax.Array, w: jax.Array, dtype, w_axis: int = 0) -> jax.Array:
     """x [..., K] @ w.astype(dtype) for x already in `dtype`, contracting w's axis `w_axis`
     (0: w [K, N]; 1: w [N, K], as a tied embedding table, without transposing it). 16-bit
     floats on CPU accumulate in f32 explicitly, forward and backward (`_dot16`): XLA:CPU runs
-    such dots 3-4x faster than its bf16 -> bf16 ones (~1 TFLOP/s against ~250 GFLOP/s here,
-    with AMX), and turns dots of a transposed, converted weight into f32 dots. GPUs and TPUs
-    keep their native bf16 dots, which accumulate in f32 anyway."""
+    such dots several times faster than its bf16 -> bf16 ones, and turns dots of a
+    transposed, converted weight into f32 dots (docs/performance.md). GPUs and TPUs keep
+    their native bf16 dots, which accumulate in f32 anyway."""
     w = w.astype(dtype)
     plain = functools.partial(_contract, w_axis=w_axis)
     if jnp.dtype(dtype).itemsize != 2:

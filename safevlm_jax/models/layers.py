@@ -56,7 +56,7 @@ class Dense(nnx.Module):
 
         The dots run on x flattened to [tokens, in]: the weight gradients then contract one
         axis, which XLA:CPU does in place; contracting [batch, length] made it transpose the
-        output gradient of every trainable layer first (2.5x slower LoRA steps).
+        output gradient of every trainable layer first (docs/performance.md).
         """
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])

@@ -39,8 +39,7 @@ def rope_tables(positions: jax.Array, theta: float, head_dim: int,
     """(cos, sin) [B, T, Dh/2] f32 of the rotary angles at `positions` [B, T] int (HF's
     `position_embeddings`), looked up in constant tables of `max_positions` rows (NaN past
     them). A lookup fuses into each layer's rope as a load; cos and sin computed in the
-    graph were fused there too and evaluated again for every head and layer (200 of the
-    4,100 ms of a 350M LoRA step)."""
+    graph were evaluated again for every head and layer (docs/performance.md)."""
     return tuple(jnp.take(jnp.asarray(t), positions, axis=0, mode="fill", fill_value=jnp.nan)
                  for t in _angles(theta, head_dim, max_positions))
 
@@ -67,10 +66,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, causal_
 
     `causal_blocks` (keys are the queries' own tokens, S = T, mask causal): queries go in
     blocks of QUERY_BLOCK and block i scores only the keys up to its own end, about half the
-    score work for long sequences (forward + backward at 350M shapes, T = 256: 16 ms per
-    layer unblocked, 12 ms in blocks of 64, torch's SDPA 10 ms). The products
-    have one batch axis (b*k) and one query axis (m = g*t): with more, XLA:CPU reshaped or
-    transposed the keys, which for a cache meant copying it at every decode step.
+    score work for long sequences. The products have one batch axis (b*k) and one query axis
+    (m = g*t): with more, XLA:CPU reshaped or transposed the keys, which for a cache meant
+    copying it at every decode step (docs/performance.md).
     """
     b, kvh, g, t, dh = q.shape
     block = QUERY_BLOCK if causal_blocks else t
