@@ -1,9 +1,9 @@
 // XLA FFI CPU kernel: y[M, N] = x[M, K] @ w[K, N] for few rows M (decode), w f32 or bf16.
 //
 // Decoding a few rows is bound by streaming the weights once. XLA:CPU runs bf16 dots through
-// a path about 8x slower than its f32 one, so bf16 weights decoded no faster than f32 ones
-// although they are half the bytes; its f32 product streams ~10% below what prefetching
-// reaches. This kernel reads each weight row once, widens bf16 to f32 (a 16-bit shift) and
+// a much slower path than its f32 one, so bf16 weights decoded no faster than f32 ones
+// although they are half the bytes, and its f32 product streams below what prefetching
+// reaches (measurements: docs/performance.md). This kernel reads each weight row once, widens bf16 to f32 (a 16-bit shift) and
 // accumulates in f32; the rows are split in contiguous slabs (sequential reads) over XLA's
 // intra-op thread pool, each worker summing into its own [M, N] f32 buffer, reduced at the end.
 // x and y are f32 or bf16 (the same dtype); bf16 outputs round to nearest even.
@@ -99,7 +99,7 @@ SAFEVLM_TARGET_CLONES void AccumulateRowsPortable(const float* __restrict x, con
 #define SAFEVLM_AVX512 1
 #define SAFEVLM_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-// 16 values as f32: all 16 (kFull; plain loads, 3% faster on bf16) or the lanes in `mask`
+// 16 values as f32: all 16 (kFull; plain loads, faster than masked ones) or the lanes in `mask`
 // (the last, partial group of a row; the other lanes 0).
 template <bool kFull>
 SAFEVLM_AVX512_TARGET inline __m512 Load16(const float* p, __mmask16 mask) {
@@ -112,10 +112,9 @@ SAFEVLM_AVX512_TARGET inline __m512 Load16(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-// Software prefetch, the distance measured on a 2-core AVX-512 machine (weights beyond the
-// last-level cache, 2 threads): bf16 rows reached 25 GB/s prefetching the next row block
-// (19 without), f32 rows 29 GB/s prefetching 1 KiB ahead in the same rows (25 without, and
-// as fast as XLA's own f32 product without it). The address may pass the end of w: a
+// Software prefetch: bf16 rows prefetch the next row block, f32 rows 1 KiB ahead in the same
+// rows, the distances that streamed fastest on a 2-core AVX-512 machine with the weights
+// beyond the last-level cache (docs/performance.md). The address may pass the end of w: a
 // prefetch never faults.
 template <typename W>
 SAFEVLM_AVX512_TARGET inline void Prefetch(const W* w, int64_t N, int64_t k, int64_t k1,
@@ -194,8 +193,8 @@ void AccumulateRows(const float* x, const W* w, float* acc, int64_t M, int64_t K
 
 // The library's helper threads. Each spins for kSpin after its last task before it sleeps:
 // a decode step calls the kernel ~170 times with a few microseconds of other work between
-// calls, and XLA's intra-op pool threads, asleep in between, took 10-60 us to wake, 10-25%
-// of a 4 MiB product. Created on first use, never destroyed (they sleep when idle).
+// calls, and XLA's intra-op pool threads, asleep in between, took a large part of a product
+// to wake (docs/performance.md). Created on first use, never destroyed (they sleep when idle).
 class Helpers {
  public:
   static constexpr auto kSpin = std::chrono::microseconds(200);
