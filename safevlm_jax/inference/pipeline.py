@@ -31,6 +31,8 @@ from safevlm_jax.safety.verdict import Verdict
 
 @dataclasses.dataclass(frozen=True)
 class Request:
+    """One question about one image, for `SafeVLMInference.answer`."""
+
     image: str  # a local JPEG/PNG/WebP file
     prompt: str  # the user's question (plain text)
 
@@ -74,7 +76,8 @@ def load_image(path: str, config: ImageConfig) -> np.ndarray:
 
 
 class SafeVLMInference:
-    """A model, its tokenizer and image settings, a prompt builder and a `Decoder`."""
+    """A model, its tokenizer and image settings, a prompt builder and a `Decoder`:
+    `from_checkpoint(dir)`, then `answer([Request, ...])` -> one `Result` per request."""
 
     def __init__(self, model, tokenizer, images: ImageConfig, *, template: str = "llava_v1",
                  hints: HintConfig = HintConfig(), policy: RiskPolicy = RiskPolicy(),
