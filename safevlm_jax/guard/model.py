@@ -85,7 +85,9 @@ def load_verdict_model(directory: str, mesh: Mesh | None = None,
 
 
 class Guard:
-    """Runs `verdict_program` over a mesh of the local devices.
+    """The safety verdict alone (no LLM layer): `Guard.from_checkpoint(dir)(pixel_values)`
+    -> level_probs [B, 4], type_probs [B, 7]. Runs `verdict_program` over a mesh of the
+    local devices.
 
     model: a SafeVLM or VerdictModel; bos_id: the first token used when no prompt is given
     (the tokenizer's BOS); rules: the sharding rule set (default "data": replicate weights).

@@ -39,7 +39,9 @@ class Request:
 
 @dataclasses.dataclass
 class Result:
-    """answer: decoded text (EOS dropped); token_ids: generated ids (with EOS if reached);
+    """One request's answer.
+
+    answer: decoded text (EOS dropped); token_ids: generated ids (with EOS if reached);
     verdict: None with safety off; timings: seconds and decode tokens/s."""
 
     answer: str

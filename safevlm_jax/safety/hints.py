@@ -59,7 +59,9 @@ DEFAULT_FAIL_CLOSED = (f"the safety check of this image failed; you must refuse 
 
 @dataclasses.dataclass(frozen=True)
 class HintConfig:
-    """hints: {(level 1-3, type 0-5): text}; prefix introduces the hint; fail_closed is the
+    """The conditional safety prompt's texts.
+
+    hints: {(level 1-3, type 0-5): text}; prefix introduces the hint; fail_closed is the
     hint when the head's output is not finite."""
 
     hints: Mapping[tuple[int, int], str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_HINTS))

@@ -47,7 +47,9 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class RiskPolicy:
-    """rules: {type index: {action: minimum level 0-3}} (missing action: never triggered);
+    """What to do for each (risk level, risk type): `verdicts(level_logits, type_logits)`.
+
+    rules: {type index: {action: minimum level 0-3}} (missing action: never triggered);
     level_thresholds: None (argmax) or (t1, t2, t3); refusal: the `block` answer."""
 
     rules: Mapping[int, Mapping[str, int]] = dataclasses.field(

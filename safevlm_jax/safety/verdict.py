@@ -14,7 +14,9 @@ from safevlm_jax.safety.taxonomy import HINT_SUMMARY, RISK_LEVELS, RISK_TYPES
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """risk_type is None only when fail_closed and the type output was not finite; probs are
+    """One row's safety verdict (`RiskPolicy.verdicts` makes them).
+
+    risk_type is None only when fail_closed and the type output was not finite; probs are
     None where the head's output was not finite (JSON has no NaN); action is the policy's
     (`safety.policy.ACTIONS`); hint is the text added to the prompt (None: unchanged)."""
 
