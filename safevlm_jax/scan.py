@@ -19,41 +19,41 @@ verdicts.jsonl and skipped.jsonl and writes the report.
 
 from __future__ import annotations
 
-import sys
+from absl import flags
 
+from safevlm_jax import cli
 from safevlm_jax.guard.collection import scan
 from safevlm_jax.safety.policy import RiskPolicy, load_policy
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "checkpoint directory (safety modules on)", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_string("images", None, "folder, glob or TFDS dataset directory", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory (re-use it to resume)", required=True, flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "images per step (all local devices)", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string("policy", None, "risk policy file (JSON/YAML; default: the paper's rules)", flag_values=FLAGS)
+flags.DEFINE_bool("no_blur", False, "do not blur the contact sheet thumbnails", flag_values=FLAGS)
+flags.DEFINE_bool("no_progress", False, "no tqdm bar", flag_values=FLAGS)
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host; settings from the "
+                  "environment)", flag_values=FLAGS)
+
+
+def _main(argv) -> None:
+    del argv
+    policy = load_policy(FLAGS.policy) if FLAGS.policy else RiskPolicy()
+    if FLAGS.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    counts = scan(FLAGS.checkpoint, FLAGS.images, FLAGS.out, batch_size=FLAGS.batch_size, policy=policy,
+                  blur=not FLAGS.no_blur, progress=not FLAGS.no_progress)
+    print(" ".join(f"{k}={v}" for k, v in counts.items()) + f" out={FLAGS.out}")
+
 
 def main(argv: list[str] | None = None) -> None:
-    """The command line (see the module docstring)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m safevlm_jax.scan", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (safety modules on)")
-    p.add_argument("--images", required=True, help="folder, glob or TFDS dataset directory")
-    p.add_argument("--out", required=True, help="output directory (re-use it to resume)")
-    p.add_argument("--batch_size", type=int, default=64, help="images per step (all local devices)")
-    p.add_argument("--policy", help="risk policy file (JSON/YAML; default: the paper's rules)")
-    p.add_argument("--no_blur", action="store_true", help="do not blur the contact sheet thumbnails")
-    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (multi-host; settings from the environment)")
-    args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
-    try:
-        policy = load_policy(args.policy) if args.policy else RiskPolicy()
-        if args.distributed:
-            import jax
-
-            jax.distributed.initialize()
-        counts = scan(args.checkpoint, args.images, args.out, batch_size=args.batch_size,
-                      policy=policy, blur=not args.no_blur, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(" ".join(f"{k}={v}" for k, v in counts.items()) + f" out={args.out}")
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv)
 
 
 if __name__ == "__main__":

@@ -131,14 +131,15 @@ def test_each_bad_record_is_skipped_with_its_reason(bad_set, tmp_path):
 
 
 @pytest.mark.parametrize("bad_id", ["image_symlink_escapes_root", "safe_level_wrong_type", "non_utf8_text"])
-def test_strict_build_stops_naming_the_record(bad_set, tmp_path, bad_id):
+def test_strict_build_stops_naming_the_record(bad_set, tmp_path, bad_id, capsys):
     json_path, root = bad_set
     records = json.loads(open(json_path, "rb").read().decode("utf-8", errors="surrogateescape"))
     keep = [r for r in records if r["id"] in ("good-1", bad_id)][:2]
     path = tmp_path / "strict.json"
     path.write_bytes(json.dumps(keep, ensure_ascii=False).encode("utf-8", errors="surrogateescape"))
-    with pytest.raises(SystemExit, match=f"record {bad_id}: {bad_id}"):
+    with pytest.raises(SystemExit) as e:
         build.main(["--json", str(path), "--image_root", root, "--out", str(tmp_path / "out"), "--strict"])
+    assert e.value.code == 2 and f"error: {path}: record {bad_id}: {bad_id}" in capsys.readouterr().err
 
 
 def test_hash_split_is_fixed():

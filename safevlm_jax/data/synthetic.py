@@ -13,14 +13,15 @@ an id, and the same seed reproduces the same files byte for byte.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw
 
+from safevlm_jax import cli
 from safevlm_jax.safety.taxonomy import RISK_TYPES
 
 SHAPES = ("circle", "triangle", "square", "cross")  # by level
@@ -101,14 +102,21 @@ def generate(out_dir: str, n: int, seed: int, image_size: int = 64) -> str:
     return path
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "output directory", required=True, flag_values=FLAGS)
+flags.DEFINE_integer("n", None, "number of examples", required=True, flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "random seed (part of every id)", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 64, "image side in pixels", flag_values=FLAGS)
+
+
+def _main(argv) -> None:
+    del argv
+    print(generate(FLAGS.out, FLAGS.n, FLAGS.seed, FLAGS.image_size))
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n", type=int, required=True, help="number of examples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image_size", type=int, default=64)
-    args = p.parse_args(argv)
-    print(generate(args.out, args.n, args.seed, args.image_size))
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ naming the file and the reasons.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -24,6 +23,7 @@ import sys
 from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
+from absl import flags
 
 from safevlm_jax.data.errors import BadRecord
 from safevlm_jax.data.images import ImageConfig, decode_image, preprocess, read_image_file
@@ -208,12 +208,17 @@ def resolve_checkpoint(checkpoint: str | None) -> str:
     return checkpoint
 
 
-def labelled_data_parser(doc: str) -> argparse.ArgumentParser:
-    """The flags shared by the commands that read a labelled dataset with a checkpoint."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="checkpoint directory (default: the demo, else a tiny random one)")
-    p.add_argument("--data", required=True, help="SafeVLM JSON file, or a directory with data.json")
-    p.add_argument("--image_root", help="image paths are relative to this (default: the JSON's directory)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch_size", type=int, default=32)
-    return p
+def define_labelled_data_flags(flag_values) -> None:
+    """Defines on `flag_values` (an absl FlagValues) the flags shared by the commands that read
+    a labelled dataset with a checkpoint (`eval.head`, `eval.tsne`)."""
+    flags.DEFINE_string("checkpoint", None, "checkpoint directory (default: the demo, else a tiny random one)",
+                        flag_values=flag_values)
+    flags.DEFINE_string("data", None, "SafeVLM JSON file, or a directory with data.json", required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_string("image_root", None, "image paths are relative to this (default: the JSON's directory)",
+                        flag_values=flag_values)
+    flags.DEFINE_string("out", None, "output directory", required=True, flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", 32, "images per batch", flag_values=flag_values)
+    flags.DEFINE_bool("strict", False, "stop at the first bad record instead of skipping it",
+                      flag_values=flag_values)
+    flags.DEFINE_bool("no_progress", False, "no tqdm bar", flag_values=flag_values)

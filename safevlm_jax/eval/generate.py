@@ -22,14 +22,15 @@ generating.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from typing import Sequence
 
+from absl import flags
 from tqdm import tqdm
 
+from safevlm_jax import cli
 from safevlm_jax.eval.dataset import Question, batches, load_questions, resolve_checkpoint, warn_skipped
 from safevlm_jax.eval.refusal import SETTINGS, RefusalDetector, write_refusal_report
 
@@ -100,37 +101,43 @@ def rescore(out: str, detector: RefusalDetector) -> dict:
     return write_refusal_report(rows, _prefix(out), detector, skipped)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="checkpoint directory (default: the demo, else a tiny random one)")
-    p.add_argument("--questions", help="JSONL of {id, image, question, category}")
-    p.add_argument("--image_root", help="image paths are relative to this (default: the JSONL's directory)")
-    p.add_argument("--out", required=True, help="answers JSONL; the refusal report goes beside it")
-    p.add_argument("--safety", choices=("on", "off", "both"), default="both")
-    p.add_argument("--refusal_patterns", help="file of regexes (one per line, or a JSON list)")
-    p.add_argument("--rescore", action="store_true", help="only re-detect refusals in --out and rewrite the report")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict", action="store_true", help="stop at the first bad question instead of skipping it")
-    p.add_argument("--no_progress", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        detector = RefusalDetector.from_file(args.refusal_patterns) if args.refusal_patterns else RefusalDetector()
-        if args.rescore:
-            report = rescore(args.out, detector)
-        elif not args.questions:
-            raise ValueError("--questions is required (unless --rescore)")
-        else:
-            report = run(resolve_checkpoint(args.checkpoint), args.questions, args.out, safety=args.safety,
-                         image_root=args.image_root, detector=detector, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, seed=args.seed, strict=args.strict,
-                         progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "checkpoint directory (default: the demo, else a tiny random one)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("questions", None, "JSONL of {id, image, question, category}", flag_values=FLAGS)
+flags.DEFINE_string("image_root", None, "image paths are relative to this (default: the JSONL's directory)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", None, "answers JSONL; the refusal report goes beside it", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_enum("safety", "both", ["on", "off", "both"], "safety modules on, off, or both", flag_values=FLAGS)
+flags.DEFINE_string("refusal_patterns", None, "file of regexes (one per line, or a JSON list)", flag_values=FLAGS)
+flags.DEFINE_bool("rescore", False, "only re-detect refusals in --out and rewrite the report", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "questions per generate call", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 128, "most tokens per answer", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_bool("strict", False, "stop at the first bad question instead of skipping it", flag_values=FLAGS)
+flags.DEFINE_bool("no_progress", False, "no tqdm bar", flag_values=FLAGS)
+
+
+def _main(argv) -> None:
+    del argv
+    detector = RefusalDetector.from_file(FLAGS.refusal_patterns) if FLAGS.refusal_patterns else RefusalDetector()
+    if FLAGS.rescore:
+        report = rescore(FLAGS.out, detector)
+    elif not FLAGS.questions:
+        raise cli.UsageError("--questions is required (unless --rescore)")
+    else:
+        report = run(resolve_checkpoint(FLAGS.checkpoint), FLAGS.questions, FLAGS.out, safety=FLAGS.safety,
+                     image_root=FLAGS.image_root, detector=detector, batch_size=FLAGS.batch_size,
+                     max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed, strict=FLAGS.strict,
+                     progress=not FLAGS.no_progress)
     rates = ", ".join(f"safety {s}: {report['all'][s]['rate']:.3f}" for s in report["settings"])
-    print(f"refusal rate {rates}; wrote {args.out} and {_prefix(args.out)}_refusal.md")
+    print(f"refusal rate {rates}; wrote {FLAGS.out} and {_prefix(FLAGS.out)}_refusal.md")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,14 @@ import sys
 from typing import Sequence
 
 import numpy as np
+from absl import flags
 from tqdm import tqdm
 
+from safevlm_jax import cli
 from safevlm_jax.data.images import ImageConfig
 from safevlm_jax.eval import plots
-from safevlm_jax.eval.dataset import (Example, batches, labelled_data_parser, load_labelled, load_pixels,
-                                      resolve_checkpoint, warn_skipped)
+from safevlm_jax.eval.dataset import (Example, batches, define_labelled_data_flags, load_labelled,
+                                      load_pixels, resolve_checkpoint, warn_skipped)
 from safevlm_jax.eval.metrics import classification_report
 from safevlm_jax.safety.taxonomy import RISK_LEVELS, RISK_TYPES
 
@@ -93,19 +95,21 @@ def run(checkpoint: str, data: str, out: str, *, image_root: str | None = None, 
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = labelled_data_parser(__doc__)
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    p.add_argument("--no_progress", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        r = run(resolve_checkpoint(args.checkpoint), args.data, args.out, image_root=args.image_root,
-                batch_size=args.batch_size, strict=args.strict, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+FLAGS = flags.FlagValues()
+define_labelled_data_flags(FLAGS)
+
+
+def _main(argv) -> None:
+    del argv
+    r = run(resolve_checkpoint(FLAGS.checkpoint), FLAGS.data, FLAGS.out, image_root=FLAGS.image_root,
+            batch_size=FLAGS.batch_size, strict=FLAGS.strict, progress=not FLAGS.no_progress)
     print(f"level accuracy {r['level']['accuracy']:.4f}, type accuracy {r['type']['accuracy']:.4f} "
-          f"on {r['n']} images ({len(r['skipped'])} skipped); wrote {args.out}")
+          f"on {r['n']} images ({len(r['skipped'])} skipped); wrote {FLAGS.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,16 @@ labels start with "paper:" — they are quoted, never computed from the runs.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import html
 import json
 import os
 import shutil
-import sys
 from typing import Sequence
 
+from absl import flags
+
+from safevlm_jax import cli
 from safevlm_jax.eval.refusal import rates_table
 from safevlm_jax.eval.tables import html_table, markdown_table
 
@@ -174,18 +175,21 @@ def build_report(run_dirs: Sequence[str], out: str, title: str = "SafeVLM evalua
     return doc.write(title)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True, help="output directories of eval.head/tsne/generate")
-    p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--title", default="SafeVLM evaluation")
-    args = p.parse_args(argv)
-    try:
-        md, page = build_report(args.runs, args.out, args.title)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+FLAGS = flags.FlagValues()
+flags.DEFINE_list("runs", None, "output directories of eval.head/tsne/generate (comma-separated; more may "
+                  "follow as arguments: --runs A B C)", required=True, flag_values=FLAGS)
+flags.DEFINE_string("out", None, "report directory", required=True, flag_values=FLAGS)
+flags.DEFINE_string("title", "SafeVLM evaluation", "report title", flag_values=FLAGS)
+
+
+def _main(argv) -> None:
+    md, page = build_report(FLAGS.runs + argv[1:], FLAGS.out, FLAGS.title)
     print(f"wrote {md} and {page}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv, positional=True)
 
 
 if __name__ == "__main__":

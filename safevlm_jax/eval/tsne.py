@@ -23,12 +23,14 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
 from tqdm import tqdm
 
+from safevlm_jax import cli
 from safevlm_jax.eval import plots
-from safevlm_jax.eval.dataset import (Example, batches, labelled_data_parser, load_labelled, load_pixels,
-                                      resolve_checkpoint, warn_skipped)
+from safevlm_jax.eval.dataset import (Example, batches, define_labelled_data_flags, load_labelled,
+                                      load_pixels, resolve_checkpoint, warn_skipped)
 from safevlm_jax.safety.taxonomy import RISK_LEVELS, RISK_TYPES
 
 FEATURE_SETS = ("CLIP", "safety projector")
@@ -115,24 +117,26 @@ def run(checkpoint: str, data: str, out: str, *, image_root: str | None = None, 
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = labelled_data_parser(__doc__)
-    p.add_argument("--perplexity", type=float, default=30.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, help="use only the first LIMIT usable images")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    p.add_argument("--no_progress", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        r = run(resolve_checkpoint(args.checkpoint), args.data, args.out, image_root=args.image_root,
-                batch_size=args.batch_size, perplexity=args.perplexity, seed=args.seed, limit=args.limit,
-                strict=args.strict, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+FLAGS = flags.FlagValues()
+define_labelled_data_flags(FLAGS)
+flags.DEFINE_float("perplexity", 30.0, "t-SNE perplexity (capped below n / 3)", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "t-SNE seed", flag_values=FLAGS)
+flags.DEFINE_integer("limit", None, "use only the first LIMIT usable images", flag_values=FLAGS)
+
+
+def _main(argv) -> None:
+    del argv
+    r = run(resolve_checkpoint(FLAGS.checkpoint), FLAGS.data, FLAGS.out, image_root=FLAGS.image_root,
+            batch_size=FLAGS.batch_size, perplexity=FLAGS.perplexity, seed=FLAGS.seed, limit=FLAGS.limit,
+            strict=FLAGS.strict, progress=not FLAGS.no_progress)
     for name, by in r["silhouette"].items():
         print(f"{name}: silhouette by level {by['level']['features']}, by type {by['type']['features']}")
-    print(f"wrote {args.out}")
+    print(f"wrote {FLAGS.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv)
 
 
 if __name__ == "__main__":
