@@ -1,1 +1,66 @@
-"""SafeVLM in JAX/Flax NNX."""
+"""SafeVLM in JAX / Flax NNX: LLaVA-1.5 with a safety projector, safety tokens and a safety head.
+
+The entry points a user writes in Python (each imported on first use, so `import safevlm_jax`
+loads neither JAX nor transformers):
+
+    config, model = safevlm_jax.load_checkpoint("ckpt/")        # ModelConfig, SafeVLM
+    vlm = safevlm_jax.SafeVLMInference.from_checkpoint("ckpt/")
+    [result] = vlm.answer([safevlm_jax.Request("cat.jpg", "What is shown here?")])
+    result.verdict.line(), result.answer                         # Verdict, text
+    guard = safevlm_jax.Guard.from_checkpoint("ckpt/")           # the verdict alone, no LLM
+    level_probs, type_probs = guard(pixel_values)                # [B, 4], [B, 7]
+    verdicts = safevlm_jax.RiskPolicy().verdicts(level_logits, type_logits)
+    metrics = safevlm_jax.train.train(config, "workdir/")        # configs/stage1.py, stage2.py
+
+`safevlm_jax.train` is the training package, so its entry point is `safevlm_jax.train.train`.
+Weight conversion (HF LLaVA <-> ours, the authors' safety modules) is in `checkpoints_tools`,
+which stands on this library and is never imported by it (README, "Python API").
+docs/architecture.md says which module does what.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it
+_EXPORTS = {
+    "ModelConfig": "safevlm_jax.config",
+    "SafeVLM": "safevlm_jax.models.safevlm",
+    "load_checkpoint": "safevlm_jax.checkpoint.format",
+    "save_checkpoint": "safevlm_jax.checkpoint.format",
+    "SafeVLMInference": "safevlm_jax.inference.pipeline",
+    "Request": "safevlm_jax.inference.pipeline",
+    "Result": "safevlm_jax.inference.pipeline",
+    "Greedy": "safevlm_jax.inference.sampling",
+    "Temperature": "safevlm_jax.inference.sampling",
+    "TopK": "safevlm_jax.inference.sampling",
+    "TopP": "safevlm_jax.inference.sampling",
+    "Guard": "safevlm_jax.guard.model",
+    "Verdict": "safevlm_jax.safety.verdict",
+    "RiskPolicy": "safevlm_jax.safety.policy",
+    "load_policy": "safevlm_jax.safety.policy",
+    "HintConfig": "safevlm_jax.safety.hints",
+    "load_hints": "safevlm_jax.safety.hints",
+}
+
+# subpackages reachable as attributes (`safevlm_jax.train.train`) without importing them first
+_SUBPACKAGES = ("checkpoint", "data", "eval", "guard", "inference", "kernels", "models", "safety",
+                "serve", "train")
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Imports the module of a public name (or a subpackage) on first use."""
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")  # which sets the attribute
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safevlm_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
