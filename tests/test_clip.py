@@ -139,12 +139,14 @@ def test_every_param_has_logical_axes_of_its_rank():
         assert axes is not None and len(axes) == var.ndim, (path, axes)
 
 
-def test_sharded_forward_equals_unsharded():
+@pytest.mark.parametrize("mesh_shape", [{"fsdp": 4, "tensor": 2},
+                                        pytest.param({"fsdp": 1, "tensor": 1}, id="one_device")])
+def test_sharded_forward_equals_unsharded(mesh_shape):
     hf = hf_clip(*SIZES[0])
     x = jnp.asarray(pixels(SIZES[0][0], batch=4))
     model = ours(hf, scan_layers=True)
     expected = features(model, x)
-    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))])
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, sharding.state_shardings(state, mesh, "fsdp_tensor"))
 

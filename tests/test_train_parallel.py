@@ -50,6 +50,7 @@ def assert_same(a, b):
     ("data", (("data", 8),)),
     ("fsdp", (("fsdp", 8),)),
     ("fsdp_tensor", (("fsdp", 4), ("tensor", 2))),
+    pytest.param("fsdp_tensor", (("fsdp", 1), ("tensor", 1)), id="one_device"),  # what one GPU runs
 ])
 def test_sharded_step_equals_single_device_step(rules, mesh_shape):
     assert_same(run(mesh_shape, rules, 1), run((("data", 1),), "replicated", 1))
