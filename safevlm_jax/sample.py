@@ -3,6 +3,12 @@
     python -m safevlm_jax.sample --checkpoint CKPT --image cat.jpg --prompt "What is this?"
     python -m safevlm_jax.sample --image cat.jpg --prompt "..." --json
     python -m safevlm_jax.sample --batch_file requests.jsonl > answers.jsonl
+    python -m safevlm_jax.sample --checkpoint CKPT --image cat.jpg --prompt "..." --prompt_format hf --safety off --json
+
+`--json` prints the answer, the verdict and `prompt_token_ids` (the exact ids fed to the model,
+each image expanded to its positions). `--prompt_format hf` gives the prompt ids HF's
+`LlavaProcessor` gives (so greedy tokens equal HF `generate` on the same weights); the default,
+`llava`, gives LLaVA's own (`tokenizer_image_token`).
 
 Without --checkpoint it uses the demo checkpoint in `safevlm_jax/assets/demo/` if present,
 else a tiny *random, untrained* checkpoint created on first use in the cache directory
@@ -16,31 +22,43 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from safevlm_jax import cli
 from safevlm_jax.checkpoint.demo import resolve_checkpoint
+from safevlm_jax.data.template import PROMPT_FORMATS
+from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.pipeline import Request, SafeVLMInference
 from safevlm_jax.inference.sampling import make_sampler
 from safevlm_jax.safety.hints import HintConfig, load_hints
 from safevlm_jax.safety.policy import RiskPolicy, load_policy
 from safevlm_jax.safety.prompt import TEMPLATES
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "checkpoint directory (default: demo or random tiny)")
-flags.DEFINE_string("image", None, "local image file (JPEG/PNG/WebP)")
-flags.DEFINE_string("prompt", None, "the question about the image")
-flags.DEFINE_string("batch_file", None, "JSONL file of {\"image\", \"prompt\"}; writes JSONL to stdout")
-flags.DEFINE_integer("batch_size", 8, "rows per generate call with --batch_file")
-flags.DEFINE_integer("max_new_tokens", 128, "most tokens to generate")
-flags.DEFINE_float("temperature", 0.0, "0 = greedy")
-flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = off)")
-flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")
-flags.DEFINE_integer("seed", 0, "sampling seed")
-flags.DEFINE_enum("safety", "on", ["on", "off"], "off: plain LLaVA (no head, hint or safety tokens)")
-flags.DEFINE_enum("template", "llava_v1", sorted(TEMPLATES), "prompt template")
-flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (see safevlm_jax.safety.hints.load_hints)")
-flags.DEFINE_string("policy", None, "risk policy JSON/YAML file (see safevlm_jax.safety.policy; default: the paper's rules)")
-flags.DEFINE_bool("json", False, "print one JSON object instead of streaming text")
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "checkpoint directory (default: demo or random tiny)", flag_values=FLAGS)
+flags.DEFINE_string("image", None, "local image file (JPEG/PNG/WebP)", flag_values=FLAGS)
+flags.DEFINE_string("prompt", None, "the question about the image", flag_values=FLAGS)
+flags.DEFINE_string("batch_file", None, "JSONL file of {\"image\", \"prompt\"}; writes JSONL to stdout",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "rows per generate call with --batch_file", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 128, "most tokens to generate", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = off)", flag_values=FLAGS)
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_enum("safety", "on", ["on", "off"], "off: plain LLaVA (no head, hint or safety tokens)",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("template", None, sorted(TEMPLATES), "conversation template (default: the one the "
+                  "checkpoint records; LLaVA-1.5's v1 = llava_v1 for older checkpoints)", flag_values=FLAGS)
+flags.DEFINE_enum("prompt_format", "llava", list(PROMPT_FORMATS), "prompt token ids: llava = LLaVA's "
+                  "tokenizer_image_token (what LLaVA-1.5 was trained on), hf = what HF's LlavaProcessor "
+                  "gives the same text", flag_values=FLAGS)
+flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (see safevlm_jax.safety.hints.load_hints)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("policy", None, "risk policy JSON/YAML file (see safevlm_jax.safety.policy; default: the "
+                    "paper's rules)", flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "print one JSON object instead of streaming text", flag_values=FLAGS)
+
 
 def _read_batch(path: str) -> list[dict]:
     rows = []
@@ -70,23 +88,24 @@ def run_batch(vlm: SafeVLMInference, path: str, out, size: int, **kw) -> None:
         requests = [Request(r["image"], r["prompt"]) for r in chunk]
         try:
             results = [r.to_json() for r in vlm.answer(requests, **kw)]
-        except ValueError:  # one bad image: answer the others one by one
+        except BadRequest:  # one bad image or prompt: answer the others one by one
             results = []
             for req in requests:
                 try:
                     results.append(vlm.answer([req], **kw)[0].to_json())
-                except ValueError as e:
+                except BadRequest as e:
                     results.append({"error": str(e)})
         for row, result in zip(chunk, results):
             out.write(json.dumps({**row, **result}, ensure_ascii=False) + "\n")
         out.flush()
 
 
-def run(argv=None) -> None:
+def run(argv) -> None:
     """The command, after flag parsing (raises ValueError with a message for bad input)."""
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
     if not FLAGS.batch_file and not (FLAGS.image and FLAGS.prompt is not None):
-        raise ValueError("give --image and --prompt, or --batch_file")
+        raise cli.UsageError("give --image and --prompt, or --batch_file")
     hints = load_hints(FLAGS.hints) if FLAGS.hints else HintConfig()
     policy = load_policy(FLAGS.policy) if FLAGS.policy else RiskPolicy()
     sampler = make_sampler(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
@@ -94,7 +113,7 @@ def run(argv=None) -> None:
         raise ValueError(f"cannot read image {FLAGS.image}: no such file")
     vlm = SafeVLMInference.from_checkpoint(resolve_checkpoint(FLAGS.checkpoint),
                                            template=FLAGS.template, hints=hints,
-                                           policy=policy)
+                                           policy=policy, prompt_format=FLAGS.prompt_format)
     kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampler=sampler, seed=FLAGS.seed,
               safety=FLAGS.safety == "on")
     if FLAGS.batch_file:
@@ -112,14 +131,10 @@ def run(argv=None) -> None:
     print(flush=True)
 
 
-def main(argv) -> None:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(run, FLAGS, argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -10,14 +10,15 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
 
 from safevlm_jax import sample
 from safevlm_jax.checkpoint import demo
+from safevlm_jax.checkpoint.format import load_config
+from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.pipeline import Request, SafeVLMInference
 
-JSON_KEYS = {"answer", "token_ids", "risk_level", "risk_type", "risk_type_name", "risk_level_probs",
+JSON_KEYS = {"answer", "token_ids", "prompt_token_ids", "risk_level", "risk_type", "risk_type_name", "risk_level_probs",
              "risk_type_probs", "hint_applied", "fail_closed", "timings"}
 
 
@@ -39,11 +40,9 @@ def files(tmp_path_factory):
 
 def cli(capsys, *args) -> tuple[int, str, str]:
     """Runs the command in-process (compiled programs are shared); returns (code, out, err)."""
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["sample", *args])
     code = 0
     try:
-        sample.main([])
+        sample.main(list(args))
     except SystemExit as e:
         code = e.code
     out = capsys.readouterr()
@@ -72,6 +71,10 @@ def test_json_reports_verdict_probabilities_ids_and_timings(files, capsys):
     assert r["risk_level"] == int(np.argmax(r["risk_level_probs"]))
     assert r["hint_applied"] == (r["risk_level"] > 0 and r["risk_type"] != 6)
     assert 1 <= len(r["token_ids"]) <= 5 and set(r["timings"]) >= {"prefill_s", "decode_s", "tokens_per_s"}
+    config = load_config(ckpt)  # the prompt as fed: BOS, the image at all its positions, the text
+    ids = r["prompt_token_ids"]
+    assert ids[0] == 1 and ids.count(config.image_token_index) == config.num_image_tokens
+    assert ids[-1] != config.image_token_index and config.pad_token_id not in ids
 
 
 def test_safety_off_is_plain_llava_no_head_no_hint_no_safety_tokens(files, capsys):
@@ -101,6 +104,35 @@ def test_batch_file_writes_one_json_line_per_input_with_its_own_error(files, cap
                 "--max_new_tokens=4", "--json")[1]
     # the typed "hint" and special-token text do not change the verdict (image + BOS only)
     assert rows[2]["risk_level_probs"] == pytest.approx(json.loads(alone)["risk_level_probs"], abs=1e-6)
+
+
+class _Answers:
+    """A stand-in for SafeVLMInference.answer: prompt "bad" is that request's BadRequest,
+    prompt "bug" a plain ValueError (a bug, not the request's fault)."""
+
+    calls = 0
+
+    def answer(self, requests, **kw):
+        self.calls += 1
+        for r in requests:
+            if r.prompt in ("bad", "bug"):
+                raise (BadRequest if r.prompt == "bad" else ValueError)(f"{r.prompt}: {r.image}")
+        return [type("R", (), {"to_json": lambda self, p=r.prompt: {"answer": p}})() for r in requests]
+
+
+def test_batch_answers_rows_alone_only_after_a_bad_request_not_after_a_bug(tmp_path):
+    batch = tmp_path / "in.jsonl"
+    batch.write_text("".join(json.dumps({"image": f"{i}.png", "prompt": p}) + "\n"
+                             for i, p in enumerate(["a", "bad", "c"])))
+    out, vlm = io.StringIO(), _Answers()
+    sample.run_batch(vlm, str(batch), out, 3)
+    rows = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [r.get("answer") or r["error"] for r in rows] == ["a", "bad: 1.png", "c"] and vlm.calls == 4
+    batch.write_text(json.dumps({"image": "0.png", "prompt": "a"}) + "\n" + json.dumps({"image": "1.png", "prompt": "bug"}))
+    out, vlm = io.StringIO(), _Answers()
+    with pytest.raises(ValueError, match="bug: 1.png"):
+        sample.run_batch(vlm, str(batch), out, 2)
+    assert out.getvalue() == "" and vlm.calls == 1
 
 
 @pytest.mark.parametrize("name,message", [("missing.png", "no such file"), ("bad.png", "corrupt_image")])

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.sampling import Greedy
 from safevlm_jax.models.dot import decode_matvecs
 from safevlm_jax.models.kv_cache import KVCache
@@ -160,8 +161,8 @@ class Decoder:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.max_length:
-            raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+        if longest + max_new_tokens > self.max_length:  # the longest request's own fault
+            raise BadRequest(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
                              f"the context length {self.max_length}")
         b, t = len(prompts), bucket(longest, self.prompt_buckets, "prompt length")
         pb = bucket(b, self.batch_buckets, "batch")
