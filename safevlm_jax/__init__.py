@@ -43,16 +43,17 @@ _EXPORTS = {
     "load_hints": "safevlm_jax.safety.hints",
 }
 
-# subpackages reachable as attributes (`safevlm_jax.train.train`) without importing them first
-_SUBPACKAGES = ("checkpoint", "data", "eval", "guard", "inference", "kernels", "models", "safety",
-                "serve", "train")
+# library modules reachable as attributes (`safevlm_jax.train.train`) without importing them
+# first; the command-line modules (sample, scan, plan) are not among them
+_SUBMODULES = ("checkpoint", "config", "data", "eval", "guard", "inference", "kernels", "models",
+               "safety", "sharding", "train")
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    """Imports the module of a public name (or a subpackage) on first use."""
-    if name in _SUBPACKAGES:
+    """Imports the module of a public name (or a library submodule) on first use."""
+    if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")  # which sets the attribute
     module = _EXPORTS.get(name)
     if module is None:
@@ -63,4 +64,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -130,6 +130,9 @@ def test_every_public_name_resolves_to_a_documented_object_of_the_package():
     from safevlm_jax.train.loop import train
 
     assert safevlm_jax.train.train is train  # the package's entry point, not a second copy
+    for name in safevlm_jax._SUBMODULES:  # reachable as attributes, and none is a command line
+        assert f"safevlm_jax.{name}" in LIBRARY_MODULES and name in dir(safevlm_jax)
+        assert getattr(safevlm_jax, name).__name__ == f"safevlm_jax.{name}"
     with pytest.raises(AttributeError, match="no_such_name"):
         getattr(safevlm_jax, "no_such_name")
 
