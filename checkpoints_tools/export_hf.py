@@ -16,11 +16,12 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from tqdm import tqdm
 
 from checkpoints_tools.keymap import KEY_STYLES, Rule, llava_rules, lora_rules, safety_rules, styled_hf_key
 from checkpoints_tools.safetensors_io import ShardWriter, parse_size, save_tensors
+from safevlm_jax import cli
 from safevlm_jax.checkpoint.format import check_matches, copy_assets, load_config
 from safevlm_jax.checkpoint.io import CONFIG_FILE, ParamReader, atomic_directory, iter_unscanned
 from safevlm_jax.config import ModelConfig
@@ -100,27 +101,27 @@ def export_hf(checkpoint: str, out: str, merge_lora: bool = False, key_style: st
     return files
 
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "safevlm_jax checkpoint directory.", required=True, flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output HF directory.", required=True, flag_values=FLAGS)
+flags.DEFINE_bool("merge_lora", False, "Add LoRA into the base weights instead of a peft adapter.",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("key_style", "published", sorted(KEY_STYLES), "Tensor names: llava-hf's "
+                  "published files or what transformers 5 save_pretrained writes.", flag_values=FLAGS)
+flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file.", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=FLAGS)
 
 
-def define_flags() -> None:
-    """Command-line flags (defined only when run as a program, so the modules import cleanly)."""
-    flags.DEFINE_string("checkpoint", None, "safevlm_jax checkpoint directory.")
-    flags.DEFINE_string("out", None, "Output HF directory.")
-    flags.DEFINE_bool("merge_lora", False, "Add LoRA into the base weights instead of a peft adapter.")
-    flags.DEFINE_enum("key_style", "published", sorted(KEY_STYLES), "Tensor names: llava-hf's "
-                      "published files or what transformers 5 save_pretrained writes.")
-    flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file.")
-    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
-
-
-def main(argv):
+def _main(argv) -> None:
     del argv
     export_hf(FLAGS.checkpoint, FLAGS.out, FLAGS.merge_lora, FLAGS.key_style, FLAGS.max_shard_size,
               FLAGS.overwrite)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv)
+
+
 if __name__ == "__main__":
-    define_flags()
-    flags.mark_flags_as_required(["checkpoint", "out"])
-    app.run(main)
+    main()

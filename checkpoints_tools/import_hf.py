@@ -10,12 +10,13 @@ modules are not part of LLaVA: they are initialised from `--seed` (and the log s
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from tqdm import tqdm
 
 from checkpoints_tools.keymap import canonical_hf_key, llava_rules
 from checkpoints_tools.safetensors_io import SafetensorsDir
+from safevlm_jax import cli
 from safevlm_jax.checkpoint.format import abstract_model, checkpoint_writer
 from safevlm_jax.checkpoint.io import flat_values
 from safevlm_jax.config import ModelConfig, SafetyConfig
@@ -87,26 +88,26 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, overwrite: bool =
     return config
 
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("hf_dir", None, "HF LLaVA directory (config.json + *.safetensors).", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True, flag_values=FLAGS)
+flags.DEFINE_string("dtype", None, "Parameter dtype (default: keep the source dtype).", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=FLAGS)
+flags.DEFINE_bool("safety", True, "Add (freshly initialised) SafeVLM safety modules.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the safety modules' initialisation.", flag_values=FLAGS)
 
 
-def define_flags() -> None:
-    """Command-line flags (defined only when run as a program, so the modules import cleanly)."""
-    flags.DEFINE_string("hf_dir", None, "HF LLaVA directory (config.json + *.safetensors).")
-    flags.DEFINE_string("out", None, "Output checkpoint directory.")
-    flags.DEFINE_string("dtype", None, "Parameter dtype (default: keep the source dtype).")
-    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
-    flags.DEFINE_bool("safety", True, "Add (freshly initialised) SafeVLM safety modules.")
-    flags.DEFINE_integer("seed", 0, "Seed of the safety modules' initialisation.")
-
-
-def main(argv):
+def _main(argv) -> None:
     del argv
-    import_hf(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, FLAGS.overwrite,
-              SafetyConfig(enabled=FLAGS.safety), FLAGS.seed)
+    import_hf(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, FLAGS.overwrite, SafetyConfig(enabled=FLAGS.safety),
+              FLAGS.seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv)
 
 
 if __name__ == "__main__":
-    define_flags()
-    flags.mark_flags_as_required(["hf_dir", "out"])
-    app.run(main)
+    main()

@@ -17,9 +17,10 @@ import os
 from typing import Callable
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from checkpoints_tools.keymap import safety_rules
+from safevlm_jax import cli
 from safevlm_jax.checkpoint.format import check_matches, checkpoint_writer, load_config
 from safevlm_jax.checkpoint.io import ParamReader, iter_unscanned, unstacked_shapes
 
@@ -125,31 +126,34 @@ def import_safety(src: str, checkpoint: str, out: str | None = None, prefix: str
     return out
 
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("src", None, "Authors' release: torch state dict (.bin/.pt/.pth) or .safetensors.",
+                    required=True, flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "safevlm_jax checkpoint to update.", required=True, flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Write here instead of updating --checkpoint in place.", flag_values=FLAGS)
+flags.DEFINE_string("prefix", None, "Key prefix in --src (default: found automatically).", flag_values=FLAGS)
+flags.DEFINE_string("rename", None, "JSON file {key in --src: authors' key name}.", flag_values=FLAGS)
+flags.DEFINE_bool("cast", False, "Convert dtypes to the checkpoint's instead of failing.", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=FLAGS)
 
 
-def define_flags() -> None:
-    """Command-line flags (defined only when run as a program, so the modules import cleanly)."""
-    flags.DEFINE_string("src", None, "Authors' release: torch state dict (.bin/.pt/.pth) or .safetensors.")
-    flags.DEFINE_string("checkpoint", None, "safevlm_jax checkpoint to update.")
-    flags.DEFINE_string("out", None, "Write here instead of updating --checkpoint in place.")
-    flags.DEFINE_string("prefix", None, "Key prefix in --src (default: found automatically).")
-    flags.DEFINE_string("rename", None, "JSON file {key in --src: authors' key name}.")
-    flags.DEFINE_bool("cast", False, "Convert dtypes to the checkpoint's instead of failing.")
-    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
-
-
-def main(argv):
+def _main(argv) -> None:
     del argv
     rename = None
     if FLAGS.rename:
         with open(FLAGS.rename) as f:
-            rename = json.load(f)
+            try:
+                rename = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--rename {FLAGS.rename}: not valid JSON ({e})") from e
     import_safety(FLAGS.src, FLAGS.checkpoint, FLAGS.out, FLAGS.prefix, rename, FLAGS.cast,
                   FLAGS.overwrite)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv)
+
+
 if __name__ == "__main__":
-    define_flags()
-    flags.mark_flags_as_required(["src", "checkpoint"])
-    app.run(main)
+    main()

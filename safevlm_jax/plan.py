@@ -13,13 +13,18 @@ import math
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config FILE.py:PRESET")
-_MESH = flags.DEFINE_string("mesh", "fsdp=8", "mesh axes, e.g. fsdp=64 or data=2,fsdp=4,tensor=8")
-_HBM = flags.DEFINE_float("hbm_gib", 16.0, "device memory to check the plan against (GiB)")
-_RULES = flags.DEFINE_string("rules", "", "rule set (default: the config's)")
+from safevlm_jax import cli
+
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config FILE.py:PRESET", flag_values=FLAGS)
+_MESH = flags.DEFINE_string("mesh", "fsdp=8", "mesh axes, e.g. fsdp=64 or data=2,fsdp=4,tensor=8",
+                            flag_values=FLAGS)
+_HBM = flags.DEFINE_float("hbm_gib", 16.0, "device memory to check the plan against (GiB)", flag_values=FLAGS)
+_RULES = flags.DEFINE_string("rules", "", "rule set (default: the config's)", flag_values=FLAGS)
+flags.mark_flag_as_required("config", flag_values=FLAGS)
 
 GIB = 2**30
 
@@ -92,7 +97,7 @@ def print_report(cfg, mesh_shape: dict[str, int], rules: str | None, hbm_gib: fl
     return fits
 
 
-def main(argv) -> None:
+def _main(argv) -> None:
     del argv
     mesh_shape = parse_mesh(_MESH.value)
     # fake exactly the mesh's devices on the host CPU (before any JAX computation)
@@ -101,6 +106,10 @@ def main(argv) -> None:
     print_report(_CONFIG.value, mesh_shape, _RULES.value or None, _HBM.value)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv)
+
+
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    main()

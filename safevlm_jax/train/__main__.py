@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging as absl_logging
+from absl import flags, logging as absl_logging
 from ml_collections import config_flags
 
+from safevlm_jax import cli
 from safevlm_jax.checkpoint.io import is_primary
 from safevlm_jax.train import distributed
 
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config: FILE.py:PRESET",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs, export", required=True)
-_COORDINATOR = flags.DEFINE_string("coordinator", "", "HOST:PORT of process 0 (explicit multi-process)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "number of processes (with --coordinator)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "this process's index (with --coordinator)")
+                                          flag_values=FLAGS, lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs, export", required=True,
+                               flag_values=FLAGS)
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "HOST:PORT of process 0 (explicit multi-process)",
+                                   flag_values=FLAGS)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "number of processes (with --coordinator)",
+                                      flag_values=FLAGS)
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "this process's index (with --coordinator)",
+                                   flag_values=FLAGS)
+flags.mark_flag_as_required("config", flag_values=FLAGS)
 
 
-def main(argv) -> None:
+def _main(argv) -> None:
     del argv
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from safevlm_jax.train.loop import train  # after initialize: it touches jax devices
@@ -35,6 +42,10 @@ def main(argv) -> None:
         print(json.dumps(metrics, sort_keys=True))
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv)
+
+
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    main()
