@@ -53,6 +53,8 @@ def train_config(stage: int, preset: str) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.rules = "fsdp"
+    # an axis the mesh does not divide: "error" (naming the parameter), or "replicate" it, logged
+    c.sharding_fallback = "error"
 
     c.data = ml_collections.ConfigDict(dict(
         dataset_dir="",  # a dataset from `python -m safevlm_jax.data.build`; "" = synthetic

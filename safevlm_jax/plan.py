@@ -67,7 +67,7 @@ def plan(cfg, mesh_shape: dict[str, int], rules: str | None = None) -> dict[str,
     batch.update({k: jax.ShapeDtypeStruct((rows,), np.int32) for k in ("safe_level", "safe_type")})
     step = make_train_step(graphdef, optimizer, schedule, accumulation=cfg.accumulation,
                            head_weight=cfg.head_weight)
-    fn, state_sh, batch_sh = jit_train_step(step, abstract, batch, mesh, rules)
+    fn, state_sh, batch_sh = jit_train_step(step, abstract, batch, mesh, rules, cfg.sharding_fallback)
     state_in = with_shardings(abstract, state_sh)
     batch_in = with_shardings(batch, batch_shardings(batch, mesh, rules))
     mem = fn.lower(state_in, batch_in).compile().memory_analysis()

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -72,17 +73,35 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None =
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+FALLBACKS = ("error", "replicate")  # what to do with an axis the mesh axes do not divide
+
+
 def logical_to_spec(names: Iterable[str | None], rules: Mapping[str, Sequence[str]],
-                    mesh: Mesh | None = None, shape: Sequence[int] | None = None) -> P:
-    """PartitionSpec for logical `names`; a mesh axis is used at most once per array, and an
-    axis whose size the mesh axes do not divide stays replicated (e.g. 8 kv heads on 16)."""
+                    mesh: Mesh | None = None, shape: Sequence[int] | None = None, *,
+                    fallback: str = "error", what: str = "array") -> P:
+    """PartitionSpec for logical `names`; a mesh axis is used at most once per array.
+
+    A dimension whose size the mesh axes its rule names do not divide (e.g. 8 kv heads over
+    tensor=16) is an error naming `what`, the logical axis and the sizes (MaxText refuses
+    such layouts too), unless `fallback="replicate"` was chosen: then that dimension is
+    replicated and a warning says so.
+    """
+    if fallback not in FALLBACKS:
+        raise ValueError(f"sharding fallback must be one of {FALLBACKS}, got {fallback!r}")
     used: set[str] = set()
     out = []
     for i, name in enumerate(names):
         axes = tuple(a for a in rules.get(name, ()) if a not in used) if name else ()
         if mesh is not None:
             axes = tuple(a for a in axes if mesh.shape[a] > 1)
-            if shape is not None and axes and shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
+            ways = int(np.prod([mesh.shape[a] for a in axes]))
+            if shape is not None and axes and shape[i] % ways:
+                detail = (f"{what}: dimension {i} ({name!r}, size {shape[i]}) does not divide over mesh "
+                          f"axes {axes} of total size {ways} (mesh {dict(mesh.shape)})")
+                if fallback == "error":
+                    raise ValueError(f"{detail}; choose a mesh or rule set that divides it, or the "
+                                     f"explicit fallback 'replicate' (config: sharding_fallback)")
+                logging.warning("%s: replicated instead (sharding_fallback='replicate')", detail)
                 axes = ()
         used.update(axes)
         out.append(axes[0] if len(axes) == 1 else (axes or None))
@@ -90,9 +109,10 @@ def logical_to_spec(names: Iterable[str | None], rules: Mapping[str, Sequence[st
 
 
 @contextlib.contextmanager
-def use_rules(mesh: Mesh, rules: str | Mapping[str, Sequence[str]]):
-    """Activates activation constraints (while tracing) for `mesh` under `rules`."""
-    token = _ACTIVE.set((mesh, get_rules(rules)))
+def use_rules(mesh: Mesh, rules: str | Mapping[str, Sequence[str]], fallback: str = "error"):
+    """Activates activation constraints (while tracing) for `mesh` under `rules`; `fallback`
+    as in `logical_to_spec`."""
+    token = _ACTIVE.set((mesh, get_rules(rules), fallback))
     try:
         yield
     finally:
@@ -104,25 +124,29 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     active = _ACTIVE.get()
     if active is None:
         return x
-    mesh, rules = active
-    spec = logical_to_spec(names, rules, mesh, x.shape)
+    mesh, rules, fallback = active
+    spec = logical_to_spec(names, rules, mesh, x.shape, fallback=fallback,
+                           what=f"activation {tuple(names)} of shape {tuple(x.shape)}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def state_shardings(tree, mesh: Mesh, rules: str | Mapping[str, Sequence[str]]):
+def state_shardings(tree, mesh: Mesh, rules: str | Mapping[str, Sequence[str]], fallback: str = "error"):
     """NamedShardings for a tree of nnx Variables (an nnx State, abstract or not), sharded by
     their logical axes, possibly mixed with plain arrays, which are replicated (e.g. a train
-    state: Adam moments are Variables and follow their parameters; step and RNG replicate)."""
+    state: Adam moments are Variables and follow their parameters; step and RNG replicate).
+    An axis the mesh cannot divide is an error naming the parameter (`logical_to_spec`)."""
     rules = get_rules(rules)
 
-    def one(x):
+    def one(path, x):
         if not isinstance(x, nnx.Variable):
             return NamedSharding(mesh, P())
         shape = x.get_value().shape
         names = x.get_metadata().get("out_sharding") or (None,) * len(shape)
-        return x.replace(NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape)))
+        spec = logical_to_spec(names, rules, mesh, shape, fallback=fallback,
+                               what=f"parameter {jax.tree_util.keystr(path, simple=True, separator='/')}")
+        return x.replace(NamedSharding(mesh, spec))
 
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def data_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:

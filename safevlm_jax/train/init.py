@@ -22,7 +22,7 @@ def initial_state(make_model, cfg, optimizer, state_shardings) -> TrainState:
                    out_shardings=state_shardings)()
 
 
-def load_params(state: TrainState, directory: str, mesh, rules) -> TrainState:
+def load_params(state: TrainState, directory: str, mesh, rules, fallback: str = "error") -> TrainState:
     """`state` with every parameter found in checkpoint `directory` replaced by it."""
     stored = set(unstacked_shapes(ParamReader(directory).shapes))
 
@@ -34,7 +34,7 @@ def load_params(state: TrainState, directory: str, mesh, rules) -> TrainState:
         found, rest = nnx.split_state(tree, in_checkpoint, ...)
         if not jax.tree.leaves(found):
             return tree
-        found = restore_params(directory, found, sharding.state_shardings(found, mesh, rules))
+        found = restore_params(directory, found, sharding.state_shardings(found, mesh, rules, fallback))
         return nnx.merge_state(found, rest)
 
     return state._replace(trainable=load(state.trainable), frozen=load(state.frozen))

@@ -95,18 +95,19 @@ def batch_shardings(batch_abstract: dict, mesh: Mesh, rules) -> dict:
 
 
 def jit_train_step(train_step: Callable, state_abstract: TrainState, batch_abstract: dict,
-                   mesh: Mesh, rules):
+                   mesh: Mesh, rules, fallback: str = "error"):
     """`jax.jit` with in/out shardings from the logical rules; donates the old state.
 
-    Tracing happens under `sharding.use_rules(mesh, rules)` so activation constraints apply.
+    Tracing happens under `sharding.use_rules(mesh, rules)` so activation constraints apply;
+    `fallback` (config `sharding_fallback`) is what an axis the mesh cannot divide does.
     Returns (jitted fn, state shardings, batch shardings).
     """
-    state_sh = sharding.state_shardings(state_abstract, mesh, rules)
+    state_sh = sharding.state_shardings(state_abstract, mesh, rules, fallback)
     batch_sh = batch_shardings(batch_abstract, mesh, rules)
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def step_under_rules(state, batch):
-        with sharding.use_rules(mesh, rules):
+        with sharding.use_rules(mesh, rules, fallback):
             return train_step(state, batch)
 
     fn = jax.jit(step_under_rules, in_shardings=(state_sh, batch_sh),
