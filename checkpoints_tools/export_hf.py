@@ -4,8 +4,9 @@
 
 Writes `config.json` + sharded `model-*.safetensors` (+ index) that
 `LlavaForConditionalGeneration.from_pretrained` loads, the tokenizer/image-processor files,
-`safety_modules.safetensors` under the authors' key names (docs/checkpoint_format.md; `import_safety` reads it
-back) and, when the checkpoint has LoRA and `--merge_lora` is not given, a peft adapter in
+`safety_modules.safetensors` under the authors' key names (docs/checkpoint_format.md;
+`import_safety` reads it back) and, when the checkpoint has LoRA and `--merge_lora` is not given, a
+peft adapter in
 `lora_adapter/`. With `--merge_lora` the LoRA update is added to the base kernels (in f32,
 then cast to the stored dtype) and no adapter is written.
 """

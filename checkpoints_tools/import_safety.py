@@ -3,8 +3,8 @@
     python -m checkpoints_tools.import_safety --src safevlm_release.bin --checkpoint ckpt/llava7b
 
 `--src` is a torch state dict (read with `torch.load(weights_only=True)`, memory-mapped) or a
-safetensors file, with the authors' key names (docs/checkpoint_format.md, `keymap.safety_rules`), possibly among
-the other keys of a whole-model state dict and under a prefix such as `model.` (found
+safetensors file, with the authors' key names (docs/checkpoint_format.md, `keymap.safety_rules`),
+possibly among the other keys of a whole-model state dict and under a prefix such as `model.` (found
 automatically, or given with `--prefix`). `--rename` takes a JSON file {key in the file:
 authors' key} for releases that name things differently. The checkpoint is rewritten
 atomically (in place, or to `--out`); its other parameters are copied unchanged.

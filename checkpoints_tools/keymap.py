@@ -5,8 +5,8 @@ or more of our unscanned parameter paths (`language_model/model/layers/3/self_at
 kernel`) through a reversible `Transform`; both directions are exact (transposes, reshapes
 and splits only, no arithmetic), so HF -> JAX -> HF returns the same bytes.
 
-HF LLaVA files name their tensors in several ways (docs/checkpoint_format.md); `canonical_hf_key` maps each to
-the published `llava-hf` names used in the table:
+HF LLaVA files name their tensors in several ways (docs/checkpoint_format.md); `canonical_hf_key`
+maps each to the published `llava-hf` names used in the table:
 
     vision_tower.vision_model.*  <- vision_tower.* (transformers 5 files), model.vision_tower.*
     language_model.model.*       <- model.language_model.* (in memory), language_model.layers...

@@ -1,8 +1,9 @@
 """Model presets: `get_config("tiny" | "llava_7b" | "llava_13b")`.
 
 Returns a ConfigDict with one field, `model`, whose keys are those of
-`safevlm_jax.config.ModelConfig` (LLaVA-1.5 sizes: docs/architecture.md; safety modules: docs/safety_modules.md).
-For a real checkpoint prefer `ModelConfig.from_hf(dir)`, which reads its `config.json`.
+`safevlm_jax.config.ModelConfig` (LLaVA-1.5 sizes: docs/architecture.md; safety modules:
+docs/safety_modules.md). For a real checkpoint prefer `ModelConfig.from_hf(dir)`, which reads its
+`config.json`.
 """
 
 import ml_collections

@@ -1,4 +1,5 @@
-"""Stage 1 and stage 2 train exactly their parameters (docs/architecture.md) and the loss goes down."""
+"""Stage 1 and stage 2 train exactly their parameters (docs/architecture.md) and the loss goes
+down."""
 
 import jax
 import numpy as np

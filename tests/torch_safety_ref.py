@@ -1,4 +1,5 @@
-"""Plain-PyTorch reference of the SafeVLM safety modules (docs/safety_modules.md), for parity tests only.
+"""Plain-PyTorch reference of the SafeVLM safety modules (docs/safety_modules.md), for parity tests
+only.
 
 Rebuilt from timm's RegNet `Bottleneck`/`RegStage`/`SEModule`/`LayerNorm2d` and Honeybee's
 `CAbstractor` (no timm/torchvision here), with module names chosen so `state_dict()` keys are

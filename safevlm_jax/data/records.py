@@ -1,4 +1,5 @@
-"""SafeVLM JSON records (docs/architecture.md, "Data"): load the file, validate each record, normalise its turns.
+"""SafeVLM JSON records (docs/architecture.md, "Data"): load the file, validate each record,
+normalise its turns.
 
 A record looks like
   {"id": "000123", "image": "relative/path.jpg", "safe_level": 2, "safe_type": 1,

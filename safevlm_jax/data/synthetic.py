@@ -2,9 +2,9 @@
 
   python -m safevlm_jax.data.synthetic --out DIR --n N --seed S
 
-writes `DIR/data.json` (SafeVLM records, docs/architecture.md) and `DIR/images/*.png`. Each image is a noisy
-background with one shape: the shape gives the risk level (circle 0, triangle 1, square 2,
-cross 3), the colour and a glyph letter give the risk type (green "C" = 6 clean; six other
+writes `DIR/data.json` (SafeVLM records, docs/architecture.md) and `DIR/images/*.png`. Each image
+is a noisy background with one shape: the shape gives the risk level (circle 0, triangle 1, square
+2, cross 3), the colour and a glyph letter give the risk type (green "C" = 6 clean; six other
 colours/letters for types 0-5). Level 0 goes with type 6. Answers follow the labels: a
 description for clean images, a cautious answer for levels 1-2, and a refusal starting
 "I'm sorry, but I can't" for level 3. Ids contain the seed, so different seeds never share

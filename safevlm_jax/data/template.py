@@ -1,7 +1,7 @@
 """Conversation templates and tokenization with labels, as LLaVA-1.5's own code gives them.
 
-v1 (LLaVA's `conv_vicuna_v1`, docs/prompt_formats.md) for a two-round conversation, `[IMG]` = the image
-positions and `</s>` = the tokenizer's eos:
+v1 (LLaVA's `conv_vicuna_v1`, docs/prompt_formats.md) for a two-round conversation, `[IMG]` = the
+image positions and `</s>` = the tokenizer's eos:
 
   <s>{system} USER: [IMG]\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
 

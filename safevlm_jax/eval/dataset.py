@@ -1,4 +1,5 @@
-"""Evaluation inputs: labelled images (SafeVLM JSON, docs/architecture.md) and RTVLM-style questions.
+"""Evaluation inputs: labelled images (SafeVLM JSON, docs/architecture.md) and RTVLM-style
+questions.
 
 Labelled data is a JSON file of records, or a directory holding `data.json` (what
 `safevlm_jax.data.synthetic` writes); only `id`, `image`, `safe_level` and `safe_type` are

@@ -3,11 +3,11 @@
     guard = Guard.from_checkpoint("ckpt/")                  # loads only what the verdict reads
     level_probs, type_probs = guard(pixel_values)           # [B, 4], [B, 7] float32 numpy
 
-Why this is the model's own verdict (docs/safety_modules.md): the safety head is one cross-attention whose
-keys/values are the safety tokens and the safety projector's output (a function of the CLIP
-features alone) and whose query is the text embedding at the first real position; its
-output at one query position depends only on that query. So the verdict is a function of
-the image and of the first token's embedding (BOS) — not of the rest of the prompt, not of
+Why this is the model's own verdict (docs/safety_modules.md): the safety head is one
+cross-attention whose keys/values are the safety tokens and the safety projector's output (a
+function of the CLIP features alone) and whose query is the text embedding at the first real
+position; its output at one query position depends only on that query. So the verdict is a function
+of the image and of the first token's embedding (BOS) — not of the rest of the prompt, not of
 any LLM layer. `VerdictModel` holds just those parts (CLIP up to its feature layer, the
 safety projector, the head's safety tokens, the safety head, the token embedding table) and
 computes with SafeVLM's own methods, so it cannot drift from the full model.

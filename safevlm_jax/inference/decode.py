@@ -4,8 +4,8 @@
     result = decoder.generate(prompts, features, max_new_tokens=64, sampler=TopP(0.9))
 
 `encode` is one small jitted call (the safety verdict needs only the image and each row's
-first token, docs/safety_modules.md), so the caller can build the prompt with its hint before the single
-prefill+decode program runs. Prompts are left-padded to a length bucket and the batch is
+first token, docs/safety_modules.md), so the caller can build the prompt with its hint before the
+single prefill+decode program runs. Prompts are left-padded to a length bucket and the batch is
 padded (by repeating row 0) to a batch bucket; `max_new_tokens`, temperatures and top-p are
 traced values. So a call recompiles only for a new (batch bucket, length bucket, new-token
 bucket, sampler kind, safety on/off, per-step callback on/off), and Decoders of equal models

@@ -5,8 +5,8 @@
     print(result.verdict.line(), result.answer)
 
 Per batch: one small jitted call runs CLIP and the safety head (the verdict needs only the
-image and the first token, docs/safety_modules.md), the hints are chosen on the host, then one jitted
-prefill+decode program generates every row (`safevlm_jax.inference.decode`).
+image and the first token, docs/safety_modules.md), the hints are chosen on the host, then one
+jitted prefill+decode program generates every row (`safevlm_jax.inference.decode`).
 """
 
 from __future__ import annotations

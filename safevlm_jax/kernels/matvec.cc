@@ -3,10 +3,11 @@
 // Decoding a few rows is bound by streaming the weights once. XLA:CPU runs bf16 dots through
 // a much slower path than its f32 one, so bf16 weights decoded no faster than f32 ones
 // although they are half the bytes, and its f32 product streams below what prefetching
-// reaches (measurements: docs/performance.md). This kernel reads each weight row once, widens bf16 to f32 (a 16-bit shift) and
-// accumulates in f32; the rows are split in contiguous slabs (sequential reads) over XLA's
-// intra-op thread pool, each worker summing into its own [M, N] f32 buffer, reduced at the end.
-// x and y are f32 or bf16 (the same dtype); bf16 outputs round to nearest even.
+// reaches (measurements: docs/performance.md). This kernel reads each weight row once, widens bf16
+// to f32 (a 16-bit shift) and accumulates in f32; the rows are split in contiguous slabs
+// (sequential reads) over XLA's intra-op thread pool, each worker summing into its own [M, N] f32
+// buffer, reduced at the end. x and y are f32 or bf16 (the same dtype); bf16 outputs round to
+// nearest even.
 
 #include <algorithm>
 #include <atomic>
