@@ -47,9 +47,9 @@ def init_safety(config: ModelConfig, seed: int) -> dict[str, np.ndarray]:
 
 def import_hf(hf_dir: str, out: str, dtype: str | None = None, overwrite: bool = False,
               safety: SafetyConfig = SafetyConfig(), seed: int = 0, log=print) -> ModelConfig:
-    """Converts `hf_dir` (HF LLaVA safetensors, any key style of docs/checkpoint_format.md) into checkpoint
-    `out`; returns its config. `safety`: the safety modules' settings (docs/safety_modules.md by default;
-    `enabled=False` gives plain LLaVA). Errors list every missing/unexpected key and every shape
+    """Converts `hf_dir` (HF LLaVA safetensors, any key style of docs/checkpoint_format.md)
+    into checkpoint `out`; returns its config. `safety`: the safety modules' settings
+    (docs/safety_modules.md by default; `enabled=False` gives plain LLaVA). Errors list every missing/unexpected key and every shape
     mismatch (key, file, expected, got) before anything is written."""
     src = SafetensorsDir(hf_dir)
     param_dtype = dtype or source_dtype(src)
