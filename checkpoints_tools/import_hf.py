@@ -49,8 +49,9 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, overwrite: bool =
               safety: SafetyConfig = SafetyConfig(), seed: int = 0, log=print) -> ModelConfig:
     """Converts `hf_dir` (HF LLaVA safetensors, any key style of docs/checkpoint_format.md)
     into checkpoint `out`; returns its config. `safety`: the safety modules' settings
-    (docs/safety_modules.md by default; `enabled=False` gives plain LLaVA). Errors list every missing/unexpected key and every shape
-    mismatch (key, file, expected, got) before anything is written."""
+    (docs/safety_modules.md by default; `enabled=False` gives plain LLaVA). Errors list every
+    missing/unexpected key and every shape mismatch (key, file, expected, got) before anything
+    is written."""
     src = SafetensorsDir(hf_dir)
     param_dtype = dtype or source_dtype(src)
     config = ModelConfig.from_hf(hf_dir, param_dtype=param_dtype, dtype=param_dtype,
