@@ -6,7 +6,8 @@ image positions and `</s>` = the tokenizer's eos:
   <s>{system} USER: [IMG]\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
 
 psa (the PSA-VLM authors' inference strings, docs/prompt_formats.md):
-`<s>[IMG]\\n USER: {q} \\nASSISTANT:` and, with a hint, `<s>[IMG]\\n \\n USER: {q}  \\n Safe Hint: {hint} \\n ASSISTANT:  `.
+`<s>[IMG]\\n USER: {q} \\nASSISTANT:` and, with a hint,
+`<s>[IMG]\\n \\n USER: {q}  \\n Safe Hint: {hint} \\n ASSISTANT:  `.
 
 Token ids (`prompt_format`):
   "llava": LLaVA's `tokenizer_image_token`/`preprocess_v1`: the text is split at the image and
