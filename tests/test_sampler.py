@@ -9,7 +9,7 @@ import torch
 from checkpoints_tools.import_hf import import_hf
 from safevlm_jax.checkpoint.format import load_checkpoint
 from safevlm_jax.inference.decode import Decoder, bucket
-from safevlm_jax.inference.sampling import Greedy, Temperature, TopK, TopP, make_sampler
+from safevlm_jax.inference.sampling import Greedy, PerRow, Temperature, TopK, TopP, make_sampler
 from tests.hf_llava import TINY_SAFETY, save_tiny_llava
 
 EOS, PAD = 2, 501
@@ -123,6 +123,27 @@ def test_top_p_and_top_k_sample_only_inside_their_set():
     assert set(draw(TopK(3))) == {0, 1, 2}
     counts = np.bincount(draw(Temperature(1.0)), minlength=4) / len(keys)
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.05)
+
+
+def test_per_row_rule_greedy_cold_top_k_1_and_tiny_top_p_rows_are_greedy():
+    logits = 3 * jax.random.normal(jax.random.key(0), (4, 50))
+    rule = PerRow(jnp.array([0.0, 1e-4, 0.8, 0.8]), jnp.array([0, 0, 1, 0]), jnp.array([1.0, 1.0, 1.0, 1e-6]))
+    assert (rule(logits, jax.random.split(jax.random.key(1), 4)) == Greedy()(logits, None)).all()
+
+
+def test_per_row_rule_samples_inside_each_rows_set_independently_of_the_other_rows():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 5))
+    rule = PerRow(jnp.array([1.0, 1.0, 1.0, 1.0, 0.0]), jnp.array([0, 2, 0, 3, 0]),
+                  jnp.array([1.0, 1.0, 0.7, 0.5, 1.0]))
+    draws = np.asarray(jax.vmap(lambda k: rule(logits, k))(jax.random.split(jax.random.key(0), (1000, 5))))
+    assert [set(draws[:, r]) for r in range(1, 5)] == [{0, 1}, {0, 1}, {0}, {0}]
+    np.testing.assert_allclose(np.bincount(draws[:, 0], minlength=4) / 1000, [0.5, 0.3, 0.15, 0.05], atol=0.05)
+    noisy = jax.random.normal(jax.random.key(2), (5, 50))
+    keys = jax.random.split(jax.random.key(3), 5)
+    together = rule(noisy, keys)
+    for r in range(5):
+        alone = PerRow(*(a[r:r + 1] for a in (rule.temperature, rule.top_k, rule.top_p)))
+        assert alone(noisy[r:r + 1], keys[r:r + 1])[0] == together[r]
 
 
 def test_make_sampler_maps_cli_numbers():
