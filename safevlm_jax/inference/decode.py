@@ -174,7 +174,7 @@ class Decoder:
             ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
         if features is not None:
             features = _pad_rows(np.asarray(features), pb)
-        cache = self._caches.pop((pb, slots), None) or self._new_cache(pb, slots)
+        cache = self._caches.pop((pb, slots), None) or new_cache(self.config, pb, slots)
         timed = timed or on_token is not None
         self._clock.reset(on_token, b)
         start = time.perf_counter()
@@ -188,17 +188,20 @@ class Decoder:
         first = self._clock.first - start if timed else None
         return Generation([self._cut(row[:steps]) for row in out[:b]], first, total)
 
-    def _new_cache(self, batch: int, length: int) -> KVCache:
-        """A cache in the compute dtype, but f32 on CPU: XLA:CPU has no fast bf16 batched
-        dot and converted every layer's whole bf16 cache to f32 at every decode step (a
-        quarter of the ~350M bf16 decode time); an f32 cache is read as it lies."""
-        t = self.config.text
-        dtype = jnp.float32 if jax.default_backend() == "cpu" else self.config.compute_dtype
-        return KVCache.init(t.num_hidden_layers, batch, t.num_key_value_heads, length, t.head_dim, dtype)
-
     def _cut(self, row: np.ndarray) -> list[int]:
         row = row.tolist()
         return row[:row.index(self.eos_id) + 1] if self.eos_id in row else row
+
+
+def new_cache(config, batch: int, length: int, per_row: bool = False) -> KVCache:
+    """An empty cache for a model config, in the compute dtype, but f32 on CPU: XLA:CPU has no
+    fast bf16 batched dot and converted every layer's whole bf16 cache to f32 at every decode
+    step; an f32 cache is read as it lies (docs/performance.md).
+    `per_row`: a write index per row (continuous batching)."""
+    t = config.text
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else config.compute_dtype
+    return KVCache.init(t.num_hidden_layers, batch, t.num_key_value_heads, length, t.head_dim, dtype,
+                        per_row=per_row)
 
 
 class _Clock:
