@@ -26,7 +26,8 @@ exception of `EXPECTED` raised by the command -- `ValueError` (what the librarie
 bad file, field, checkpoint or value, naming it and what was expected), `OSError` (a file that
 is missing or unreadable), `UsageError` -- print one line `error: <message>` on stderr and
 exit with status 2, without a traceback. Anything else is a bug and keeps its traceback
-(status 1). With `--verbosity=1` (`-v 1`) an expected error prints its traceback too.
+(status 1). With `--verbosity=1` (`-v 1`) an expected error prints its traceback too. Logs
+below WARNING are shown only when --verbosity is given.
 
 From the shell (`argv=None`) the command runs under `absl.app.run`, so absl's own flags work
 (`--verbosity`, `--logtostderr`, `--flagfile`, `--only_check_args`, `--pdb_post_mortem`);
@@ -40,7 +41,7 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 
 class UsageError(ValueError):
@@ -120,6 +121,8 @@ def run(command: Callable[[list[str]], Any], flag_values: flags.FlagValues,
     debug = False
 
     def call(rest: list[str]) -> None:
+        if not flags.FLAGS["verbosity"].present:  # app.run's default is INFO: orbax and TFDS log
+            logging.set_verbosity(logging.WARNING)  # every step of a restore or a build there
         try:
             command(rest)
         except EXPECTED as e:

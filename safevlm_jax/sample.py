@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from safevlm_jax import cli
 from safevlm_jax.checkpoint.demo import resolve_checkpoint
@@ -92,7 +92,6 @@ def run_batch(vlm: SafeVLMInference, path: str, out, size: int, **kw) -> None:
 def run(argv) -> None:
     """The command, after flag parsing (raises ValueError with a message for bad input)."""
     del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
     if not FLAGS.batch_file and not (FLAGS.image and FLAGS.prompt is not None):
         raise cli.UsageError("give --image and --prompt, or --batch_file")
     hints = load_hints(FLAGS.hints) if FLAGS.hints else HintConfig()

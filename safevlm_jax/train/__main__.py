@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from absl import flags, logging as absl_logging
+from absl import flags
 from ml_collections import config_flags
 
 from safevlm_jax import cli
@@ -35,8 +35,6 @@ def _main(argv) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from safevlm_jax.train.loop import train  # after initialize: it touches jax devices
 
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every file at INFO
-        absl_logging.set_verbosity(absl_logging.WARNING)
     metrics = train(_CONFIG.value, _WORKDIR.value)
     if is_primary():
         print(json.dumps(metrics, sort_keys=True))

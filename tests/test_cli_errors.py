@@ -1,0 +1,121 @@
+"""Every command line fails alike on a bad input (`safevlm_jax.cli`): one line `error: ...` on
+stderr naming the file or flag at fault, exit status 2, no traceback; a bug keeps its traceback.
+
+Each CLI runs once as a real `python -m` subprocess (absl's app.run path), all of them in
+parallel from one fixture, on inputs that fail before any model is compiled."""
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save_file
+
+from safevlm_jax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ["sample", "scan", "train", "plan", "data.build", "data.synthetic", "eval.head", "eval.tsne",
+         "eval.generate", "eval.report", "import_hf", "import_safety", "export_hf", "unknown flag",
+         "stray argument"]
+
+
+def cases(tmp) -> dict[str, tuple[list[str], str]]:
+    """{name: (python -m arguments, text the error line must contain)}; writes the bad inputs."""
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp / "a.png")
+    (tmp / "bad.json").write_text('[{"id": 1,')
+    (tmp / "a_file").write_text("not a directory")
+    (tmp / "hf").mkdir()
+    save_file({"w": np.ones((64, 64), np.float32)}, str(tmp / "hf" / "model.safetensors"))
+    with open(tmp / "hf" / "model.safetensors", "r+b") as f:  # a download cut short
+        f.truncate(os.path.getsize(tmp / "hf" / "model.safetensors") // 2)
+    none = str(tmp / "no_checkpoint")
+    return {
+        "sample": (["safevlm_jax.sample", f"--checkpoint={none}", f"--image={tmp / 'a.png'}", "--prompt=Hi"],
+                   f"{none}: not a checkpoint"),
+        "scan": (["safevlm_jax.scan", f"--checkpoint={none}", f"--images={tmp}", f"--out={tmp / 'scan'}",
+                  "--batch_size=0"], "--batch_size=0"),
+        "train": (["safevlm_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={tmp / 'w'}",
+                   "--config.optimizer.lrr=1"], "--config.optimizer.lrr: no such field"),
+        "plan": (["safevlm_jax.plan", "--config=configs/stage2.py:tiny", "--mesh=fsdp=x"], "--mesh 'fsdp=x'"),
+        "data.build": (["safevlm_jax.data.build", f"--json={tmp / 'bad.json'}", f"--image_root={tmp}",
+                        f"--out={tmp / 'ds'}"], f"{tmp / 'bad.json'}: not valid JSON"),
+        "data.synthetic": (["safevlm_jax.data.synthetic", f"--out={tmp / 'a_file' / 'syn'}", "--n=2"],
+                           f"{tmp / 'a_file' / 'syn'}: Not a directory"),
+        "eval.head": (["safevlm_jax.eval.head", f"--checkpoint={none}", f"--data={tmp}", f"--out={tmp / 'h'}"],
+                      f"{none}: not a checkpoint directory"),
+        "eval.tsne": (["safevlm_jax.eval.tsne", f"--data={tmp}", f"--out={tmp / 't'}", "--perplexity=high"],
+                      "--perplexity=high"),
+        "eval.generate": (["safevlm_jax.eval.generate", "--rescore", f"--out={tmp / 'none.jsonl'}"],
+                          f"{tmp / 'none.jsonl'}: no such answers file"),
+        "eval.report": (["safevlm_jax.eval.report", f"--runs={tmp / 'no_run'}", f"--out={tmp / 'r'}"],
+                        f"{tmp / 'no_run'}: no such run directory"),
+        "import_hf": (["checkpoints_tools.import_hf", f"--hf_dir={tmp / 'hf'}", f"--out={tmp / 'ck'}"],
+                      f"{tmp / 'hf' / 'model.safetensors'}: not a readable safetensors file"),
+        "import_safety": (["checkpoints_tools.import_safety", f"--src={tmp / 'a.bin'}", f"--checkpoint={none}",
+                           f"--rename={tmp / 'bad.json'}"], f"--rename {tmp / 'bad.json'}: not valid JSON"),
+        "export_hf": (["checkpoints_tools.export_hf", f"--checkpoint={none}", f"--out={tmp / 'x'}",
+                       "--key_style=mine"], "--key_style=mine"),
+        "unknown flag": (["safevlm_jax.eval.report", "--runs=a", "--out=b", "--colour=red"], "'colour'"),
+        "stray argument": (["safevlm_jax.data.synthetic", f"--out={tmp / 's'}", "--n=2", "extra"], "'extra'"),
+    }
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{case: (CompletedProcess, expected text)}, every command run at once (start-up is the cost)."""
+    todo = cases(tmp_path_factory.mktemp("cli"))
+    assert sorted(todo) == sorted(NAMES)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        done = {name: pool.submit(_run, ["-m", *args]) for name, (args, _) in todo.items()}
+        return {name: (future.result(), todo[name][1]) for name, future in done.items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_is_one_error_line_naming_it_and_exit_status_2(runs, name):
+    proc, expected = runs[name]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and lines[-1].startswith("error: ") and expected in lines[-1], proc.stderr
+    assert sum(line.startswith("error:") for line in lines) == 1
+
+
+def test_a_bug_keeps_its_traceback_and_help_is_not_an_error():
+    bug = _run(["-c", "from absl import flags; from safevlm_jax import cli; "
+                      "cli.run(lambda argv: {}['a bug'], flags.FlagValues())"])
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'a bug'" in bug.stderr
+    assert "error:" not in bug.stderr
+    help_ = _run(["-m", "safevlm_jax.eval.report", "--help"])
+    assert help_.returncode == 0 and "--runs" in help_.stdout and "--title" in help_.stdout
+
+
+def test_message_is_one_line_and_an_oserror_names_its_file(tmp_path):
+    try:
+        open(tmp_path / "missing.json")
+    except OSError as e:
+        assert cli.message(e) == f"{tmp_path / 'missing.json'}: No such file or directory"
+    assert cli.message(ValueError("a.json: bad\n  field x\n")) == "a.json: bad field x"
+
+
+def test_in_process_call_parses_afresh_and_exits_2_on_bad_input(tmp_path, capsys):
+    from absl import flags
+
+    fv, seen = flags.FlagValues(), []
+    flags.DEFINE_integer("n", 1, "n", flag_values=fv)
+    flags.DEFINE_bool("v2", False, "v2", flag_values=fv)
+    cli.run(lambda argv: seen.append((fv.n, fv.v2)), fv, ["--n=3", "--v2"])
+    cli.run(lambda argv: seen.append((fv.n, fv.v2)), fv, [])  # defaults again, not the last call's
+    assert seen == [(3, True), (1, False)]
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda argv: json.loads("{"), fv, [])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: Expecting property name")
+    with pytest.raises(RuntimeError):  # a bug is not an expected error
+        cli.run(lambda argv: (_ for _ in ()).throw(RuntimeError("bug")), fv, [])
