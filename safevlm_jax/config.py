@@ -82,9 +82,19 @@ class TextConfig:
                 f"num_key_value_heads={self.num_key_value_heads}")
 
 
+QUERY_TOKENS = ("bos", "pad")
+
+
 @dataclasses.dataclass(frozen=True)
 class SafetyConfig:
-    """SafeVLM safety modules (docs/safety_modules.md)."""
+    """SafeVLM safety modules (docs/safety_modules.md).
+
+    query_token: the safety head's query. "bos": the text embedding of each row's first real
+    token (BOS), as the paper describes it. "pad": the embedding of the pad token
+    (`ModelConfig.pad_token_id`, LLaVA-1.5's `<pad>` = 32001) for every row: the PSA-VLM
+    authors' training code (`dataloader/safe_data.py`) moves padding to the front, so a head
+    trained by it read `<pad>` at position 0; choose "pad" for such weights.
+    """
 
     enabled: bool = True
     num_tokens: int = 64
@@ -96,6 +106,11 @@ class SafetyConfig:
     head_num_heads: int = 8
     num_levels: int = 4
     num_types: int = 7
+    query_token: str = "bos"
+
+    def __post_init__(self):
+        if self.query_token not in QUERY_TOKENS:
+            raise ValueError(f"safety.query_token must be one of {QUERY_TOKENS}, got {self.query_token!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +203,11 @@ class ModelConfig:
             kw[key] = value
         return _build(cls, kw, "model", already_built=True)
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, extra: Mapping[str, Any] | None = None) -> None:
+        """Writes the config as JSON; `extra`: more top-level keys (a checkpoint's conversation
+        template), which `load` does not take (`checkpoint.format.load_config` drops them)."""
         with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            json.dump({**self.to_dict(), **(extra or {})}, f, indent=2, sort_keys=True)
 
     @classmethod
     def load(cls, path: str) -> "ModelConfig":

@@ -23,6 +23,16 @@ def test_unknown_field_is_rejected_by_name():
         ModelConfig.from_dict(d)
 
 
+def test_safety_query_token_is_bos_or_pad():
+    d = ModelConfig().to_dict()
+    assert d["safety"]["query_token"] == "bos"
+    d["safety"]["query_token"] = "pad"
+    assert ModelConfig.from_dict(d).safety.query_token == "pad"
+    d["safety"]["query_token"] = "cls"
+    with pytest.raises(ValueError, match="query_token must be one of"):
+        ModelConfig.from_dict(d)
+
+
 def test_llava_7b_image_positions_follow_spec():
     cfg = ModelConfig.from_dict(get_config("llava_7b").model)
     assert cfg.num_image_features == 576

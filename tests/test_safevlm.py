@@ -112,6 +112,29 @@ def test_verdict_reads_only_the_image_and_the_first_token():
     assert not np.allclose(ours(jnp.asarray(ids), pix + 1.0, mask).level_logits, base.level_logits)
 
 
+def test_pad_query_token_reads_the_pad_embedding_whatever_the_first_token():
+    """SafetyConfig.query_token="pad" (the authors' training code put <pad> at position 0)."""
+    import dataclasses
+
+    _, ours = hf_and_ours(safety=TINY_SAFETY)
+    c = ours.config
+    padded = SafeVLM(c.replace(safety=dataclasses.replace(c.safety, query_token="pad")), rngs=nnx.Rngs(0))
+    nnx.update(padded, nnx.state(ours, nnx.Param))
+    rng = np.random.default_rng(4)
+    ids = prompt(ours, rng)[None]
+    mask, pix = jnp.ones(ids.shape, jnp.int32), jnp.asarray(images(ours, 1))
+    features = ours.image_features(pix)
+    pad_query = ours.embed_text(jnp.full((1, 1), c.pad_token_id, jnp.int32))[:, 0]
+    want = ours.safety_logits(features, pad_query)
+    other = ids.copy()
+    other[0, 0] = 5  # another first token: the pad query does not read it
+    for row in (ids, other):
+        got = padded(jnp.asarray(row), pix, mask)
+        np.testing.assert_allclose(got.level_logits, want[0], atol=1e-6)
+        np.testing.assert_allclose(got.type_logits, want[1], atol=1e-6)
+    assert not np.allclose(ours(jnp.asarray(ids), pix, mask).level_logits, want[0])
+
+
 def test_image_positions_hold_safety_tokens_then_projected_features():
     _, ours = hf_and_ours(safety=TINY_SAFETY)
     ids = jnp.asarray(prompt(ours, np.random.default_rng(3))[None])

@@ -63,7 +63,7 @@ def _encode(graphdef, state, pixel_values, first_ids, *, use_safety):
     features = model.image_features(pixel_values)
     if not (use_safety and model.has_safety):
         return features, None, None
-    level, kind = model.safety_logits(features, model.embed_text(first_ids[:, None])[:, 0])
+    level, kind = model.verdict_logits(features, first_ids[:, None], jnp.ones((first_ids.shape[0], 1), jnp.int32))
     return features, level, kind
 
 

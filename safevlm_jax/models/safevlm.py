@@ -93,7 +93,11 @@ class SafetyVerdict(nnx.Module):
                        attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Risk level [B, 4] and type [B, 7] logits from CLIP features [B, N(+1), C] (one image
         per row) and input_ids/attention_mask [B, T] (any padding side): the head's query is
-        the embedding of each row's first real token."""
+        the embedding of each row's first real token, or of the pad token for every row
+        (`SafetyConfig.query_token`)."""
+        if self.config.safety.query_token == "pad":
+            input_ids = jnp.full((input_ids.shape[0], 1), self.config.pad_token_id, input_ids.dtype)
+            attention_mask = jnp.ones_like(input_ids)
         return self.safety_logits(features, first_token(self.embed_text(input_ids), attention_mask))
 
 
