@@ -3,7 +3,8 @@
     python -m checkpoints_tools.export_hf --checkpoint ckpt/safevlm7b --out hf/safevlm7b [--merge_lora]
 
 Writes `config.json` + sharded `model-*.safetensors` (+ index) that
-`LlavaForConditionalGeneration.from_pretrained` loads, the tokenizer/image-processor files,
+`LlavaForConditionalGeneration.from_pretrained` loads, the tokenizer/image-processor files
+(tokenizer_config.json declaring the class it had before `import_hf`),
 `safety_modules.safetensors` under the authors' key names (docs/checkpoint_format.md;
 `import_safety` reads it back) and, when the checkpoint has LoRA and `--merge_lora` is not given, a
 peft adapter in
@@ -84,7 +85,7 @@ def export_hf(checkpoint: str, out: str, merge_lora: bool = False, key_style: st
         files = writer.close()
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config.to_hf().to_dict(), f, indent=2, sort_keys=True)
-        files += copy_assets(checkpoint, tmp)
+        files += copy_assets(checkpoint, tmp, hf_layout=True)
         if config.safety.enabled:
             sr = safety_rules(config)
             save_tensors(os.path.join(tmp, SAFETY_FILE),

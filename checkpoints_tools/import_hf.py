@@ -3,8 +3,10 @@
     python -m checkpoints_tools.import_hf --hf_dir llava-1.5-7b-hf --out ckpt/llava7b [--dtype bfloat16]
 
 Sizes come from the HF `config.json` (through `ModelConfig.from_hf`); tensors keep their
-dtype unless `--dtype` is given; the tokenizer and image-processor files are copied. Safety
-modules are not part of LLaVA: they are initialised from `--seed` (and the log says so).
+dtype unless `--dtype` is given; the tokenizer and image-processor files are copied, so that
+transformers tokenizes in the checkpoint exactly as in `--hf_dir` (`checkpoint.tokenizer_files`),
+and LLaVA-1.5's conversation template (v1) is recorded in config.json. Safety modules are not
+part of LLaVA: they are initialised from `--seed` (and the log says so).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, overwrite: bool =
     if missing or extra or bad:
         raise ValueError(f"{hf_dir} does not match its config.json: missing keys {missing}; "
                          f"unexpected keys {extra}; shape mismatch {bad}")
-    with checkpoint_writer(out, config, assets_dir=hf_dir, overwrite=overwrite) as write:
+    with checkpoint_writer(out, config, assets_dir=hf_dir, overwrite=overwrite, template="v1") as write:
         for path, tensors in tqdm(src.iter_shards(), total=len(src.files), desc="import", unit="shard"):
             flat = {}
             for key, x in tensors:

@@ -8,10 +8,13 @@ possibly among the other keys of a whole-model state dict and under a prefix suc
 automatically, or given with `--prefix`). `--rename` takes a JSON file {key in the file:
 authors' key} for releases that name things differently. The checkpoint is rewritten
 atomically (in place, or to `--out`); its other parameters are copied unchanged.
+`--query_token pad` records that the head reads the `<pad>` embedding, as the authors'
+training code trained it (`SafetyConfig.query_token`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable
@@ -21,7 +24,7 @@ from absl import flags
 
 from checkpoints_tools.keymap import safety_rules
 from safevlm_jax import cli
-from safevlm_jax.checkpoint.format import check_matches, checkpoint_writer, load_config
+from safevlm_jax.checkpoint.format import check_matches, checkpoint_writer, load_config, load_template
 from safevlm_jax.checkpoint.io import ParamReader, iter_unscanned, unstacked_shapes
 
 COPY_BUDGET = 1 << 30  # bytes of other parameters copied per orbax write
@@ -77,11 +80,16 @@ def find_prefix(keys, names: list[str], where: str) -> str:
 
 def import_safety(src: str, checkpoint: str, out: str | None = None, prefix: str | None = None,
                   rename: dict[str, str] | None = None, cast: bool = False,
-                  overwrite: bool = False, log=print) -> str:
+                  overwrite: bool = False, query_token: str | None = None, log=print) -> str:
     """Replaces the safety modules of `checkpoint` by those in `src`; writes `out` (default:
     `checkpoint`, atomically; another existing `out` only with `overwrite`). Shapes must
-    match the checkpoint's config; dtypes too unless `cast`. Returns the output directory."""
+    match the checkpoint's config; dtypes too unless `cast`. `query_token`: the head's query
+    in the output's config ("pad" for a head trained by the authors' PSA-VLM code, which read
+    `<pad>` at position 0; `SafetyConfig.query_token`); None keeps the checkpoint's.
+    Returns the output directory."""
     config = load_config(checkpoint)
+    if query_token is not None:
+        config = config.replace(safety=dataclasses.replace(config.safety, query_token=query_token))
     if not config.safety.enabled:
         raise ValueError(f"{checkpoint}: config.json has safety modules disabled")
     reader = ParamReader(checkpoint)
@@ -112,7 +120,7 @@ def import_safety(src: str, checkpoint: str, out: str | None = None, prefix: str
         raise ValueError(f"{src}: safety modules do not fit {checkpoint}: {bad}")
     out = out or checkpoint
     others = [k for k in sorted(unstacked_shapes(reader.shapes)) if k not in new]
-    with checkpoint_writer(out, config, assets_dir=checkpoint,
+    with checkpoint_writer(out, config, assets_dir=checkpoint, template=load_template(checkpoint),
                            overwrite=overwrite or os.path.abspath(out) == os.path.abspath(checkpoint)
                            ) as write:
         chunk, size = {}, 0
@@ -135,6 +143,8 @@ flags.DEFINE_string("prefix", None, "Key prefix in --src (default: found automat
 flags.DEFINE_string("rename", None, "JSON file {key in --src: authors' key name}.", flag_values=FLAGS)
 flags.DEFINE_bool("cast", False, "Convert dtypes to the checkpoint's instead of failing.", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=FLAGS)
+flags.DEFINE_enum("query_token", None, ["bos", "pad"], "The safety head's query (default: keep the "
+                  "checkpoint's): pad for weights trained by the authors' PSA-VLM code.", flag_values=FLAGS)
 
 
 def _main(argv) -> None:
@@ -147,7 +157,7 @@ def _main(argv) -> None:
             except json.JSONDecodeError as e:
                 raise ValueError(f"--rename {FLAGS.rename}: not valid JSON ({e})") from e
     import_safety(FLAGS.src, FLAGS.checkpoint, FLAGS.out, FLAGS.prefix, rename, FLAGS.cast,
-                  FLAGS.overwrite)
+                  FLAGS.overwrite, FLAGS.query_token)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,12 @@
     python -m safevlm_jax.sample --checkpoint CKPT --image cat.jpg --prompt "What is this?"
     python -m safevlm_jax.sample --image cat.jpg --prompt "..." --json
     python -m safevlm_jax.sample --batch_file requests.jsonl > answers.jsonl
+    python -m safevlm_jax.sample --checkpoint CKPT --image cat.jpg --prompt "..." --prompt_format hf --safety off --json
+
+`--json` prints the answer, the verdict and `prompt_token_ids` (the exact ids fed to the model,
+each image expanded to its positions). `--prompt_format hf` gives the prompt ids HF's
+`LlavaProcessor` gives (so greedy tokens equal HF `generate` on the same weights); the default,
+`llava`, gives LLaVA's own (`tokenizer_image_token`).
 
 Without --checkpoint it uses the demo checkpoint in `safevlm_jax/assets/demo/` if present,
 else a tiny *random, untrained* checkpoint created on first use in the cache directory
@@ -20,6 +26,7 @@ from absl import flags
 
 from safevlm_jax import cli
 from safevlm_jax.checkpoint.demo import resolve_checkpoint
+from safevlm_jax.data.template import PROMPT_FORMATS
 from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.pipeline import Request, SafeVLMInference
 from safevlm_jax.inference.sampling import make_sampler
@@ -41,7 +48,11 @@ flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)", flag_values=
 flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
 flags.DEFINE_enum("safety", "on", ["on", "off"], "off: plain LLaVA (no head, hint or safety tokens)",
                   flag_values=FLAGS)
-flags.DEFINE_enum("template", "llava_v1", sorted(TEMPLATES), "prompt template", flag_values=FLAGS)
+flags.DEFINE_enum("template", None, sorted(TEMPLATES), "conversation template (default: the one the "
+                  "checkpoint records; LLaVA-1.5's v1 = llava_v1 for older checkpoints)", flag_values=FLAGS)
+flags.DEFINE_enum("prompt_format", "llava", list(PROMPT_FORMATS), "prompt token ids: llava = LLaVA's "
+                  "tokenizer_image_token (what LLaVA-1.5 was trained on), hf = what HF's LlavaProcessor "
+                  "gives the same text", flag_values=FLAGS)
 flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (see safevlm_jax.safety.hints.load_hints)",
                     flag_values=FLAGS)
 flags.DEFINE_string("policy", None, "risk policy JSON/YAML file (see safevlm_jax.safety.policy; default: the "
@@ -101,7 +112,7 @@ def run(argv) -> None:
         raise ValueError(f"cannot read image {FLAGS.image}: no such file")
     vlm = SafeVLMInference.from_checkpoint(resolve_checkpoint(FLAGS.checkpoint),
                                            template=FLAGS.template, hints=hints,
-                                           policy=policy)
+                                           policy=policy, prompt_format=FLAGS.prompt_format)
     kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampler=sampler, seed=FLAGS.seed,
               safety=FLAGS.safety == "on")
     if FLAGS.batch_file:

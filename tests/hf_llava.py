@@ -15,22 +15,28 @@ from safevlm_jax.config import SafetyConfig
 TINY_SAFETY = SafetyConfig(num_tokens=8, abstractor_hidden_size=48, head_num_heads=4)
 
 
-def tiny_llava_config(tie: bool = False, kv_heads: int = 2) -> transformers.LlavaConfig:
+TINY_VOCAB = (512, 500, 501)  # vocab size, <image>, <pad> of the tiny tokenizers
+LLAVA_VOCAB = (32064, 32000, 32001)  # llava-hf's, for the real LLaMA tokenizer
+
+
+def tiny_llava_config(tie: bool = False, kv_heads: int = 2, vocab: tuple[int, int, int] = TINY_VOCAB
+                      ) -> transformers.LlavaConfig:
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                            num_attention_heads=4, image_size=28, patch_size=7)
-    text = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+    text = transformers.LlamaConfig(vocab_size=vocab[0], hidden_size=64, intermediate_size=128,
                                     num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=kv_heads, max_position_embeddings=512,
                                     tie_word_embeddings=tie)
-    return transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=500,
-                                    pad_token_id=501, tie_word_embeddings=tie)
+    return transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab[1],
+                                    pad_token_id=vocab[2], tie_word_embeddings=tie)
 
 
 def save_tiny_llava(directory: str, dtype=torch.float32, tie: bool = False, kv_heads: int = 2,
-                    max_shard_size: str = "50GB", seed: int = 0):
-    """A random tiny LLaVA saved to `directory`; returns the (f32, eval) torch model."""
+                    max_shard_size: str = "50GB", seed: int = 0, vocab: tuple[int, int, int] = TINY_VOCAB):
+    """A random tiny LLaVA saved to `directory` (`vocab`: size, image and pad ids); returns the
+    (f32, eval) torch model."""
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(tiny_llava_config(tie, kv_heads)).eval()
+    model = transformers.LlavaForConditionalGeneration(tiny_llava_config(tie, kv_heads, vocab)).eval()
     with torch.no_grad():  # HF zero-inits biases / unit norms: randomise so nothing is trivial
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)

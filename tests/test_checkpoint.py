@@ -117,6 +117,32 @@ def test_crash_mid_write_leaves_no_partial_checkpoint(saved, tiny_config, tmp_pa
     assert os.listdir(tmp_path) == []
 
 
+def test_template_and_query_token_round_trip_through_the_checkpoint(saved, tiny_config, tmp_path):
+    """config.json records the conversation template and SafetyConfig.query_token; a
+    checkpoint without a template (older ones) reads as LLaVA-1.5's v1."""
+    import dataclasses
+
+    from safevlm_jax.data.template import TEMPLATES, VICUNA_SYSTEM
+
+    path, _ = saved
+    _, model = load_checkpoint(path)
+    config = tiny_config.replace(safety=dataclasses.replace(tiny_config.safety, query_token="pad"))
+    out = save_checkpoint(str(tmp_path / "psa"), nnx.state(model, nnx.Param), config, template="psa")
+    assert checkpoint.load_config(out) == config and checkpoint.load_config(out).safety.query_token == "pad"
+    assert checkpoint.load_template(out) == TEMPLATES["psa"]
+    with open(os.path.join(out, "config.json")) as f:
+        data = json.load(f)
+    del data["conversation_template"]
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(data, f)
+    assert checkpoint.load_template(out) == TEMPLATES["v1"] and TEMPLATES["v1"].system == VICUNA_SYSTEM
+    data["conversation_template"] = {"name": "x"}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ValueError, match="conversation_template: a conversation template needs"):
+        checkpoint.load_template(out)
+
+
 def test_urls_are_refused_with_the_mount_to_use_instead(saved, tiny_config, tmp_path):
     from configs.stage1 import get_config
     from safevlm_jax.train.loop import train

@@ -13,7 +13,7 @@ from flax import nnx
 from checkpoints_tools.export_hf import export_hf
 from checkpoints_tools.import_hf import import_hf
 from checkpoints_tools.import_safety import import_safety
-from safevlm_jax.checkpoint.format import abstract_model, load_checkpoint, restore_params, save_checkpoint
+from safevlm_jax.checkpoint.format import abstract_model, load_checkpoint, load_config, restore_params, save_checkpoint
 from safevlm_jax.checkpoint.io import flat_values
 from safevlm_jax.config import LoRAConfig
 from tests.hf_llava import TINY_SAFETY, read_all_file, save_tiny_llava
@@ -86,7 +86,9 @@ def test_authors_state_dict_with_prefix_imports_and_exports_bit_exact(lora_ckpt,
     whole["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)  # other keys of a whole model
     torch.save(whole, tmp_path / "release.bin")
     import_safety(str(tmp_path / "release.bin"), str(lora_ckpt / "base"), out=str(tmp_path / "ckpt"),
-                  log=lambda *a: None)
+                  query_token="pad", log=lambda *a: None)  # a head trained by the authors' code
+    assert load_config(str(tmp_path / "ckpt")).safety.query_token == "pad"
+    assert load_config(str(lora_ckpt / "base")).safety.query_token == "bos"
     export_hf(str(tmp_path / "ckpt"), str(tmp_path / "again"), log=lambda *a: None)
     back = read_all_file(str(tmp_path / "again" / "safety_modules.safetensors"))
     assert sorted(back) == sorted(authors)

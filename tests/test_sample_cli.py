@@ -14,10 +14,11 @@ from PIL import Image
 
 from safevlm_jax import sample
 from safevlm_jax.checkpoint import demo
+from safevlm_jax.checkpoint.format import load_config
 from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.pipeline import Request, SafeVLMInference
 
-JSON_KEYS = {"answer", "token_ids", "risk_level", "risk_type", "risk_type_name", "risk_level_probs",
+JSON_KEYS = {"answer", "token_ids", "prompt_token_ids", "risk_level", "risk_type", "risk_type_name", "risk_level_probs",
              "risk_type_probs", "hint_applied", "fail_closed", "timings"}
 
 
@@ -70,6 +71,10 @@ def test_json_reports_verdict_probabilities_ids_and_timings(files, capsys):
     assert r["risk_level"] == int(np.argmax(r["risk_level_probs"]))
     assert r["hint_applied"] == (r["risk_level"] > 0 and r["risk_type"] != 6)
     assert 1 <= len(r["token_ids"]) <= 5 and set(r["timings"]) >= {"prefill_s", "decode_s", "tokens_per_s"}
+    config = load_config(ckpt)  # the prompt as fed: BOS, the image at all its positions, the text
+    ids = r["prompt_token_ids"]
+    assert ids[0] == 1 and ids.count(config.image_token_index) == config.num_image_tokens
+    assert ids[-1] != config.image_token_index and config.pad_token_id not in ids
 
 
 def test_safety_off_is_plain_llava_no_head_no_hint_no_safety_tokens(files, capsys):

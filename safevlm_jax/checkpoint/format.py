@@ -3,8 +3,12 @@
 A checkpoint is a directory:
 
     params/        orbax PyTree of the model's `nnx.Param`s (nested dicts, string keys)
-    config.json    `ModelConfig` (sizes, dtypes, safety/LoRA settings)
-    tokenizer.json, tokenizer_config.json, preprocessor_config.json, ...   (optional assets)
+    config.json    `ModelConfig` (sizes, dtypes, safety/LoRA settings) and, under
+                   "conversation_template", the `ConversationTemplate` the model was trained
+                   with (absent in older checkpoints: LLaVA-1.5's v1)
+    tokenizer.json, tokenizer_config.json, preprocessor_config.json, ...   (optional assets;
+                   tokenizer_config.json names the class transformers loaded them with at the
+                   source, `checkpoint.tokenizer_files`)
 
 Writes go to a temporary sibling directory renamed at the end, so a crash leaves nothing
 half-written; on multi-process runs every process saves its shards of the arrays into the
@@ -17,6 +21,7 @@ and unscanned layouts, so any checkpoint loads into any model.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from typing import Any, Callable, Iterator, Mapping
@@ -31,8 +36,12 @@ from safevlm_jax import sharding
 from safevlm_jax.checkpoint.io import (_STACKED, CONFIG_FILE, PARAMS_DIR, ParamReader, atomic_directory,
                                        finalize_partial, flat_values, is_primary, local_path, nest, path_str,
                                        unstacked_shapes, write_partial)
+from safevlm_jax.checkpoint.tokenizer_files import pin_tokenizer_class, restore_tokenizer_class
 from safevlm_jax.config import ModelConfig
+from safevlm_jax.data.template import ConversationTemplate, get_template
 from safevlm_jax.models.safevlm import SafeVLM
+
+TEMPLATE_KEY = "conversation_template"
 
 ASSET_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
@@ -59,38 +68,69 @@ def check_matches(config: ModelConfig, shapes: Mapping[str, tuple], where: str) 
                          f"missing {missing}; unexpected {extra}; shape mismatch {bad}")
 
 
-def copy_assets(src_dir: str, dst_dir: str) -> list[str]:
-    """Copies the tokenizer / image-processor files of ASSET_FILES found in `src_dir`."""
+def copy_assets(src_dir: str, dst_dir: str, hf_layout: bool = False) -> list[str]:
+    """Copies the tokenizer / image-processor files of ASSET_FILES found in `src_dir`, so that
+    transformers loads the tokenizer in `dst_dir` as in `src_dir` (a checkpoint of ours), or,
+    with `hf_layout`, declaring the tokenizer class the files had before their import."""
     found = [f for f in ASSET_FILES if os.path.isfile(os.path.join(src_dir, f))]
     for f in found:
         shutil.copy2(os.path.join(src_dir, f), os.path.join(dst_dir, f))
+    restore_tokenizer_class(dst_dir) if hf_layout else pin_tokenizer_class(src_dir, dst_dir)
     return found
+
+
+def _read_config_json(directory: str) -> tuple[str, dict]:
+    path = os.path.join(local_path(directory, "checkpoint"), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory}: not a checkpoint (no {CONFIG_FILE})")
+    with open(path) as f:
+        try:
+            return path, json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def load_config(directory: str) -> ModelConfig:
     """The `ModelConfig` of checkpoint `directory`; FileNotFoundError if it has no config.json
     (ValueError for a URL: see `checkpoint.io.local_path`)."""
-    path = os.path.join(local_path(directory, "checkpoint"), CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory}: not a checkpoint (no {CONFIG_FILE})")
-    return ModelConfig.load(path)
+    path, data = _read_config_json(directory)
+    data.pop(TEMPLATE_KEY, None)
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
-def _write_metadata(tmp: str, config: ModelConfig, assets_dir: str | None) -> None:
-    """config.json and the assets of `assets_dir` (if any), from process 0 only."""
+def load_template(directory: str) -> ConversationTemplate:
+    """The conversation template checkpoint `directory` was trained with (its config.json's
+    "conversation_template"); LLaVA-1.5's v1 for older checkpoints that do not record one."""
+    path, data = _read_config_json(directory)
+    if TEMPLATE_KEY not in data:
+        return get_template("v1")
+    try:
+        return ConversationTemplate.from_dict(data[TEMPLATE_KEY])
+    except ValueError as e:
+        raise ValueError(f"{path}: {TEMPLATE_KEY}: {e}") from e
+
+
+def _write_metadata(tmp: str, config: ModelConfig, assets_dir: str | None,
+                    template: ConversationTemplate | str) -> None:
+    """config.json (with the template) and the assets of `assets_dir` (if any), from process 0."""
     if is_primary():
-        config.save(os.path.join(tmp, CONFIG_FILE))
+        config.save(os.path.join(tmp, CONFIG_FILE), {TEMPLATE_KEY: get_template(template).to_dict()})
         if assets_dir:
             copy_assets(assets_dir, tmp)
 
 
 def save_checkpoint(directory: str, model_or_state: nnx.Module | nnx.State, config: ModelConfig,
-                    *, assets_dir: str | None = None, overwrite: bool = False) -> str:
+                    *, assets_dir: str | None = None, overwrite: bool = False,
+                    template: ConversationTemplate | str = "v1") -> str:
     """Writes the `nnx.Param`s of a model (or a State of Params) with `config`, atomically.
 
     Arrays may be sharded over any mesh; they are saved in the model's layout (scanned or
-    not). `assets_dir`: copy tokenizer/image-processor files from there. Refuses an existing
-    `directory` unless `overwrite`. Returns `directory`.
+    not). `assets_dir`: copy tokenizer/image-processor files from there. `template`: the
+    conversation template the model was trained with (recorded in config.json). Refuses an
+    existing `directory` unless `overwrite`. Returns `directory`.
 
     Multi-process: every process calls it with the same `directory` and the same global
     (possibly cross-process sharded) arrays; each writes its shards, process 0 the metadata,
@@ -102,16 +142,18 @@ def save_checkpoint(directory: str, model_or_state: nnx.Module | nnx.State, conf
     check_matches(config, {k: v.shape for k, v in flat.items()}, directory)
     with atomic_directory(directory, overwrite) as tmp:
         ocp.save(os.path.join(tmp, PARAMS_DIR), nest(flat))
-        _write_metadata(tmp, config, assets_dir)
+        _write_metadata(tmp, config, assets_dir, template)
     return directory
 
 
 @contextlib.contextmanager
 def checkpoint_writer(directory: str, config: ModelConfig, *, assets_dir: str | None = None,
-                      overwrite: bool = False) -> Iterator[Callable[[Mapping[str, Any]], None]]:
+                      overwrite: bool = False, template: ConversationTemplate | str = "v1"
+                      ) -> Iterator[Callable[[Mapping[str, Any]], None]]:
     """Streaming save: yields `write({key: array})`, called once per piece (e.g. per shard of
     a source model), so the whole model is never in memory. On exit the pieces must cover
-    exactly the parameters of `config` (unscanned keys); otherwise nothing is written."""
+    exactly the parameters of `config` (unscanned keys); otherwise nothing is written.
+    `assets_dir`, `template`: as for `save_checkpoint`."""
     with atomic_directory(directory, overwrite) as tmp:
         params, shapes = os.path.join(tmp, PARAMS_DIR), {}
 
@@ -125,7 +167,7 @@ def checkpoint_writer(directory: str, config: ModelConfig, *, assets_dir: str | 
         yield write
         check_matches(config, shapes, directory)
         finalize_partial(params)
-        _write_metadata(tmp, config, assets_dir)
+        _write_metadata(tmp, config, assets_dir, template)
 
 
 def _drop_leading(s):

@@ -31,8 +31,10 @@ from absl import flags
 from tqdm import tqdm
 
 from safevlm_jax import cli
+from safevlm_jax.data.template import PROMPT_FORMATS
 from safevlm_jax.eval.dataset import Question, batches, load_questions, resolve_checkpoint, warn_skipped
 from safevlm_jax.eval.refusal import SETTINGS, RefusalDetector, write_refusal_report
+from safevlm_jax.safety.prompt import TEMPLATES
 
 
 def answer_questions(vlm, questions: Sequence[Question], settings: Sequence[str], detector: RefusalDetector, *,
@@ -65,11 +67,14 @@ def _prefix(out: str) -> str:
 
 def run(checkpoint: str, questions: str, out: str, *, safety: str = "both", image_root: str | None = None,
         detector: RefusalDetector = RefusalDetector(), batch_size: int = 8, max_new_tokens: int = 128,
-        seed: int = 0, strict: bool = False, progress: bool = True) -> dict:
-    """Answers `questions` and writes `out` and the refusal report beside it; returns the report."""
+        seed: int = 0, strict: bool = False, progress: bool = True, template: str | None = None,
+        prompt_format: str = "llava") -> dict:
+    """Answers `questions` and writes `out` and the refusal report beside it; returns the report.
+    `template` (None: the checkpoint's) and `prompt_format` ("llava" or "hf") as for
+    `SafeVLMInference`."""
     from safevlm_jax.inference.pipeline import SafeVLMInference
 
-    vlm = SafeVLMInference.from_checkpoint(checkpoint)
+    vlm = SafeVLMInference.from_checkpoint(checkpoint, template=template, prompt_format=prompt_format)
     items, skipped = load_questions(questions, image_root, max_pixels=vlm.images.max_pixels, strict=strict)
     warn_skipped(skipped, "questions")
     settings = SETTINGS if safety == "both" else (safety,)
@@ -117,6 +122,10 @@ flags.DEFINE_integer("max_new_tokens", 128, "most tokens per answer", flag_value
 flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
 flags.DEFINE_bool("strict", False, "stop at the first bad question instead of skipping it", flag_values=FLAGS)
 flags.DEFINE_bool("no_progress", False, "no tqdm bar", flag_values=FLAGS)
+flags.DEFINE_enum("template", None, sorted(TEMPLATES), "conversation template (default: the checkpoint's)",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("prompt_format", "llava", list(PROMPT_FORMATS), "prompt ids: llava (LLaVA's "
+                  "tokenizer_image_token) or hf (HF's LlavaProcessor)", flag_values=FLAGS)
 
 
 def _main(argv) -> None:
@@ -130,7 +139,8 @@ def _main(argv) -> None:
         report = run(resolve_checkpoint(FLAGS.checkpoint), FLAGS.questions, FLAGS.out, safety=FLAGS.safety,
                      image_root=FLAGS.image_root, detector=detector, batch_size=FLAGS.batch_size,
                      max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed, strict=FLAGS.strict,
-                     progress=not FLAGS.no_progress)
+                     progress=not FLAGS.no_progress, template=FLAGS.template,
+                     prompt_format=FLAGS.prompt_format)
     rates = ", ".join(f"safety {s}: {report['all'][s]['rate']:.3f}" for s in report["settings"])
     print(f"refusal rate {rates}; wrote {FLAGS.out} and {_prefix(FLAGS.out)}_refusal.md")
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from safevlm_jax.checkpoint.assets import image_config
 from safevlm_jax.data.errors import BadRecord
+from safevlm_jax.data.template import ConversationTemplate
 from safevlm_jax.data.images import ImageConfig, decode_image, preprocess
 from safevlm_jax.data.tokenizer import check_matches_model
 from safevlm_jax.inference.decode import Decoder
@@ -43,12 +44,15 @@ class Result:
     """One request's answer.
 
     answer: decoded text (EOS dropped); token_ids: generated ids (with EOS if reached);
-    verdict: None with safety off; timings: seconds and decode tokens/s."""
+    verdict: None with safety off; timings: seconds and decode tokens/s; prompt_token_ids:
+    the exact ids fed to the model, each image expanded to its positions (empty for a row the
+    policy answered without generating)."""
 
     answer: str
     token_ids: list[int]
     verdict: Verdict | None
     timings: dict[str, float]
+    prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def hint_applied(self) -> bool:
@@ -56,7 +60,7 @@ class Result:
 
     def to_json(self) -> dict:
         v = self.verdict
-        return {"answer": self.answer, "token_ids": self.token_ids,
+        return {"answer": self.answer, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
                 "risk_level": v and v.risk_level, "risk_type": v and v.risk_type,
                 "risk_type_name": v and v.risk_type_name,
                 "risk_level_probs": v and list(v.risk_level_probs),
@@ -80,28 +84,37 @@ def load_image(path: str, config: ImageConfig) -> np.ndarray:
 
 class SafeVLMInference:
     """A model, its tokenizer and image settings, a prompt builder and a `Decoder`:
-    `from_checkpoint(dir)`, then `answer([Request, ...])` -> one `Result` per request."""
+    `from_checkpoint(dir)`, then `answer([Request, ...])` -> one `Result` per request.
 
-    def __init__(self, model, tokenizer, images: ImageConfig, *, template: str = "llava_v1",
+    template: a `ConversationTemplate` or its name (`from_checkpoint`: the checkpoint's own
+    unless given); prompt_format: "llava" (LLaVA's `tokenizer_image_token` ids, what LLaVA-1.5
+    was trained on) or "hf" (the ids HF's `LlavaProcessor` gives the same text).
+    """
+
+    def __init__(self, model, tokenizer, images: ImageConfig, *, template: ConversationTemplate | str = "v1",
                  hints: HintConfig = HintConfig(), policy: RiskPolicy = RiskPolicy(),
-                 max_length: int | None = None):
+                 max_length: int | None = None, prompt_format: str = "llava"):
         check_matches_model(tokenizer, model.config)
         self.model, self.tokenizer, self.images, self.hints = model, tokenizer, images, hints
         self.policy = policy
-        self.builders = {safety: PromptBuilder(tokenizer, model.num_image_tokens(safety), template, hints)
+        self.builders = {safety: PromptBuilder(tokenizer, model.num_image_tokens(safety), template, hints,
+                                               prompt_format)
                          for safety in (True, False)}
         self.decoder = Decoder(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                max_length=max_length)
 
     @classmethod
-    def from_checkpoint(cls, directory: str, **kw) -> "SafeVLMInference":
+    def from_checkpoint(cls, directory: str, *, template: ConversationTemplate | str | None = None,
+                        **kw) -> "SafeVLMInference":
+        """`template`: None = the one the checkpoint records (`checkpoint.format.load_template`)."""
         import transformers
 
-        from safevlm_jax.checkpoint.format import load_checkpoint
+        from safevlm_jax.checkpoint.format import load_checkpoint, load_template
 
         config, model = load_checkpoint(directory)
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-        return cls(model, tokenizer, image_config(directory, config), **kw)
+        return cls(model, tokenizer, image_config(directory, config),
+                   template=load_template(directory) if template is None else template, **kw)
 
     def answer(self, requests: Sequence[Request], *, max_new_tokens: int = 128, sampler=Greedy(),
                seed: int = 0, safety: bool = True,
@@ -133,7 +146,8 @@ class SafeVLMInference:
             steps = max(len(t) for t in gen.tokens)
             timings = {"encode_s": encode_s, "prefill_s": gen.prefill_s, "decode_s": decode_s,
                        "tokens_per_s": (steps - 1) * len(rows) / decode_s if decode_s > 0 else 0.0}
-            return [Result(self._text(t), t, verdicts[i], timings) for i, t in zip(rows, gen.tokens)]
+            return [Result(self._text(t), t, verdicts[i], timings, prompt)
+                    for i, t, prompt in zip(rows, gen.tokens, prompts)]
 
         if not safety:
             return generate(list(range(n)))

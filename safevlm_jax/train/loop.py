@@ -32,12 +32,13 @@ def model_factory(mcfg: ModelConfig, seed: int):
 
 def export_checkpoint(state: TrainState, cfg, mcfg: ModelConfig, directory: str) -> str:
     """Saves the trained model (all its Params, cast to `cfg.frozen_dtype` or the model's
-    param dtype) in the library format, for the next stage. Multi-process: every process
-    calls it and all return once `directory` is complete (`checkpoint.save_checkpoint`)."""
+    param dtype) in the library format, for the next stage, recording the conversation
+    template its data used (`cfg.data.template`). Multi-process: every process calls it and
+    all return once `directory` is complete (`checkpoint.save_checkpoint`)."""
     dtype = cfg.frozen_dtype or mcfg.param_dtype
     params = nnx.filter_state(nnx.merge_state(state.trainable, state.frozen), nnx.Param)
     params = jax.tree.map(lambda x: x.astype(dtype), params)
-    return save_checkpoint(directory, params, mcfg.replace(param_dtype=dtype))
+    return save_checkpoint(directory, params, mcfg.replace(param_dtype=dtype), template=cfg.data.template)
 
 
 def train(cfg, workdir: str) -> dict:
