@@ -45,8 +45,9 @@ from absl import app, flags, logging
 
 
 class UsageError(ValueError):
-    """Flags that are each valid but do not make a command together (e.g. neither --image
-    nor --batch_file); a ValueError, so library code may raise it too."""
+    """A command that cannot run as asked: flags that are each valid but do not make a command
+    together (e.g. neither --image nor --batch_file), or an optional package it needs is not
+    installed. A ValueError, so library code may raise it too."""
 
 
 EXPECTED = (ValueError, OSError, app.UsageError, flags.Error)

@@ -17,14 +17,15 @@ scikit-learn and matplotlib (both in the test extra), also never seen in trainin
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
+from safevlm_jax import cli
 from safevlm_jax.data.synthetic import QUESTIONS
 
 # name: (skimage.data loader, file it reads under skimage/data/ or None if drawn, index or None)
@@ -183,16 +184,23 @@ def write_labelled(out_dir: str, which: str = "all") -> str:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--set", default="all", choices=sorted(PHOTO_SETS),
-                   help="all 28 sample photos, the 9 the demo never saw, or the 4 of other packages")
-    args = p.parse_args(argv)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "output directory", required=True, flag_values=FLAGS)
+flags.DEFINE_enum("set", "all", sorted(PHOTO_SETS),
+                  "all 28 sample photos, the 9 the demo never saw, or the 4 of other packages", flag_values=FLAGS)
+
+
+def _main(argv) -> None:
+    del argv
     try:
-        print(write_labelled(args.out, args.set))
-    except (ImportError, FileNotFoundError) as e:
-        p.exit(2, f"error: {e}\n")
+        print(write_labelled(FLAGS.out, FLAGS.set))
+    except ImportError as e:  # scikit-image missing: the message says how to install it
+        raise cli.UsageError(str(e)) from e
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(_main, FLAGS, argv)
 
 
 if __name__ == "__main__":
