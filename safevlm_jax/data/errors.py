@@ -55,3 +55,7 @@ class BadRecord(ValueError):
     def for_record(self, record: str) -> "BadRecord":
         """The same error, naming `record` (e.g. when raised by image code that knows no ids)."""
         return BadRecord(self.reason, self.detail, record)
+
+    def to_json(self) -> dict[str, str]:
+        """As `report.json` lists a skipped record: {"record", "reason", "detail"}."""
+        return {"record": self.record or "", "reason": self.reason, "detail": self.detail}

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from safevlm_jax.config import SafetyConfig
 from safevlm_jax.data.errors import BadRecord
+from safevlm_jax.data.images import DEFAULT_MAX_PIXELS, read_image_file
 
 IMAGE_MARKER = "<image>"
 HUMAN, GPT = "human", "gpt"
@@ -97,6 +98,29 @@ def parse_record(obj: Any, index: int, num_levels: int = SafetyConfig.num_levels
     level = _label(obj, "safe_level", num_levels, name)
     type_ = _label(obj, "safe_type", num_types, name)
     return Record(rid, image, level, type_, _turns(obj.get("conversations"), name))
+
+
+def check_records(raw: list[Any], image_root: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  num_levels: int = SafetyConfig.num_levels, num_types: int = SafetyConfig.num_types
+                  ) -> Iterator[tuple[Record, bytes] | tuple[BadRecord, None]]:
+    """Each object of a loaded JSON list, checked as the dataset build checks it: `parse_record`,
+    a unique id, an image file that reads and decodes under `image_root`. Yields (record, its
+    image bytes) or (BadRecord naming the record and why it is refused, None), in order."""
+    seen = set()
+    for i, obj in enumerate(raw):
+        try:
+            record = parse_record(obj, i, num_levels, num_types)
+            if record.id in seen:
+                raise BadRecord("duplicate_id", f"id {record.id!r} already used by an earlier record", record.id)
+            seen.add(record.id)
+            try:
+                data = read_image_file(image_root, record.image, max_pixels)
+            except BadRecord as e:
+                raise e.for_record(record.id) from e
+        except BadRecord as e:
+            yield e, None
+            continue
+        yield record, data
 
 
 def _label(obj: dict, field: str, num_classes: int, name: str) -> int:

@@ -21,7 +21,7 @@ import tqdm
 
 from safevlm_jax.data import images
 from safevlm_jax.data.errors import BadRecord
-from safevlm_jax.data.records import Record, load_json, parse_record
+from safevlm_jax.data.records import Record, check_records, load_json
 
 REPORT_FILE = "report.json"
 
@@ -39,7 +39,7 @@ class BuildReport:
 
     def skip(self, error: BadRecord) -> None:
         self.skipped[error.reason] = self.skipped.get(error.reason, 0) + 1
-        self.skipped_records.append({"record": error.record or "", "reason": error.reason, "detail": error.detail})
+        self.skipped_records.append(error.to_json())
 
     def save(self, directory: str) -> str:
         path = os.path.join(directory, REPORT_FILE)
@@ -108,19 +108,11 @@ class SafeVlmData(tfds.core.GeneratorBasedBuilder):
         """
         raw = load_json(self._json_path)
         self.report.total = len(raw)
-        seen, valid = set(), {"train": [], "validation": []}
-        for i, obj in enumerate(tqdm.tqdm(raw, desc="checking records", unit="rec", disable=not self._progress)):
-            try:
-                record = parse_record(obj, i)
-                if record.id in seen:
-                    raise BadRecord("duplicate_id", f"id {record.id!r} already used by an earlier record", record.id)
-                seen.add(record.id)
-                try:
-                    data = images.read_image_file(self._image_root, record.image, self._max_pixels)
-                except BadRecord as e:
-                    raise e.for_record(record.id) from e
-            except BadRecord as e:
-                self._refuse(e)
+        valid = {"train": [], "validation": []}
+        for record, data in tqdm.tqdm(check_records(raw, self._image_root, self._max_pixels), total=len(raw),
+                                      desc="checking records", unit="rec", disable=not self._progress):
+            if isinstance(record, BadRecord):
+                self._refuse(record)
                 continue
             split = "validation" if is_validation(record.id, self._validation_fraction) else "train"
             self.report.kept[split] += 1
