@@ -1,0 +1,109 @@
+"""Serve SafeVLM over HTTP: OpenAI's chat and moderation API, metrics and a web demo.
+
+    python -m safevlm_jax.serve [--checkpoint CKPT] [--host 127.0.0.1] [--port 8000]
+                                [--slots 8] [--policy FILE] [--api_key KEY]
+
+Without --checkpoint it serves the shipped demo model (as `safevlm_jax.sample`). `--port 0`
+takes a free port. Once ready it prints `serving http://HOST:PORT` on stderr. SIGTERM or
+Ctrl-C: stop accepting, finish every request in flight, exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+from absl import flags
+
+from safevlm_jax import cli
+from safevlm_jax.safety.prompt import TEMPLATES
+
+FLAGS = flags.FlagValues()  # the command's own (safevlm_jax.cli)
+F = dict(flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "checkpoint directory (default: the shipped demo)", **F)
+flags.DEFINE_string("host", "127.0.0.1", "address to bind (0.0.0.0: reachable from the network)", **F)
+flags.DEFINE_integer("port", 8000, "TCP port (0: any free port)", lower_bound=0, upper_bound=65535, **F)
+flags.DEFINE_integer("slots", 8, "requests decoded together (KV cache rows)", lower_bound=1, **F)
+flags.DEFINE_integer("max_length", 0, "KV cache positions per slot, the context (0: the model's)",
+                     lower_bound=0, **F)
+flags.DEFINE_integer("max_queue", 64, "requests that may wait for a slot (then 503)", lower_bound=1, **F)
+flags.DEFINE_string("policy", None, "risk policy JSON/YAML file (safevlm_jax.safety.policy)", **F)
+flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (safevlm_jax.safety.hints)", **F)
+flags.DEFINE_enum("template", "llava_v1", sorted(TEMPLATES), "prompt template", **F)
+flags.DEFINE_string("api_key", None, "require 'Authorization: Bearer KEY' on /v1/* (default: open)", **F)
+flags.DEFINE_string("model_name", None, "the model id of /v1/models (default: the checkpoint's folder)", **F)
+flags.DEFINE_integer("max_tokens", 256, "max_tokens of requests that give none", lower_bound=1, **F)
+flags.DEFINE_integer("max_body_mb", 20, "larger request bodies get 413", lower_bound=1, **F)
+flags.DEFINE_integer("max_image_pixels", 25_000_000, "larger images are refused undecoded", lower_bound=1, **F)
+flags.DEFINE_bool("allow_safety_off", True, "let requests send safety: false (the page's comparison)", **F)
+
+
+def build():
+    """Checkpoint -> (started Engine, app, settings); ValueError for bad flags or files."""
+    from safevlm_jax.inference.engine import Engine
+    from safevlm_jax.inference.pipeline import SafeVLMInference
+    from safevlm_jax.safety.hints import HintConfig, load_hints
+    from safevlm_jax.safety.policy import RiskPolicy, load_policy
+    from safevlm_jax.checkpoint.demo import resolve_checkpoint
+    from safevlm_jax.serve.app import ServeSettings, create_app
+
+    checkpoint = resolve_checkpoint(FLAGS.checkpoint)
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise ValueError(f"--checkpoint {checkpoint}: not a checkpoint directory (no config.json)")
+    policy = load_policy(FLAGS.policy) if FLAGS.policy else RiskPolicy()
+    hints = load_hints(FLAGS.hints) if FLAGS.hints else HintConfig()
+    inference = SafeVLMInference.from_checkpoint(checkpoint, template=FLAGS.template, hints=hints,
+                                                 policy=policy)
+    settings = ServeSettings(
+        model_name=FLAGS.model_name or os.path.basename(os.path.normpath(checkpoint)),
+        api_key=FLAGS.api_key, max_body_bytes=FLAGS.max_body_mb * 2**20,
+        max_image_pixels=FLAGS.max_image_pixels, default_max_tokens=FLAGS.max_tokens,
+        allow_safety_off=FLAGS.allow_safety_off)
+    engine = Engine(inference, slots=FLAGS.slots, max_queue=FLAGS.max_queue,
+                    max_length=FLAGS.max_length or None)
+    engine.start()
+    return engine, create_app(engine, inference, settings), settings
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket (bound here so that --port 0 can report its port)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock
+
+
+def run(argv) -> None:
+    """The command, after flag parsing (ValueError/OSError: one `error:` line, exit 2)."""
+    del argv
+    import uvicorn
+
+    sock = bind(FLAGS.host, FLAGS.port)
+    engine, application, _ = build()
+    server = uvicorn.Server(uvicorn.Config(application, log_level="warning", access_log=False,
+                                           timeout_keep_alive=5))
+    # uvicorn re-raises the signal that stopped it once it has drained; with these handlers
+    # that re-raise returns here, so the engine drains too and the exit status is 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    host, port = sock.getsockname()[:2]
+    print(f"serving http://{host if ':' not in host else f'[{host}]'}:{port}", file=sys.stderr, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.shutdown(drain=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
+    cli.run(run, FLAGS, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The HTTP app: OpenAI's chat and moderation endpoints over a running `Engine`.
+
+    app = create_app(engine, inference, ServeSettings(model_name="demo"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)      # or `python -m safevlm_jax.serve`
+
+Each accepted chat request is one `engine.submit`; the engine's events (verdict, text deltas,
+done) come from its thread into the request's asyncio queue and out as one JSON answer or as
+server-sent events. Every accepted request gets exactly one answer or one error; a client that
+goes away is noticed (Starlette's disconnect listener for streams, a watcher on `receive` for
+plain answers) and its request cancelled, which frees its slot. The app does not own the
+engine: whoever starts it shuts it down after the server has finished its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import os
+import secrets
+import time
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from safevlm_jax.inference.engine import EngineClosed, EngineRequest, QueueFull
+from safevlm_jax.inference.errors import BadRequest
+from safevlm_jax.safety.taxonomy import RISK_LEVELS, RISK_TYPES
+from safevlm_jax.serve import media, responses
+from safevlm_jax.serve.answers import Answer
+from safevlm_jax.serve.errors import APIError, bad_request
+from safevlm_jax.serve.metrics import Metrics
+from safevlm_jax.serve.schemas import ChatInput, ImageRef, parse_chat, parse_moderation
+
+STATIC = os.path.join(os.path.dirname(__file__), "static")  # the web demo: plain HTML/JS/CSS
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """model_name: the id of `/v1/models` (requests naming another model get 404);
+    api_key: required as `Authorization: Bearer KEY` on /v1/* when set;
+    max_body_bytes: larger bodies get 413; max_image_pixels: the decompression-bomb limit;
+    default_max_tokens: when a request gives none."""
+
+    model_name: str = "safevlm"
+    api_key: str | None = None
+    max_body_bytes: int = 20 * 2**20
+    max_image_pixels: int = 25_000_000
+    default_max_tokens: int = 256
+    allow_safety_off: bool = True
+    max_moderation_images: int = 16
+    retry_after_s: int = 1
+
+
+def create_app(engine, inference, settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """engine: a started `Engine`; inference: its `SafeVLMInference` (for its image settings)."""
+    app = FastAPI(title="safevlm_jax", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics(engine.stats)
+    images = dataclasses.replace(inference.images, max_pixels=settings.max_image_pixels)
+    app.state.metrics = metrics
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return APIError(e.status_code, f"{e.detail}: {request.method} {request.url.path}",
+                        code="not_found" if e.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").response()
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def check_model(model: str | None) -> None:
+        if model not in (None, settings.model_name):
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{settings.model_name!r}", param="model", code="model_not_found")
+
+    async def load(ref: ImageRef) -> np.ndarray:
+        data = media.data_url_bytes(ref.url, ref.param)
+        return await run_in_threadpool(media.pixel_values, data, images, ref.param)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        chat = parse_chat(await _read_json(request, settings.max_body_bytes))
+        check_model(chat.model)
+        if not chat.safety and not settings.allow_safety_off:
+            raise APIError(403, "this server does not allow safety: false", param="safety",
+                           code="safety_required")
+        pixels = await load(chat.image) if chat.image else None
+        answer = Answer(responses.new_id("chatcmpl"), settings.model_name, metrics,
+                        asyncio.get_running_loop())
+        try:
+            handle = engine.submit(_engine_request(chat, pixels, settings), on_event=answer.put)
+        except QueueFull as e:
+            raise APIError(503, f"the server is busy ({e})", code="queue_full",
+                           headers={"Retry-After": str(settings.retry_after_s)}) from None
+        except EngineClosed as e:
+            raise APIError(503, str(e), code="shutting_down",
+                           headers={"Retry-After": str(settings.retry_after_s)}) from None
+        except BadRequest as e:
+            raise _bad_engine_request(str(e), chat, settings) from None
+        if chat.stream:
+            # Starlette cancels the stream when the client leaves, but only once it has
+            # started; the watcher covers a client that leaves before the first byte.
+            answer.watch(handle, request)
+            return StreamingResponse(answer.stream(handle, request, chat.include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await answer.whole(handle, request)
+
+    @app.post("/v1/moderations")
+    async def moderations(request: Request):
+        authorize(request)
+        mod = parse_moderation(await _read_json(request, settings.max_body_bytes),
+                               settings.max_moderation_images)
+        check_model(mod.model)
+        pixels = np.stack([await load(ref) for ref in mod.images])
+        try:
+            verdicts = await run_in_threadpool(engine.moderate, pixels)
+        except BadRequest as e:  # a checkpoint without safety modules
+            raise bad_request(str(e), None, "no_safety_modules") from None
+        for v in verdicts:
+            metrics.verdict(v)
+        return {"id": responses.new_id("modr"), "model": settings.model_name,
+                "results": [responses.moderation_result(verdicts)]}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
+                                            "created": int(time.time()), "owned_by": "safevlm_jax"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name, "auth": settings.api_key is not None,
+                "safety_off_allowed": settings.allow_safety_off, "risk_levels": RISK_LEVELS,
+                "risk_types": RISK_TYPES, **engine.stats()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def page():
+        return FileResponse(os.path.join(STATIC, "index.html"), headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _engine_request(chat: ChatInput, pixels, settings: ServeSettings) -> EngineRequest:
+    return EngineRequest(pixel_values=pixels, prompt=chat.prompt,
+                         max_tokens=chat.max_tokens or settings.default_max_tokens,
+                         temperature=chat.temperature, top_p=chat.top_p, top_k=chat.top_k,
+                         seed=secrets.randbelow(2**31) if chat.seed is None else chat.seed,
+                         safety=chat.safety)
+
+
+def _bad_engine_request(message: str, chat: ChatInput, settings: ServeSettings) -> APIError:
+    """The engine's refusal (its message names the field, or the context length) as a 400."""
+    if "context length" not in message:
+        return bad_request(message, None)
+    if chat.max_tokens is None:
+        message += (f" (max_tokens was not given: the server's default is "
+                    f"{settings.default_max_tokens}; send a smaller max_tokens)")
+    return bad_request(message, "max_tokens" if chat.max_tokens else "messages", "context_length_exceeded")
+
+
+async def _read_json(request: Request, limit: int):
+    """The body as JSON; 413 past `limit` bytes (the rest is read and dropped, up to 8x the
+    limit, so the client can read the answer), 400 if it is not JSON."""
+    length = request.headers.get("content-length", "")
+    too_big = APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > 8 * limit or (length.isdigit() and int(length) > 8 * limit):
+            raise too_big
+    if size > limit:
+        raise too_big
+    try:
+        return json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise bad_request(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+
+
+class _CountRequests:
+    """ASGI middleware: counts every answer by endpoint and status (499 when the client left)."""
+
+    ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/moderations": "moderations",
+                 "/v1/models": "models", "/health": "health", "/metrics": "metrics", "/": "page"}
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status, start = [500], time.perf_counter()
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = self.ENDPOINTS.get(scope["path"], "static" if scope["path"].startswith("/static/")
+                                          else "other")
+            code = 499 if scope.get("state", {}).get("disconnected") else status[0]
+            self.metrics.requests.labels(endpoint, str(code)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)

@@ -1,0 +1,104 @@
+"""Response bodies in OpenAI's format, with SafeVLM's verdict added.
+
+Chat: `choices[0].safety` = {risk_level, risk_level_name, risk_type, risk_type_name,
+risk_level_probs [4], risk_type_probs [7], hint_applied, action, fail_closed} (null when the
+request ran with safety off). The engine's finish reasons map to OpenAI's: stop, length, and
+`blocked` (the policy answered with its refusal, no generation) -> `content_filter`.
+
+Moderation categories are our 6 risky types (the 7th, clean, is no category):
+
+    category                risk type (index, docs/safety_modules.md)
+    politics                0 politics
+    illegal_risk            1 illegal risk
+    insults_and_bullying    2 insults and bullying
+    fairness                3 fairness
+    privacy                 4 privacy
+    misleading              5 misleading
+
+`category_scores[c]` = P(type = c) · P(level >= 1), the head's probability that the image is
+risky *and* of that type. `flagged` = the risk policy acts on the verdict (any action but
+`none`; by default level >= 1 and type not clean); `categories[c]` = flagged and the decided
+type is c. A fail-closed verdict (non-finite head output) flags every category with score 1.
+Several images in one input are one result: flags OR-ed, scores and level the maximum.
+Extra fields: `risk_level`, `risk_level_name`, and `safety` (one verdict object per image).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from safevlm_jax.safety.taxonomy import CLEAN, RISK_LEVELS, RISK_TYPES
+from safevlm_jax.safety.verdict import Verdict
+
+CATEGORIES = tuple(name.replace(" ", "_") for name in RISK_TYPES[:CLEAN])
+FINISH_REASONS = {"stop": "stop", "length": "length", "blocked": "content_filter"}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def safety_object(verdict: Verdict | None) -> dict | None:
+    """The verdict as JSON (probabilities None when the head's output was not finite)."""
+    if verdict is None:
+        return None
+    return {"risk_level": verdict.risk_level, "risk_level_name": RISK_LEVELS[verdict.risk_level],
+            "risk_type": verdict.risk_type, "risk_type_name": verdict.risk_type_name,
+            "risk_level_probs": list(verdict.risk_level_probs),
+            "risk_type_probs": list(verdict.risk_type_probs),
+            "hint_applied": verdict.hint is not None, "action": verdict.action,
+            "fail_closed": verdict.fail_closed}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(rid: str, model: str, text: str, finish_reason: str, safety: dict | None,
+                    prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": FINISH_REASONS[finish_reason],
+                         "safety": safety}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
+               **extra) -> dict:
+    """One `chat.completion.chunk`; `extra` goes into the choice (the first chunk's `safety`)."""
+    choice = {"index": 0, "delta": delta, "logprobs": None,
+              "finish_reason": finish_reason and FINISH_REASONS[finish_reason], **extra}
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [choice]}
+
+
+def usage_chunk(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last chunk with `stream_options.include_usage` (no choices, as OpenAI sends it)."""
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def moderation_result(verdicts: list[Verdict]) -> dict:
+    """One input's result from its images' verdicts (with the policy's actions)."""
+    flags, scores, levels = {c: False for c in CATEGORIES}, {c: 0.0 for c in CATEGORIES}, []
+    for verdict in verdicts:
+        flagged = verdict.action != "none"
+        levels.append(verdict.risk_level)
+        for t, c in enumerate(CATEGORIES):
+            if verdict.fail_closed:
+                score, hit = 1.0, True
+            else:
+                score = verdict.risk_type_probs[t] * (1.0 - verdict.risk_level_probs[0])
+                hit = flagged and verdict.risk_type == t
+            scores[c] = max(scores[c], score)
+            flags[c] = flags[c] or hit
+    level = max(levels)
+    worst = verdicts[levels.index(level)]
+    return {"flagged": any(v.action != "none" for v in verdicts), "categories": flags,
+            "category_scores": scores,
+            "category_applied_input_types": {c: ["image"] if flags[c] else [] for c in CATEGORIES},
+            "risk_level": level, "risk_level_name": RISK_LEVELS[level],
+            "risk_level_probs": list(worst.risk_level_probs),
+            "safety": [safety_object(v) for v in verdicts]}

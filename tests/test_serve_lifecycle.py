@@ -1,0 +1,203 @@
+"""Nothing lost: a client that goes away frees its slot, a full queue answers 503, concurrent
+requests each get one complete answer, SIGTERM drains the server and it exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from safevlm_jax.checkpoint.demo import random_checkpoint
+from safevlm_jax.inference.pipeline import SafeVLMInference
+from tests.serve_helpers import chat_body, demo_inference, example_url, live_engine, live_server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONG = 300  # tokens; the random model's greedy answers do not stop earlier (asserted below)
+
+
+def long_body(stream: bool) -> dict:
+    extra = {"stream_options": {"include_usage": True}} if stream else {}
+    return chat_body(example_url("clean"), max_tokens=LONG, stream=stream, model="random_tiny", **extra)
+
+
+@pytest.fixture(scope="module")
+def random_tiny(tmp_path_factory) -> str:
+    """A tiny model with random weights: its greedy answers run to max_tokens, so a request
+    holds its slot as long as the tests need."""
+    return random_checkpoint(str(tmp_path_factory.mktemp("serve") / "random_tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_slot(random_tiny):
+    """A server whose engine has one slot and room for one waiting request."""
+    inference = SafeVLMInference.from_checkpoint(random_tiny)
+    with live_engine(inference, slots=1, max_queue=1) as engine, \
+            live_server(engine, inference, model_name="random_tiny") as s:
+        yield s
+
+
+def metric(server, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(f"{server.url}/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def wait_for(condition, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_client_disconnecting_mid_stream_frees_its_slot(one_slot):
+    tokens_before = one_slot.engine.stats()["tokens_generated"]
+    with httpx.stream("POST", f"{one_slot.url}/v1/chat/completions", json=long_body(True), timeout=60) as r:
+        assert r.status_code == 200
+        texts = []
+        for line in r.iter_lines():  # read the verdict chunk and a few words, then hang up
+            if '"delta": {"content"' in line:
+                texts.append(line)
+            if len(texts) == 3:
+                break
+    wait_for(lambda: metric(one_slot, 'safevlm_finish_reasons_total{reason="cancelled"}') == 1,
+             what="the cancelled request")
+    assert one_slot.engine.stats()["active_slots"] == 0
+    assert one_slot.engine.stats()["tokens_generated"] - tokens_before < LONG  # it stopped early
+    assert metric(one_slot, 'safevlm_requests_total{endpoint="chat",status="499"}') == 1
+    # the freed slot serves the next request, to its end
+    r = httpx.post(f"{one_slot.url}/v1/chat/completions", json=long_body(False), timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == LONG
+
+
+def test_client_leaving_before_a_plain_answer_frees_its_slot(one_slot):
+    cancelled = 'safevlm_finish_reasons_total{reason="cancelled"}'
+    before = metric(one_slot, cancelled)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while the answer is generated
+        httpx.post(f"{one_slot.url}/v1/chat/completions", json=long_body(False),
+                   timeout=httpx.Timeout(30, read=0.3))
+    wait_for(lambda: metric(one_slot, cancelled) == before + 1, what="the cancelled request")
+    assert one_slot.engine.stats()["active_slots"] == 0
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_nothing_is_lost(one_slot):
+    results = [None] * 2
+
+    def send(i):
+        results[i] = httpx.post(f"{one_slot.url}/v1/chat/completions", json=long_body(False), timeout=120)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+    threads[0].start()
+    wait_for(lambda: one_slot.engine.stats()["active_slots"] == 1, what="the first request in its slot")
+    threads[1].start()
+    wait_for(lambda: one_slot.engine.stats()["queue_depth"] == 1, what="the second request queued")
+    busy = httpx.post(f"{one_slot.url}/v1/chat/completions", json=long_body(False), timeout=60)
+    assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
+    assert busy.json()["error"]["code"] == "queue_full"
+    for t in threads:
+        t.join()
+    for r in results[:2]:  # both accepted requests got their whole answer
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        assert r.json()["usage"]["completion_tokens"] == LONG
+
+
+def test_concurrent_requests_each_get_exactly_one_complete_answer():
+    inference = demo_inference()
+    with live_engine(inference, slots=4, max_queue=32) as engine, live_server(engine, inference) as server:
+        names = ["clean", "low_risk", "medium_risk", "risky"] * 3
+        answers = [None] * len(names)
+
+        def send(i):
+            stream = i % 2 == 1
+            body = chat_body(example_url(names[i]), max_tokens=32, stream=stream)
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+            answers[i] = (r.status_code, r.text)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(names))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        alone = {n: httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(example_url(n), max_tokens=32),
+                               timeout=120).json()["choices"][0]["message"]["content"] for n in set(names)}
+    for i, (status, text) in enumerate(answers):
+        assert status == 200
+        if i % 2:  # streamed: one [DONE], one finish reason, the same text as alone (greedy)
+            events = [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
+            assert text.count("data: [DONE]") == 1
+            assert sum(1 for e in events if e["choices"][0]["finish_reason"]) == 1
+            got = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+        else:
+            got = json.loads(text)["choices"][0]["message"]["content"]
+        assert got == alone[names[i]], names[i]
+
+
+def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_tiny):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "safevlm_jax.serve", "--checkpoint", random_tiny,
+                             "--port", "0", "--slots", "1", "--max_queue", "4"],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("serving "):
+                break
+        url = line.split()[1]
+        assert url.startswith("http://127.0.0.1:")  # the default bind is loopback only
+        streams = [None] * 3
+
+        def send(i):
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=long_body(True), timeout=120) as r:
+                streams[i] = (r.status_code, [line for line in r.iter_lines() if line])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        # one request decoding, two waiting for the one slot: then SIGTERM
+        wait_for(lambda: httpx.get(f"{url}/health").json()["queue_depth"] == 2, what="two queued requests")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: _refused(url), timeout=30, what="the listener to close")
+        for t in threads:
+            t.join(timeout=120)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for status, lines in streams:  # each whole: every token, one finish reason, [DONE]
+        assert status == 200 and lines[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in lines[:-1]]
+        assert [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"][0]["finish_reason"]] == ["length"]
+        assert chunks[-1]["usage"]["completion_tokens"] == LONG
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=2)
+        return False
+    except httpx.ConnectError:
+        return True
+
+
+def test_bad_flags_fail_with_one_error_line_and_status_2(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        runs = {what: subprocess.Popen([sys.executable, "-m", "safevlm_jax.serve", *args], cwd=ROOT, env=env,
+                                       stderr=subprocess.PIPE, text=True)
+                for what, args in {f"cannot listen on 127.0.0.1:{port}": ["--port", str(port)],
+                                   f"{tmp_path}: not a checkpoint": ["--port", "0", "--checkpoint", str(tmp_path)],
+                                   "--slots=0": ["--slots", "0"]}.items()}
+        for what, proc in runs.items():
+            err = proc.communicate(timeout=120)[1]
+            assert proc.returncode == 2, err
+            assert err.count("\n") == 1 and err.startswith("error: ") and what in err, err
