@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from safevlm_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = ["sample", "scan", "train", "plan", "data.build", "data.synthetic", "data.photos", "eval.head",
+NAMES = ["sample", "scan", "train", "plan", "data.build", "data.synthetic", "data.photos", "data.inspect", "eval.head",
          "eval.tsne", "eval.generate", "eval.report", "import_hf", "import_safety", "export_hf",
          "unknown flag", "stray argument"]
 
@@ -45,6 +45,8 @@ def cases(tmp) -> dict[str, tuple[list[str], str]]:
                         f"--out={tmp / 'ds'}"], f"{tmp / 'bad.json'}: not valid JSON"),
         "data.synthetic": (["safevlm_jax.data.synthetic", f"--out={tmp / 'a_file' / 'syn'}", "--n=2"],
                            f"{tmp / 'a_file' / 'syn'}: Not a directory"),
+        "data.inspect": (["safevlm_jax.data.inspect", f"--checkpoint={none}", f"--json={tmp / 'bad.json'}",
+                          f"--image_root={tmp}"], f"{none}: not a checkpoint"),
         "data.photos": (["safevlm_jax.data.photos", f"--out={tmp / 'p'}", "--set=mine"], "--set=mine"),
         "eval.head": (["safevlm_jax.eval.head", f"--checkpoint={none}", f"--data={tmp}", f"--out={tmp / 'h'}"],
                       f"{none}: not a checkpoint directory"),

@@ -14,8 +14,8 @@ import sys
 from safevlm_jax.checkpoint.assets import save_image_settings
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "demo")
-_CORPUS = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
-           "gives helpful, detailed, and polite answers to the human's questions. USER: ASSISTANT: "
+_CORPUS = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+           "gives helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT: "
            "What is shown in this image? Describe the picture. Safe Hint: this image may contain risks "
            "of politics, illegal activity, insults and bullying, unfairness, privacy, misleading "
            "content; answer with caution, you may refuse. I'm sorry, but I can't help with that.")
