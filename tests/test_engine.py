@@ -105,6 +105,15 @@ def test_greedy_tokens_among_seven_others_equal_alone_and_decoder_generate(vlm, 
     assert {h.finish_reason for h in together} <= {"stop", "length"}
 
 
+def test_safety_off_is_plain_llava_equal_to_decoder_generate(vlm, engine, pixels):
+    [off] = run(engine, [request(pixels, "risky", max_tokens=8, safety=False)])
+    [want] = vlm.answer([Request(os.path.join(DEMO_DIR, "examples", "risky.png"), QUESTIONS[0])],
+                        max_new_tokens=8, safety=False)
+    assert off.verdict is None and off.action is None
+    assert off.token_ids == want.token_ids and off.text == want.answer
+    assert len(off.prompt_ids) == len(vlm.builders[False].build(QUESTIONS[0]))  # no safety tokens
+
+
 def test_a_freed_slot_is_refilled_while_the_others_keep_decoding(engine, pixels, eight, together):
     log = Log()
     short = request(pixels, "clean", max_tokens=2)

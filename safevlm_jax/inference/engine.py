@@ -122,7 +122,9 @@ class _Row:
 
 class Engine:
     """Continuous batching over `slots` rows of one KV cache of `max_length` positions
-    (default: the decoder's context length); at most `max_queue` requests wait."""
+    (default: the decoder's context length); at most `max_queue` requests wait. The cache
+    holds 2 x layers x kv_heads x head_dim values per position and slot (f32 on CPU: for
+    LLaVA-1.5-7B, 8 slots x 4096 positions are 32 GiB; choose max_length to fit)."""
 
     def __init__(self, inference, slots: int = 8, max_queue: int = 64, max_length: int | None = None):
         if slots < 1 or max_queue < 1:
@@ -143,6 +145,9 @@ class Engine:
         self._ready: collections.deque[_Row] = collections.deque()  # waiting for a slot
         self._rows: list[_Row | None] = [None] * slots
         self._cache = new_cache(self.config, slots, self.max_length, per_row=True)
+        self.cache_bytes = sum(b.nbytes for b in (*self._cache.k, *self._cache.v))
+        _log.info("engine: %d slots x %d positions, KV cache %.2f GiB", slots, self.max_length,
+                  self.cache_bytes / 2**30)
         self._last = np.zeros(slots, np.int32)  # each slot's last token
         self._rule = {"temperature": np.zeros(slots, np.float32), "top_k": np.zeros(slots, np.int32),
                       "top_p": np.ones(slots, np.float32)}
@@ -202,7 +207,7 @@ class Engine:
 
     def stats(self) -> dict:
         """queue_depth (waiting requests), waiting_verdict, active_slots, slots, max_length,
-        accepted, finished {reason: n}, tokens_generated, prompt_tokens, decode_steps,
+        cache_bytes (the KV cache: slots x max_length positions), accepted, finished {reason: n}, tokens_generated, prompt_tokens, decode_steps,
         prefills, verdict_batches, tokens_per_s (over the last 10 s), decode_step_s (mean),
         busy_s (time in device programs), verdicts_by_level, verdicts_by_type,
         running, accepting, uptime_s."""
@@ -216,7 +221,8 @@ class Engine:
         steps = c.get("decodes", 0)
         return {"queue_depth": len(self._incoming) + len(self._ready), "waiting_verdict": len(self._incoming),
                 "active_slots": sum(r is not None for r in self._rows), "slots": self.slots,
-                "max_length": self.max_length, "accepted": c.get("accepted", 0),
+                "max_length": self.max_length, "cache_bytes": self.cache_bytes,
+                "accepted": c.get("accepted", 0),
                 "finished": {r: c.get(f"finished_{r}", 0) for r in FINISH_REASONS},
                 "tokens_generated": c.get("tokens", 0), "prompt_tokens": c.get("prompt_tokens", 0),
                 "decode_steps": steps, "prefills": c.get("prefills", 0),
