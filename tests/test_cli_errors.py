@@ -18,8 +18,8 @@ from safetensors.numpy import save_file
 from safevlm_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = ["sample", "scan", "train", "plan", "data.build", "data.synthetic", "data.photos", "data.inspect", "eval.head",
-         "eval.tsne", "eval.generate", "eval.report", "import_hf", "import_safety", "export_hf",
+NAMES = ["sample", "serve", "scan", "train", "plan", "data.build", "data.synthetic", "data.photos", "data.inspect",
+         "eval.head", "eval.tsne", "eval.generate", "eval.report", "import_hf", "import_safety", "export_hf",
          "unknown flag", "stray argument"]
 
 
@@ -36,6 +36,8 @@ def cases(tmp) -> dict[str, tuple[list[str], str]]:
     return {
         "sample": (["safevlm_jax.sample", f"--checkpoint={none}", f"--image={tmp / 'a.png'}", "--prompt=Hi"],
                    f"{none}: not a checkpoint"),
+        "serve": (["safevlm_jax.serve", f"--checkpoint={none}", "--port=0"],
+                  f"--checkpoint {none}: not a checkpoint directory"),
         "scan": (["safevlm_jax.scan", f"--checkpoint={none}", f"--images={tmp}", f"--out={tmp / 'scan'}",
                   "--batch_size=0"], "--batch_size=0"),
         "train": (["safevlm_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={tmp / 'w'}",
