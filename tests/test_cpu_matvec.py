@@ -16,6 +16,7 @@ from flax import nnx
 from configs.model import model_config
 from safevlm_jax.kernels import matvec
 from safevlm_jax.models import dot as dots
+from safevlm_jax.models.layers import decode_mode
 from safevlm_jax.models.kv_cache import KVCache
 from safevlm_jax.models.safevlm import SafeVLM
 
@@ -61,14 +62,13 @@ def lowered(fn, *args) -> str:
     return jax.jit(fn).lower(*args).as_text()
 
 
-def test_dot_takes_the_kernel_only_in_decode_for_few_rows():
+def test_dot_takes_the_kernel_only_when_asked_for_few_rows():
     k, n = 8, matvec.MIN_F32_BYTES // 32  # an f32 [k, n] weight of MIN_F32_BYTES
     w16, w32, f16 = (jnp.ones((k, n), d) for d in (jnp.bfloat16, jnp.float32, jnp.float16))
     x = lambda rows, dtype=jnp.float32: jnp.ones((rows, k), dtype)
 
     def in_decode(x, w):
-        with dots.decode_matvecs():
-            return dots.dot(x, w, x.dtype)
+        return dots.dot(x, w, x.dtype, use_kernel=True)
 
     assert matvec.TARGET in lowered(in_decode, x(1), w16)
     assert matvec.TARGET in lowered(in_decode, x(1), w32)
@@ -96,10 +96,8 @@ def test_bf16_decode_step_with_the_kernel_matches_xla():
         cache = KVCache.init(t.num_hidden_layers, batch, t.num_key_value_heads, slots, t.head_dim,
                              jnp.float32)
         positions, mask = jnp.zeros((batch, 1), jnp.int32), jnp.ones((batch, 1), jnp.int32)
-        if not use_kernel:
-            return lm(lm.embed(ids), positions, mask, cache)[0]
-        with dots.decode_matvecs():
-            return lm(lm.embed(ids), positions, mask, cache)[0]
+        model = decode_mode(nnx.clone(lm)) if use_kernel else lm
+        return model(model.embed(ids), positions, mask, cache)[0]
 
     with_kernel = jax.jit(lambda: step(True))
     assert matvec.TARGET in with_kernel.lower().as_text()

@@ -28,7 +28,7 @@ from flax import nnx
 
 from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.sampling import Greedy
-from safevlm_jax.models.dot import decode_matvecs
+from safevlm_jax.models.layers import decode_mode
 from safevlm_jax.models.kv_cache import KVCache
 from safevlm_jax.models.safevlm import SafeVLM, default_positions
 
@@ -67,6 +67,20 @@ def _encode(graphdef, state, pixel_values, first_ids, *, use_safety):
     return features, level, kind
 
 
+class SamplingState(NamedTuple):
+    """The decode loop's carry. step: tokens sampled so far []; token: each row's last [B];
+    position: each row's next position [B]; done: rows past EOS [B]; tokens: the output
+    [B, new-token bucket], pad after EOS; cache: the KV cache; key: the PRNG key."""
+
+    step: jax.Array
+    token: jax.Array
+    position: jax.Array
+    done: jax.Array
+    tokens: jax.Array
+    cache: KVCache
+    key: jax.Array
+
+
 _LISTENERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> _Clock
 _NEXT_ID = itertools.count()
 
@@ -88,6 +102,7 @@ def _generate(graphdef, state, input_ids, attention_mask, features, cache, key, 
     Returns (tokens [B, bucket] int32, pad after EOS; steps []; cache)."""
     model = nnx.merge(graphdef, state)
     lm = model.language_model
+    decoding = decode_mode(nnx.merge(graphdef, state)).language_model  # same weights, decode kernel
     batch, slots = input_ids.shape[0], cache.max_len - input_ids.shape[1]
     cache = KVCache(cache.k, cache.v, jnp.zeros_like(cache.mask), jnp.zeros((), jnp.int32))
     embeds = model.input_embeddings(input_ids, features, use_safety)
@@ -98,26 +113,23 @@ def _generate(graphdef, state, input_ids, attention_mask, features, cache, key, 
     if timed:
         jax.debug.callback(_notify, listener, token, ordered=True)
     out = jnp.full((batch, slots), pad_id, jnp.int32).at[:, 0].set(token)
-    carry = (jnp.int32(1), token, positions[:, -1] + 1, token == eos_id, out, cache, key)
+    start = SamplingState(jnp.int32(1), token, positions[:, -1] + 1, token == eos_id, out, cache, key)
 
-    def cond(c):
-        step, _, _, done, *_ = c
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def cond(s: SamplingState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
-    def body(c):
-        step, token, pos, done, out, cache, key = c
-        with decode_matvecs():
-            logits, cache = lm(lm.embed(token[:, None]), pos[:, None], jnp.ones((batch, 1), jnp.int32),
-                               cache)
-        key, sub = jax.random.split(key)
-        token = jnp.where(done, pad_id, sampler(logits[:, 0], sub))
+    def body(s: SamplingState) -> SamplingState:
+        logits, cache = decoding(decoding.embed(s.token[:, None]), s.position[:, None],
+                                 jnp.ones((batch, 1), jnp.int32), s.cache)
+        key, sub = jax.random.split(s.key)
+        token = jnp.where(s.done, pad_id, sampler(logits[:, 0], sub))
         if timed:
             jax.debug.callback(_notify, listener, token, ordered=True)
-        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
-        return step + 1, token, pos + 1, done | (token == eos_id), out, cache, key
+        out = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
+        return SamplingState(s.step + 1, token, s.position + 1, s.done | (token == eos_id), out, cache, key)
 
-    step, _, _, _, out, cache, _ = jax.lax.while_loop(cond, body, carry)
-    return out, step, cache
+    end = jax.lax.while_loop(cond, body, start)
+    return end.tokens, end.step, end.cache
 
 
 class Decoder:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from safevlm_jax.inference.sampling import PerRow
-from safevlm_jax.models.dot import decode_matvecs
+from safevlm_jax.models.layers import decode_mode
 from safevlm_jax.models.kv_cache import KVCache
 from safevlm_jax.models.safevlm import default_positions
 
@@ -61,9 +61,7 @@ def prefill(graphdef, state, cache: KVCache, input_ids, length, features, slot, 
 def decode_step(graphdef, state, cache: KVCache, tokens, active, rule: PerRow, seeds, steps):
     """Every row one token further: tokens [B] int32 (each row's last), active [B] bool,
     rule `PerRow` [B], seeds [B] uint32, steps [B] int32. Returns (next tokens [B], cache)."""
-    lm = nnx.merge(graphdef, state).language_model
-    with decode_matvecs():  # matrix-vector products on the CPU kernel, as the decode loop does
-        logits, new = lm(lm.embed(tokens[:, None]), cache.index[:, None],
-                         active[:, None].astype(jnp.int32), cache)
+    lm = decode_mode(nnx.merge(graphdef, state)).language_model  # the CPU kernel, as the decode loop
+    logits, new = lm(lm.embed(tokens[:, None]), cache.index[:, None], active[:, None].astype(jnp.int32), cache)
     new = dataclasses.replace(new, index=jnp.where(active, new.index, cache.index))
     return rule(logits[:, 0], row_keys(seeds, steps)), new

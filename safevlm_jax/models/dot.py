@@ -5,8 +5,6 @@ runs faster than its bf16 -> bf16 dots (docs/performance.md); other backends kee
 native dots.
 """
 
-import contextlib
-import contextvars
 import functools
 
 import jax
@@ -14,7 +12,6 @@ import jax.numpy as jnp
 
 from safevlm_jax.kernels import matvec
 
-_ENABLED = contextvars.ContextVar("safevlm_matvec", default=False)
 
 
 def _contract(x: jax.Array, w: jax.Array, w_axis: int, **kwargs) -> jax.Array:
@@ -64,23 +61,14 @@ def xla_dot(x: jax.Array, w: jax.Array, dtype, w_axis: int = 0) -> jax.Array:
     return jax.lax.platform_dependent(x, w, cpu=functools.partial(_dot16, w_axis=w_axis), default=plain)
 
 
-@contextlib.contextmanager
-def decode_matvecs():
-    """While tracing inside this context, eligible `dot`s use the CPU kernel."""
-    token = _ENABLED.set(True)
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
-
-
-def dot(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """x [M, K] @ w [K, N] computed in `dtype` (x already in it): `xla_dot`, or the kernel
-    (same math, f32 accumulation) on CPU for few rows inside `decode_matvecs()`."""
+def dot(x: jax.Array, w: jax.Array, dtype, use_kernel: bool = False) -> jax.Array:
+    """x [M, K] @ w [K, N] computed in `dtype` (x already in it): `xla_dot`, or, with
+    `use_kernel` (decode programs: `Dense.decode_kernel`), the CPU matrix-vector kernel (same
+    math, f32 accumulation) for few rows on CPU."""
     default = functools.partial(xla_dot, dtype=dtype)
     exact_cast = jnp.promote_types(w.dtype, dtype) == dtype  # f32 w in bf16 would round first
     big_enough = w.dtype == jnp.bfloat16 or w.size * w.dtype.itemsize >= matvec.MIN_F32_BYTES
-    if not (_ENABLED.get() and x.shape[0] <= matvec.MAX_ROWS and exact_cast and big_enough
+    if not (use_kernel and x.shape[0] <= matvec.MAX_ROWS and exact_cast and big_enough
             and x.dtype == dtype and {x.dtype, w.dtype} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
             and matvec.available()):
         return default(x, w)

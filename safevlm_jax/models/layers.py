@@ -50,6 +50,9 @@ class Dense(nnx.Module):
         self.lora = (LoRA(in_features, out_features, lora_rank, lora_alpha, lora_dropout,
                           axes[0], axes[1], param_dtype=param_dtype, rngs=rngs)
                      if lora_rank > 0 else None)
+        # True in a decode program's copy of the model (`decode_mode`): products of a few rows
+        # may then take the CPU matrix-vector kernel (`models.dot.dot`)
+        self.decode_kernel = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., in] -> [..., out] in `dtype`.
@@ -60,7 +63,7 @@ class Dense(nnx.Module):
         """
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        y = dots.dot(x, self.kernel[...], self.dtype)
+        y = dots.dot(x, self.kernel[...], self.dtype, self.decode_kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -113,3 +116,12 @@ class LayerNorm(nnx.Module):
         var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
         h = (h - mean) * jax.lax.rsqrt(var + self.eps)
         return (h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def decode_mode(module: nnx.Module) -> nnx.Module:
+    """`module` with every Dense set to take the CPU decode kernel for few-row products, in
+    place; returns it. Decode programs call it on their own merged copy of the model, so the
+    choice is explicit in the program that makes it (prefill in the same program keeps XLA's
+    dots on its own copy)."""
+    module.set_attributes(Dense, decode_kernel=True)
+    return module
