@@ -16,6 +16,7 @@ from safevlm_jax.inference.engine import Engine, EngineClosed, EngineRequest, Qu
 from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.pipeline import Request, SafeVLMInference, load_image
 from safevlm_jax.safety.policy import parse_policy
+from safevlm_jax.safety.prompt import PromptBuilder
 
 _COMPILES: list[str] = []
 jax.monitoring.register_event_duration_secs_listener(
@@ -246,9 +247,15 @@ def test_an_exception_in_the_loop_fails_only_its_requests(engine, pixels, togeth
     assert run(engine, [request(pixels, "clean", max_tokens=24)])[0].token_ids == together[0].token_ids
 
 
-def test_text_only_requests_and_moderation(engine, pixels, together):
-    [text] = run(engine, [EngineRequest(None, "Say hello.", max_tokens=5)])
+def test_text_only_and_hf_format_requests_and_moderation(vlm, engine, pixels, together):
+    text, hf = run(engine, [EngineRequest(None, "Say hello.", max_tokens=5),
+                            request(pixels, "clean", max_tokens=5, prompt_format="hf")])
     assert text.verdict is None and text.finish_reason in ("stop", "length") and text.token_ids
+    assert vlm.model.config.image_token_index not in text.prompt_ids
+    builder = PromptBuilder(vlm.tokenizer, vlm.model.num_image_tokens(True), vlm.builders[True].template,
+                            vlm.hints, prompt_format="hf")
+    assert hf.prompt_ids == builder.build(QUESTIONS[0])
+    assert_same_verdicts([hf.verdict], [together[0].verdict])
     assert_same_verdicts(engine.moderate(np.stack([pixels[n] for n in EXAMPLES])), [h.verdict for h in together[:4]])
     stats = engine.stats()
     assert stats["slots"] == 8 and stats["tokens_generated"] > 0 and stats["queue_depth"] == 0
