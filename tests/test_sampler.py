@@ -8,7 +8,8 @@ import torch
 
 from checkpoints_tools.import_hf import import_hf
 from safevlm_jax.checkpoint.format import load_checkpoint
-from safevlm_jax.inference.decode import Decoder, bucket
+from safevlm_jax.inference.buckets import bucket
+from safevlm_jax.inference.decode import Decoder
 from safevlm_jax.inference.sampling import Greedy, PerRow, Temperature, TopK, TopP, make_sampler
 from tests.hf_llava import TINY_SAFETY, save_tiny_llava
 

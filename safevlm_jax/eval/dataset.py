@@ -27,7 +27,7 @@ import numpy as np
 from absl import flags
 
 from safevlm_jax.data.errors import BadRecord
-from safevlm_jax.data.images import ImageConfig, decode_image, preprocess, read_image_file
+from safevlm_jax.data.images import ImageConfig, load_pixel_values, read_image_file
 from safevlm_jax.data.records import load_json
 
 T = TypeVar("T")
@@ -175,7 +175,7 @@ def load_pixels(paths: Sequence[str], config: ImageConfig) -> np.ndarray:
     out = []
     for p in paths:
         with open(p, "rb") as f:
-            out.append(preprocess(decode_image(f.read(), config.max_pixels), config))
+            out.append(load_pixel_values(f.read(), config))
     return np.stack(out)
 
 

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from safevlm_jax import sharding
 from safevlm_jax.checkpoint.io import path_str
+from safevlm_jax.inference.buckets import pad_rows
 from safevlm_jax.models.safevlm import SafetyVerdict, SafeVLM
 
 VERDICT_PARTS = ("vision_tower", "safety_projector", "safety_tokens_head", "safety_head",
@@ -134,16 +135,9 @@ class Guard:
             attention_mask = np.ones(input_ids.shape, np.int32)
         rows = max(b, pad_to or 0)
         rows = -(-rows // self.batch_multiple) * self.batch_multiple
-        inputs = [_pad_rows(np.asarray(a, dt), rows) for a, dt in
+        inputs = [pad_rows(np.asarray(a, dt), rows) for a, dt in
                   ((pixel_values, np.float32), (input_ids, np.int32), (attention_mask, np.int32))]
         inputs = [jax.device_put(a, sharding.data_sharding(self.mesh, self.rules, a.ndim)) for a in inputs]
         with sharding.use_rules(self.mesh, self.rules):
             level, kind = verdict_program(self.graphdef, self.state, *inputs)
         return np.asarray(level)[:b], np.asarray(kind)[:b]
-
-
-def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
-    """Pads axis 0 to `rows` by repeating row 0 (a real row: its mask has a token)."""
-    if a.shape[0] == rows:
-        return a
-    return np.concatenate([a, np.repeat(a[:1], rows - a.shape[0], axis=0)], axis=0)

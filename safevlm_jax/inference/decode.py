@@ -26,23 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from safevlm_jax.inference.buckets import BATCH_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, bucket, pad_rows
 from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.sampling import Greedy
-from safevlm_jax.models.layers import decode_mode
 from safevlm_jax.models.kv_cache import KVCache
+from safevlm_jax.models.layers import decode_mode
 from safevlm_jax.models.safevlm import SafeVLM, default_positions
-
-PROMPT_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def bucket(n: int, buckets: Sequence[int], what: str = "length") -> int:
-    """The smallest bucket >= n (ValueError past the largest)."""
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
 
 
 class Generation(NamedTuple):
@@ -157,8 +146,8 @@ class Decoder:
         (features [B, N, C], level_logits [B, 4] | None, type_logits [B, 7] | None) as numpy."""
         b = len(first_ids)
         pb = bucket(b, self.batch_buckets, "batch")
-        pixels = _pad_rows(np.asarray(pixel_values, np.float32), pb)
-        ids = _pad_rows(np.asarray(first_ids, np.int32), pb)
+        pixels = pad_rows(np.asarray(pixel_values, np.float32), pb)
+        ids = pad_rows(np.asarray(first_ids, np.int32), pb)
         out = _encode(self.graphdef, self.state, pixels, ids, use_safety=use_safety)
         return tuple(None if a is None else np.asarray(a)[:b] for a in out)
 
@@ -185,7 +174,7 @@ class Decoder:
             p = prompts[i] if i < b else prompts[0]
             ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
         if features is not None:
-            features = _pad_rows(np.asarray(features), pb)
+            features = pad_rows(np.asarray(features), pb)
         cache = self._caches.pop((pb, slots), None) or new_cache(self.config, pb, slots)
         timed = timed or on_token is not None
         self._clock.reset(on_token, b)
@@ -231,10 +220,3 @@ class _Clock:
             self.first = time.perf_counter()
         if self.forward is not None:
             self.forward(np.asarray(tokens)[:self.rows])
-
-
-def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
-    """Pads axis 0 to `rows` by repeating row 0 (a real row: no all-padding attention)."""
-    if a.shape[0] == rows:
-        return a
-    return np.concatenate([a, np.repeat(a[:1], rows - a.shape[0], axis=0)], axis=0)

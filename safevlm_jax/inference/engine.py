@@ -60,10 +60,11 @@ import numpy as np
 from safevlm_jax.data.records import HUMAN, Turn
 from safevlm_jax.data.template import PROMPT_FORMATS
 from safevlm_jax.inference import slots as programs
-from safevlm_jax.inference.decode import BATCH_BUCKETS, PROMPT_BUCKETS, bucket, new_cache
+from safevlm_jax.inference.buckets import BATCH_BUCKETS, PROMPT_BUCKETS, bucket
+from safevlm_jax.inference.decode import new_cache
 from safevlm_jax.inference.errors import BadRequest
-from safevlm_jax.inference.requests import (FINISH_REASONS, EngineClosed, EngineEvent, EngineRequest,
-                                            Handle, QueueFull)
+from safevlm_jax.inference.requests import (FINISH_REASONS, EngineClosed, EngineEvent, EngineRequest, Handle,
+                                            QueueFull)
 from safevlm_jax.inference.sampling import PerRow
 from safevlm_jax.safety.prompt import PromptBuilder
 from safevlm_jax.safety.verdict import Verdict

@@ -20,7 +20,7 @@ import numpy as np
 from safevlm_jax.checkpoint.assets import image_config
 from safevlm_jax.data.errors import BadRecord
 from safevlm_jax.data.template import ConversationTemplate
-from safevlm_jax.data.images import ImageConfig, decode_image, preprocess
+from safevlm_jax.data.images import ImageConfig, load_pixel_values
 from safevlm_jax.data.tokenizer import check_matches_model
 from safevlm_jax.inference.decode import Decoder
 from safevlm_jax.inference.errors import BadRequest
@@ -75,7 +75,7 @@ def load_image(path: str, config: ImageConfig) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             data = f.read()
-        return preprocess(decode_image(data, config.max_pixels), config)
+        return load_pixel_values(data, config)
     except OSError as e:
         raise BadRequest(f"cannot read image {path}: {e.strerror or e}") from e
     except BadRecord as e:

@@ -1,0 +1,27 @@
+"""Fixed shapes for jitted programs: lengths and batch sizes padded up to a few buckets, so a
+new request recompiles only when it falls in a new bucket."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+PROMPT_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def bucket(n: int, buckets: Sequence[int], what: str = "length") -> int:
+    """The smallest bucket >= n (ValueError past the largest)."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+
+
+def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """Pads axis 0 to `rows` by repeating row 0 (a real row: no all-padding attention)."""
+    if a.shape[0] == rows:
+        return a
+    return np.concatenate([a, np.repeat(a[:1], rows - a.shape[0], axis=0)], axis=0)
