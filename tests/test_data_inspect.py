@@ -11,6 +11,7 @@ from checkpoints_tools.import_hf import import_hf
 from safevlm_jax.checkpoint.format import load_config
 from safevlm_jax.data import inspect
 from llava_ref import expand_image, preprocess_v1
+from tests.cli_helpers import run_main
 from tests.hf_llava import LLAVA_VOCAB, TINY_SAFETY, save_tiny_llava
 from tokenizer_helpers import llava_tokenizer, write_llava_tokenizer
 
@@ -38,13 +39,7 @@ def setup(request, tmp_path_factory):
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
-    code = 0
-    try:
-        inspect.main(list(args))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(inspect.main, capsys, *args)
 
 
 def test_json_output_equals_llava_preprocess_v1_and_reports_refused_records(setup, capsys):

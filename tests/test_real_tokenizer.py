@@ -2,8 +2,6 @@
 tokenizer_helpers): the ids LLaVA's own code gives, conversions that keep the tokenizer's ids,
 and `--prompt_format hf` equal to HF's LlavaProcessor and greedy tokens equal to HF generate."""
 
-import contextlib
-import io
 import json
 import os
 
@@ -24,6 +22,7 @@ from safevlm_jax.data.template import VICUNA_SYSTEM, TextEncoder
 from safevlm_jax.data.tokenizer import train_tokenizer
 from safevlm_jax.inference.pipeline import load_image
 from llava_ref import expand_image, tokenizer_image_token, vicuna_v1_prompt
+from tests.cli_helpers import run_main
 from tests.hf_llava import LLAVA_VOCAB, TINY_SAFETY, save_tiny_llava
 from tokenizer_helpers import REAL_LAYOUTS, llama_style_tokenizer, llava_tokenizer, write_llava_tokenizer
 
@@ -147,20 +146,17 @@ def real_llava(tmp_path_factory):
     return hf, str(root / "hf"), str(root / "ckpt"), str(root / "a.png")
 
 
-def run_sample(*args) -> dict:
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        try:
-            sample.main(list(args))
-        except SystemExit as e:
-            assert e.code == 0, e.code
-    return json.loads(out.getvalue())
+def run_sample(capsys, *args) -> dict:
+    code, out, err = run_main(sample.main, capsys, *args)
+    assert code == 0, err
+    return json.loads(out)
 
 
-def test_sample_hf_format_gives_llava_processor_ids_and_hf_generate_greedy_tokens(real_llava):
+def test_sample_hf_format_gives_llava_processor_ids_and_hf_generate_greedy_tokens(real_llava, capsys):
     hf, src, ckpt, image = real_llava
     args = [f"--checkpoint={ckpt}", f"--image={image}", f"--prompt={QUESTION}", "--safety=off", "--json",
             "--max_new_tokens=8"]
-    got = run_sample(*args, "--prompt_format=hf")
+    got = run_sample(capsys, *args, "--prompt_format=hf")
     processor = llava_processor(transformers.AutoTokenizer.from_pretrained(src))
     want = processor(images=Image.open(image), text=hf_prompt(QUESTION), return_tensors="pt")["input_ids"]
     assert got["prompt_token_ids"] == want[0].tolist()
@@ -170,7 +166,7 @@ def test_sample_hf_format_gives_llava_processor_ids_and_hf_generate_greedy_token
                           pixel_values=torch.from_numpy(pixels[None].transpose(0, 3, 1, 2)),
                           eos_token_id=2, pad_token_id=32001)
     assert got["token_ids"] == out[0, want.shape[1]:].tolist()
-    llava = run_sample(*args)  # the default: LLaVA's own prompt (tokenizer_image_token)
+    llava = run_sample(capsys, *args)  # the default: LLaVA's own prompt (tokenizer_image_token)
     ref = tokenizer_image_token(vicuna_v1_prompt([(QUESTION, None)], answered=False),
                                 transformers.AutoTokenizer.from_pretrained(src))
     assert llava["prompt_token_ids"] == expand_image(ref, ref, 32000, N_IMAGE)[0] != got["prompt_token_ids"]

@@ -17,6 +17,7 @@ from safevlm_jax.checkpoint import demo
 from safevlm_jax.checkpoint.format import load_config
 from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.pipeline import Request, SafeVLMInference
+from tests.cli_helpers import run_main
 
 JSON_KEYS = {"answer", "token_ids", "prompt_token_ids", "risk_level", "risk_type", "risk_type_name", "risk_level_probs",
              "risk_type_probs", "hint_applied", "fail_closed", "timings"}
@@ -40,13 +41,7 @@ def files(tmp_path_factory):
 
 def cli(capsys, *args) -> tuple[int, str, str]:
     """Runs the command in-process (compiled programs are shared); returns (code, out, err)."""
-    code = 0
-    try:
-        sample.main(list(args))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(sample.main, capsys, *args)
 
 
 def test_plain_output_is_the_verdict_line_then_the_streamed_answer(files, capsys):
