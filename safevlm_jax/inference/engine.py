@@ -71,6 +71,7 @@ from safevlm_jax.safety.verdict import Verdict
 
 __all__ = ["Engine", "EngineClosed", "EngineEvent", "EngineRequest", "Handle", "QueueFull"]
 _log = logging.getLogger(__name__)
+RECENT_S = 10.0  # the window of stats()'s rates
 
 
 class _Detokenizer:
@@ -157,7 +158,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._accepting, self._stopping, self._abort = True, False, False
         self._counts = collections.Counter()
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
+        # (time, tokens out, seconds of a decode step or 0) over the last RECENT_S seconds
+        self._recent: collections.deque[tuple[float, int, float]] = collections.deque()
         self._started = time.monotonic()
 
     # The caller's side ---------------------------------------------------------------------
@@ -208,16 +210,18 @@ class Engine:
 
     def stats(self) -> dict:
         """queue_depth (waiting requests), waiting_verdict, active_slots, slots, max_length,
-        cache_bytes (the KV cache: slots x max_length positions), accepted, finished {reason: n}, tokens_generated, prompt_tokens, decode_steps,
-        prefills, verdict_batches, tokens_per_s (over the last 10 s), decode_step_s (mean),
-        busy_s (time in device programs), verdicts_by_level, verdicts_by_type,
-        running, accepting, uptime_s."""
+        cache_bytes (the KV cache), accepted, finished {reason: n}, tokens_generated,
+        prompt_tokens, decode_steps, prefills, verdict_batches, tokens_per_s and decode_step_s
+        (the mean step; both over the last RECENT_S seconds, so compiles and idle time age
+        out), busy_s (time in device programs), verdicts_by_level, verdicts_by_type, running,
+        accepting, uptime_s."""
         now = time.monotonic()
         with self._cond:
-            while self._recent and self._recent[0][0] < now - 10:
+            while self._recent and self._recent[0][0] < now - RECENT_S:
                 self._recent.popleft()
-            recent = sum(n for _, n in self._recent)
-            span = min(10.0, now - self._started)
+            recent = sum(n for _, n, _ in self._recent)
+            step_times = [s for _, _, s in self._recent if s]
+            span = min(RECENT_S, now - self._started)
             c = dict(self._counts)
         steps = c.get("decodes", 0)
         return {"queue_depth": len(self._incoming) + len(self._ready), "waiting_verdict": len(self._incoming),
@@ -229,7 +233,7 @@ class Engine:
                 "decode_steps": steps, "prefills": c.get("prefills", 0),
                 "verdict_batches": c.get("verdicts", 0),
                 "tokens_per_s": recent / span if span > 0 else 0.0,
-                "decode_step_s": c.get("decode_us", 0) / 1e6 / steps if steps else 0.0,
+                "decode_step_s": sum(step_times) / len(step_times) if step_times else 0.0,
                 "busy_s": c.get("busy_us", 0) / 1e6,
                 "verdicts_by_level": {k[6:]: n for k, n in c.items() if k.startswith("level_")},
                 "verdicts_by_type": {k[5:]: n for k, n in c.items() if k.startswith("type_")},
@@ -404,7 +408,7 @@ class Engine:
             self._seeds[slot] = seed[0]
             for name, value in (("temperature", r.temperature), ("top_k", r.top_k), ("top_p", r.top_p)):
                 self._rule[name][slot] = value
-            self._count("tokens", 1, tokens=True)
+            self._tokens_out(1)
             self._take(row, token)
 
     def _decode(self) -> None:
@@ -412,7 +416,7 @@ class Engine:
         active = np.array([r is not None for r in self._rows])
         steps = np.array([len(r.generated) if r else 0 for r in self._rows], np.int32)
         try:
-            with self._timed("decode"):
+            with self._timed("decode") as took:
                 tokens, self._cache = programs.decode_step(
                     self.decoder.graphdef, self.decoder.state, self._cache, self._last, active,
                     PerRow(**self._rule), self._seeds, steps)
@@ -424,7 +428,7 @@ class Engine:
                     self._finish(row, "error", f"{type(e).__name__}: {e}")
             self._fresh_cache()
             return
-        self._count("tokens", int(active.sum()), tokens=True)
+        self._tokens_out(int(active.sum()), took["s"])
         for slot, row in enumerate(self._rows):
             if row is not None:
                 self._take(row, int(tokens[slot]))
@@ -497,22 +501,26 @@ class Engine:
 
     @contextlib.contextmanager
     def _timed(self, program: str):
-        """Counts a device program's calls ({program}s) and time ({program}_us, busy_us)."""
-        start = time.perf_counter()
+        """Counts a device program's calls ({program}s) and time ({program}_us, busy_us);
+        yields a dict that holds the seconds ("s") afterwards."""
+        start, took = time.perf_counter(), {}
         try:
-            yield
+            yield took
         finally:
-            spent = int((time.perf_counter() - start) * 1e6)
-            self._count(f"{program}_us", spent)
-            self._count("busy_us", spent)
+            took["s"] = spent = time.perf_counter() - start
+            self._count(f"{program}_us", int(spent * 1e6))
+            self._count("busy_us", int(spent * 1e6))
             self._count(f"{program}s")
 
-    def _count(self, key: str, n: int = 1, tokens: bool = False) -> None:
-        """Adds to a stats counter; `tokens`: n tokens came out now (for tokens_per_s)."""
+    def _count(self, key: str, n: int = 1) -> None:
         with self._cond:
             self._counts[key] += n
-            if tokens:
-                self._recent.append((time.monotonic(), n))
+
+    def _tokens_out(self, n: int, decode_s: float = 0.0) -> None:
+        """n tokens came out now, from a decode step of `decode_s` seconds (0: a prefill)."""
+        with self._cond:
+            self._counts["tokens"] += n
+            self._recent.append((time.monotonic(), n, decode_s))
 
     def _fresh_cache(self) -> None:
         """After a failed program: if the donated cache is gone, a new one, and the requests
