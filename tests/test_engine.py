@@ -212,6 +212,20 @@ def test_cancel_while_queued_and_shutdown_without_drain(vlm, pixels):
         e.submit(request(pixels, "clean"))
 
 
+def test_shutdown_without_drain_cancels_requests_in_their_slots(vlm, pixels):
+    e = Engine(vlm, slots=8, max_length=LENGTH).start()
+    stopper = threading.Thread(target=e.shutdown, kwargs={"drain": False})
+
+    def stop_on_first_text(event):
+        if event.kind == "text" and stopper.ident is None:  # not started yet
+            stopper.start()
+
+    handle = e.submit(request(pixels, "clean", max_tokens=60), stop_on_first_text)
+    assert handle.wait(60) and handle.finish_reason == "cancelled"
+    stopper.join(60)
+    assert not e.stats()["running"] and e.stats()["active_slots"] == 0
+
+
 def test_bad_requests_are_refused_at_submit_naming_the_limit(engine, pixels):
     with pytest.raises(BadRequest, match=f"exceeds the context length {LENGTH}"):
         engine.submit(request(pixels, "clean", max_tokens=LENGTH))

@@ -146,6 +146,7 @@ class Engine:
         self._incoming: collections.deque[_Row] = collections.deque()  # waiting for a verdict
         self._ready: collections.deque[_Row] = collections.deque()  # waiting for a slot
         self._rows: list[_Row | None] = [None] * slots
+        self._verdicting: list[_Row] = []  # taken from the queue, getting their verdict
         self._cache = new_cache(self.config, slots, self.max_length, per_row=True)
         self.cache_bytes = sum(b.nbytes for b in (*self._cache.k, *self._cache.v))
         _log.info("engine: %d slots x %d positions, KV cache %.2f GiB", slots, self.max_length,
@@ -305,22 +306,28 @@ class Engine:
             with self._cond:
                 while not (self._incoming or self._ready or self._busy() or self._stopping):
                     self._cond.wait()
-                dropped = [*self._incoming, *self._ready] if self._abort else []
-                if self._abort:
+                abort, dropped = self._abort, [*self._incoming] if self._abort else []
+                if abort:
                     self._incoming.clear()
-                    self._ready.clear()
-            for row in [*dropped, *(r for r in self._rows if r is not None and dropped)]:
-                self._finish(row, "cancelled")  # shutdown(drain=False)
+            if abort:  # shutdown(drain=False)
+                for row in [*dropped, *self._in_flight()]:
+                    self._finish(row, "cancelled")
+                self._ready.clear()
             if self._stopping and not (self._incoming or self._ready or self._busy()):
                 return
             try:
                 self._turn()
             except Exception as e:  # a bug outside the guarded steps: fail what is in flight
                 _log.exception("engine turn failed")
-                for row in [*self._ready, *(r for r in self._rows if r is not None)]:
+                for row in self._in_flight():
                     self._finish(row, "error", f"{type(e).__name__}: {e}")
                 self._ready.clear()
                 self._fresh_cache()
+            self._verdicting = []
+
+    def _in_flight(self) -> list[_Row]:
+        """The requests the loop holds: getting a verdict, waiting for a slot, in a slot."""
+        return [*self._verdicting, *self._ready, *(r for r in self._rows if r is not None)]
 
     def _turn(self) -> None:
         for row in [*self._ready, *(r for r in self._rows if r is not None)]:
@@ -335,7 +342,9 @@ class Engine:
         for row in gone:
             self._finish(row, "cancelled")
         if batch:
+            self._verdicting = batch
             self._give_verdicts(batch)
+            self._verdicting = []
         self._admit()
         if self._busy():
             self._decode()
@@ -372,8 +381,13 @@ class Engine:
                 self._finish(row, "blocked")
                 continue
             if verdict is not None and verdict.hint is not None:
-                with self._tokenize_lock:
-                    row.ids = row.handle.prompt_ids = self._prompt(row.request, verdict.hint)
+                try:
+                    with self._tokenize_lock:
+                        row.ids = row.handle.prompt_ids = self._prompt(row.request, verdict.hint)
+                except Exception as e:
+                    _log.exception("prompt with a hint failed")
+                    self._finish(row, "error", f"{type(e).__name__}: {e}")
+                    continue
             self._ready.append(row)
 
     def _admit(self) -> None:
