@@ -258,6 +258,12 @@ def test_an_exception_in_the_loop_fails_only_its_requests(engine, pixels, togeth
     [broken] = run(engine, [request(pixels, "clean")])
     assert broken.finish_reason == "error" and "ZeroDivisionError" in broken.done_event.error
     monkeypatch.undo()
+    real_prompt = engine._prompt
+    monkeypatch.setattr(engine, "_prompt", lambda r, hint: real_prompt(r, hint) if hint is None else 1 / 0)
+    hinted, plain = run(engine, [request(pixels, "low_risk"), request(pixels, "clean", max_tokens=24)])
+    assert hinted.verdict.hint and hinted.finish_reason == "error" and "ZeroDivisionError" in hinted.done_event.error
+    monkeypatch.undo()
+    assert plain.token_ids == together[0].token_ids
     assert run(engine, [request(pixels, "clean", max_tokens=24)])[0].token_ids == together[0].token_ids
 
 
