@@ -172,3 +172,46 @@ def test_frozen_fingerprint_ignores_sharding_and_sees_every_element(dtype):
     lowest_bit = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")) ^ 1
     flipped = jax.lax.bitcast_convert_type(lowest_bit, x.dtype)
     assert not np.array_equal(np.asarray(frozen_fingerprint({"w": flipped}, one)), want)
+
+
+def _truncate_array_files(step_dir):
+    """Cuts every array data file of a saved step in half (as a full disk would)."""
+    for d, _, files in os.walk(os.path.join(step_dir, "state")):
+        if os.path.basename(d) == "d":
+            for name in files:
+                with open(os.path.join(d, name), "r+b") as f:
+                    f.truncate(os.path.getsize(os.path.join(d, name)) // 2)
+
+
+@pytest.mark.slow
+def test_resume_over_a_damaged_latest_step_falls_back_and_ends_bit_identical(tmp_path, dataset, uninterrupted):
+    import shutil
+
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    for step in (STEPS, STEPS - 2):  # as if the run had stopped after step 8, whose file was then cut
+        shutil.rmtree(tmp_path / "checkpoints" / str(step))
+    _truncate_array_files(tmp_path / "checkpoints" / str(STEPS - 4))
+    run = subprocess.run(command(tmp_path, dataset), cwd=ROOT, env=env(), timeout=600,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"checkpoint step {STEPS - 4} in" in run.stderr and "damaged" in run.stderr
+    assert f"resuming from step {STEPS - 6}" in run.stderr
+    assert (tmp_path / "checkpoints.damaged" / str(STEPS - 4)).is_dir()
+    want, got = saved_state(uninterrupted, STEPS), saved_state(tmp_path, STEPS)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_resume_with_every_step_damaged_is_one_error_line(tmp_path, dataset, uninterrupted):
+    import shutil
+
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    for step in finished_steps(tmp_path / "checkpoints"):
+        _truncate_array_files(tmp_path / "checkpoints" / str(step))
+    run = subprocess.run(command(tmp_path, dataset), cwd=ROOT, env=env(), timeout=600,
+                         capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr[-3000:]
+    last = [line for line in run.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: every checkpoint step in") and "damaged" in last, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr

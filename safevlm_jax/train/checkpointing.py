@@ -7,13 +7,19 @@ host for its shards. Frozen parameters are not stored (at 7B they would be 14 GB
 resuming rebuilds them as the run began (init + `init_from`) and checks them against the
 `frozen_fingerprint` stored with the step, so a changed `init_from` is an error, not a silently
 different model. Orbax finalises a step only when every item is written, so a run killed at
-any moment resumes from the last complete step. Restoring takes the target shardings, so a
-checkpoint loads onto any mesh.
+any moment resumes from the last complete step. A step damaged later on disk (a truncated or
+missing array file) is moved aside to `WORKDIR/checkpoints.damaged/STEP` with a warning, and
+the run resumes from the newest intact step (keep-last-k keeps older ones). Restoring takes
+the target shardings, so a checkpoint loads onto any mesh.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import sys
+import threading
 
 import grain
 import jax
@@ -21,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from safevlm_jax.checkpoint.io import path_str
+from safevlm_jax.checkpoint.io import is_primary, path_str
 from safevlm_jax.train.state import TrainState
 
 _GOLDEN = np.uint32(0x9E3779B1)
+_log = logging.getLogger(__name__)
 
 
 def split_frozen(frozen):
@@ -61,6 +69,41 @@ def _saved(state: TrainState, fingerprint) -> dict:
             "frozen_fingerprint": fingerprint}
 
 
+class DamagedStep(Exception):
+    """A saved step whose files cannot be read back (truncated, missing or corrupt)."""
+
+
+_ORBAX_READ_NOISE = ("Encountered error while reading array", "Event loop is closed")
+
+
+def _quiet_failed_reads() -> None:
+    """After a failed read orbax leaves coroutines and threads that fail later, each printing
+    a traceback of the error already reported (through `sys.unraisablehook` and
+    `threading.excepthook`); route just those to the debug log, once per process."""
+    if getattr(sys.unraisablehook, "safevlm_quiet", False):
+        return
+
+    def noise(exc) -> bool:
+        return exc is not None and any(m in str(exc) for m in _ORBAX_READ_NOISE)
+
+    unraisable, thread_hook = sys.unraisablehook, threading.excepthook
+
+    def on_unraisable(args):
+        if noise(args.exc_value):
+            _log.debug("after a damaged checkpoint read: %s", args.exc_value)
+        else:
+            unraisable(args)
+
+    def on_thread(args):
+        if noise(args.exc_value):
+            _log.debug("after a damaged checkpoint read: %s", args.exc_value)
+        else:
+            thread_hook(args)
+
+    on_unraisable.safevlm_quiet = True
+    sys.unraisablehook, threading.excepthook = on_unraisable, on_thread
+
+
 class Checkpointer:
     """`save(step, state, data_iter)` every `every_steps`; `restore(abstract, initial, data_iter)`."""
 
@@ -87,12 +130,61 @@ class Checkpointer:
 
     def restore(self, abstract: TrainState, initial: TrainState, data_iter=None,
                 step: int | None = None) -> TrainState:
-        """The TrainState of `step` (default: latest) placed as `abstract`'s ShapeDtypeStructs
-        (with shardings) say, with the frozen params of `initial` (the run's first state,
-        built as a fresh run builds it). Raises if those differ from the ones the step was
-        trained with. `data_iter`, if given, is set to the saved position in place."""
-        step = self.latest_step() if step is None else step
-        stored = self.manager.item_metadata(step)["state"]
+        """The TrainState of `step` (default: the newest intact one) placed as `abstract`'s
+        ShapeDtypeStructs (with shardings) say, with the frozen params of `initial` (the run's
+        first state, built as a fresh run builds it). Raises if those differ from the ones the
+        step was trained with. `data_iter`, if given, is set to the saved position in place.
+
+        Without `step`, a step that cannot be read is moved aside (`damaged_dir`) with a
+        warning naming it and the next older one is tried; with every step damaged, or a
+        given `step` damaged, it is a ValueError naming the steps.
+        """
+        if step is not None:
+            try:
+                return self._restore(step, abstract, initial, data_iter)
+            except DamagedStep as e:
+                raise ValueError(f"checkpoint step {step} in {self.manager.directory} is damaged: {e}") from e
+        damaged, reasons = [], []
+        for candidate in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state = self._restore(candidate, abstract, initial, data_iter)
+            except DamagedStep as e:
+                _log.warning("checkpoint step %d in %s is damaged (%s); trying an older step",
+                             candidate, self.manager.directory, e)
+                damaged.append(candidate)
+                reasons.append(str(e))
+                continue
+            self._set_aside(damaged)
+            return state
+        raise ValueError(f"every checkpoint step in {self.manager.directory} is damaged "
+                         f"({', '.join(map(str, damaged))}; newest: {reasons[0] if reasons else 'none'}): "
+                         "start a new --workdir, or restore the files")
+
+    @property
+    def damaged_dir(self) -> str:
+        return os.fspath(self.manager.directory).rstrip("/") + ".damaged"
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged steps out of the manager's directory (so the run saves them anew),
+        keeping their files for inspection."""
+        if not steps:
+            return
+        if is_primary():
+            os.makedirs(self.damaged_dir, exist_ok=True)
+            for s in steps:
+                target = os.path.join(self.damaged_dir, str(s))
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.move(os.path.join(os.fspath(self.manager.directory), str(s)), target)
+            _log.warning("moved damaged checkpoint step(s) %s to %s", steps, self.damaged_dir)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("safevlm_damaged_steps_moved")
+        self.manager.reload()
+
+    def _restore(self, step: int, abstract: TrainState, initial: TrainState, data_iter) -> TrainState:
+        try:
+            stored = self.manager.item_metadata(step)["state"]
+        except (OSError, ValueError, KeyError) as e:  # unreadable metadata
+            raise DamagedStep(f"{type(e).__name__}: {e}") from e
         if stored is not None and "frozen_fingerprint" not in stored.keys():
             raise ValueError(f"step {step} in {self.manager.directory} has the older layout (frozen params "
                              "inside `state`): resume it with the safevlm_jax version that wrote it, or "
@@ -103,7 +195,11 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        saved = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        try:
+            saved = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        except Exception as e:  # orbax reports a truncated or missing array file as a bare Exception
+            _quiet_failed_reads()
+            raise DamagedStep(" ".join(str(e).split())[:300] or type(e).__name__) from e
         want, got = np.asarray(saved["frozen_fingerprint"]), np.asarray(got)
         if not np.array_equal(want, got):
             names = [path_str(p) for p, _ in nnx.to_flat_state(frozen_params)]

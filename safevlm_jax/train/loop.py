@@ -61,23 +61,27 @@ def train(cfg, workdir: str) -> dict:
     optimizer, schedule = make_optimizer(cfg.optimizer, total)
     make_model = model_factory(mcfg, cfg.seed)
     graphdef, abstract = abstract_state(make_model, cfg, optimizer)
-    state_sh = sharding.state_shardings(abstract, mesh, cfg.rules)
+    state_sh = sharding.state_shardings(abstract, mesh, cfg.rules, cfg.sharding_fallback)
     data_iter = iter(dataset)
     batch_abs = jax.eval_shape(lambda b: b, next(iter(dataset)))
     batch_abs = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
                  for k, v in batch_abs.items()}
     step_fn, _, batch_sh = jit_train_step(
         make_train_step(graphdef, optimizer, schedule, accumulation=cfg.accumulation,
-                        head_weight=cfg.head_weight), abstract, batch_abs, mesh, cfg.rules)
+                        head_weight=cfg.head_weight), abstract, batch_abs, mesh, cfg.rules, cfg.sharding_fallback)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                         every_steps=cfg.checkpoint.every_steps, async_save=cfg.checkpoint.async_save)
     state = train_init.initial_state(make_model, cfg, optimizer, state_sh)
     if cfg.init_from:
-        state = train_init.load_params(state, cfg.init_from, mesh, cfg.rules)
+        state = train_init.load_params(state, cfg.init_from, mesh, cfg.rules, cfg.sharding_fallback)
     if ckpt.latest_step() is not None:  # the frozen params stay those built above
-        logging.warning("resuming from step %d", ckpt.latest_step())
-        state = ckpt.restore(with_shardings(abstract, state_sh), state, data_iter)
+        try:
+            state = ckpt.restore(with_shardings(abstract, state_sh), state, data_iter)  # newest intact
+        except ValueError:
+            ckpt.close()  # its background threads would otherwise print past the error line at exit
+            raise
+        logging.warning("resuming from step %d", int(state.step))
 
     start = int(state.step)
     tokens = batch_abs["input_ids"].shape[0] * batch_abs["input_ids"].shape[1]
