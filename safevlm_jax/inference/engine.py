@@ -62,6 +62,7 @@ from safevlm_jax.data.template import PROMPT_FORMATS
 from safevlm_jax.inference import slots as programs
 from safevlm_jax.inference.buckets import BATCH_BUCKETS, PROMPT_BUCKETS, bucket
 from safevlm_jax.inference.decode import new_cache
+from safevlm_jax.inference.detokenize import Detokenizer
 from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.requests import (FINISH_REASONS, EngineClosed, EngineEvent, EngineRequest, Handle,
                                             QueueFull)
@@ -74,31 +75,6 @@ _log = logging.getLogger(__name__)
 RECENT_S = 10.0  # the window of stats()'s rates
 
 
-class _Detokenizer:
-    """Token ids -> text deltas, a few tokens decoded per step: each delta is decoded after
-    the previous delta's tokens (a SentencePiece piece decodes differently at the start of a
-    text) and held back while it ends inside a multi-byte character (vLLM's incremental
-    detokenization)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        return self._delta(final=False)
-
-    def flush(self) -> str:
-        return self._delta(final=True)
-
-    def _delta(self, final: bool) -> str:
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):]
-
-
 @dataclasses.dataclass(eq=False)
 class _Row:
     """The engine's state of one request."""
@@ -106,7 +82,7 @@ class _Row:
     handle: Handle
     on_event: Callable[[EngineEvent], None] | None
     ids: list[int]  # the prompt's ids: without a hint until the verdict, then with it
-    detok: _Detokenizer
+    detok: Detokenizer
     submitted: float
     pixels: np.ndarray | None  # [S, S, 3] f32, checked
     features: np.ndarray | None = None  # [N, C] once encoded
@@ -181,7 +157,7 @@ class Engine:
             if len(self._incoming) + len(self._ready) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting; try again later")
             handle = Handle(next(self._ids), request, self._wake)
-            row = _Row(handle, on_event, ids, _Detokenizer(self.tokenizer), time.monotonic(), pixels)
+            row = _Row(handle, on_event, ids, Detokenizer(self.tokenizer), time.monotonic(), pixels)
             handle.token_ids, handle.prompt_ids = row.generated, ids
             self._incoming.append(row)
             self._counts["accepted"] += 1  # the lock is held

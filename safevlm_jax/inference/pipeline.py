@@ -23,6 +23,7 @@ from safevlm_jax.data.template import ConversationTemplate
 from safevlm_jax.data.images import ImageConfig, load_pixel_values
 from safevlm_jax.data.tokenizer import check_matches_model
 from safevlm_jax.inference.decode import Decoder
+from safevlm_jax.inference.detokenize import Detokenizer
 from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.sampling import Greedy
 from safevlm_jax.safety.hints import HintConfig
@@ -166,24 +167,22 @@ class SafeVLMInference:
 
 
 class _Stream:
-    """Turns each step's tokens [B] into new text per row (held back while a multi-byte
-    character is incomplete)."""
+    """Turns each step's tokens [B] into new text per row (`Detokenizer` per row; finished
+    rows give EOS, then padding, and are skipped)."""
 
     def __init__(self, tokenizer, on_text: Callable[[int, str], None], rows: int):
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.ids = [[] for _ in range(rows)]
-        self.sent = [0] * rows
+        self.eos, self.on_text = tokenizer.eos_token_id, on_text
+        self.rows = [Detokenizer(tokenizer) for _ in range(rows)]
         self.done = [False] * rows
 
     def __call__(self, tokens: np.ndarray) -> None:
         for row, tok in enumerate(tokens.tolist()):
             if self.done[row]:
                 continue
-            if tok == self.tokenizer.eos_token_id:
+            if tok == self.eos:
                 self.done[row] = True
-                continue
-            self.ids[row].append(tok)
-            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > self.sent[row]:
-                self.on_text(row, text[self.sent[row]:])
-                self.sent[row] = len(text)
+                delta = self.rows[row].flush()
+            else:
+                delta = self.rows[row].push(tok)
+            if delta:
+                self.on_text(row, delta)
