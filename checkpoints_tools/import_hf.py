@@ -26,6 +26,10 @@ from safevlm_jax.models.safety_head import SafetyHead, init_safety_tokens
 from safevlm_jax.models.safety_projector import SafetyProjector
 
 SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+# Converted arrays handed to the checkpoint writer at a time (at most a shard). The writer
+# (orbax) holds a copy of what it is given until it is written, so a piece costs about twice its
+# size: a whole 5 GB shard at once peaked at 3.9x the shard (its memory-mapped pages counted too).
+PIECE_BYTES = 1 << 28
 
 
 def source_dtype(src: SafetensorsDir) -> str:
@@ -76,13 +80,18 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, overwrite: bool =
                          f"unexpected keys {extra}; shape mismatch {bad}")
     with checkpoint_writer(out, config, assets_dir=hf_dir, overwrite=overwrite, template="v1") as write:
         for path, tensors in tqdm(src.iter_shards(), total=len(src.files), desc="import", unit="shard"):
-            flat = {}
+            pending, size = {}, 0
             for key, x in tensors:
                 rule = rules[canonical_hf_key(key)]
-                for p, y in zip(rule.jax, rule.transform.to_jax(x)):
-                    flat[p] = y.astype(param_dtype) if y.dtype != np.dtype(param_dtype) else y
-            write(flat)
-            del flat
+                for p, y in zip(rule.jax, rule.transform.to_jax(x, param_dtype)):
+                    pending[p], size = y, size + y.nbytes
+                del x
+                if size >= PIECE_BYTES:
+                    write(pending)
+                    pending, size = {}, 0
+            if pending:
+                write(pending)
+            del pending
         if safety.enabled:
             write({k: v.astype(param_dtype) for k, v in init_safety(config, seed).items()})
             log(f"safety modules are not in {hf_dir}: initialised from seed {seed} "

@@ -37,9 +37,11 @@ class Transform:
     name: str
     parts: int = 1
 
-    def to_jax(self, x: np.ndarray) -> list[np.ndarray]:
+    def to_jax(self, x: np.ndarray, dtype=None) -> list[np.ndarray]:
+        """Our arrays, C-contiguous, cast to `dtype` if given (in the same copy as the
+        transpose: one new array per part, not two)."""
         forward = TRANSFORMS[self.name][0]
-        return [np.ascontiguousarray(forward(p)) for p in np.split(x, self.parts, axis=0)]
+        return [np.ascontiguousarray(forward(p), dtype=dtype) for p in np.split(x, self.parts, axis=0)]
 
     def to_hf(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         inverse = TRANSFORMS[self.name][1]

@@ -1,7 +1,9 @@
 """Streaming safetensors: read an HF weights directory shard by shard, write one likewise.
 
-Reading uses `safe_open` (memory-mapped; a tensor is copied only when asked for), so at most
-one shard's tensors are in host memory. Every file is checked up front: a missing shard
+Reading parses each file's header and reads a tensor's bytes with plain file reads, straight
+into the array it returns, one tensor at a time: nothing is memory-mapped, so the process holds
+only the arrays it keeps (`safe_open`'s mapping counted every page it had read in the RSS, a
+whole 5 GB shard by its end). Every file is checked up front (with `safe_open`): a missing shard
 named by `model.safetensors.index.json`, a truncated or corrupt file, a key the index
 places in a shard that does not hold it, or a key present in two files is an error naming
 the file and the key.
@@ -13,12 +15,16 @@ import json
 import os
 from typing import Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                "BOOL": np.bool_}
 
 
 def _open(path: str):
@@ -53,6 +59,7 @@ class SafetensorsDir:
         else:
             raise FileNotFoundError(f"{directory}: neither {INDEX_FILE} nor {SINGLE_FILE}")
         self.files: dict[str, list[str]] = {}
+        self._where: dict[str, tuple[str, int, int]] = {}  # key -> (path, first byte, end)
         self.shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, str] = {}
         for name in names:
@@ -64,6 +71,7 @@ class SafetensorsDir:
                         raise ValueError(f"{path}: key {key} also in {self.file_of(key)}")
                     sl = f.get_slice(key)
                     self.shapes[key], self.dtypes[key] = tuple(sl.get_shape()), sl.get_dtype()
+            self._where.update({k: (path, *span) for k, span in _data_spans(path).items()})
             self.files[name] = keys
         if weight_map is not None:
             wrong = sorted(k for k, n in weight_map.items() if k not in self.files[n])
@@ -74,12 +82,40 @@ class SafetensorsDir:
     def file_of(self, key: str) -> str:
         return next(n for n, keys in self.files.items() if key in keys)
 
+    def tensor(self, key: str) -> np.ndarray:
+        """The array `key`, read from its file into fresh memory (KeyError if absent)."""
+        path, begin, end = self._where[key]
+        if self.dtypes[key] not in NUMPY_DTYPES:
+            raise ValueError(f"{path}: tensor {key} has dtype {self.dtypes[key]}, not one of "
+                             f"{sorted(NUMPY_DTYPES)}")
+        out = np.empty(self.shapes[key], NUMPY_DTYPES[self.dtypes[key]])
+        if out.nbytes != end - begin:
+            raise ValueError(f"{path}: tensor {key} holds {end - begin} bytes, its shape and dtype "
+                             f"{list(out.shape)} {self.dtypes[key]} need {out.nbytes}")
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        with open(path, "rb", buffering=0) as f:
+            while done < out.nbytes:
+                n = os.preadv(f.fileno(), [view[done:]], begin + done)
+                if n == 0:
+                    raise ValueError(f"{path}: ends inside tensor {key} (truncated?)")
+                done += n
+        return out
+
     def iter_shards(self) -> Iterator[tuple[str, Iterator[tuple[str, np.ndarray]]]]:
-        """Yields (file path, iterator of (key, array)) per file; arrays are read lazily."""
+        """Yields (file path, iterator of (key, array)) per file; each array is read when the
+        iterator reaches it."""
         for name, keys in self.files.items():
-            path = os.path.join(self.directory, name)
-            with _open(path) as f:
-                yield path, ((k, f.get_tensor(k)) for k in keys)
+            yield os.path.join(self.directory, name), ((k, self.tensor(k)) for k in keys)
+
+
+def _data_spans(path: str) -> dict[str, tuple[int, int]]:
+    """{key: (first byte, end)} of each tensor's data in safetensors file `path` (its header:
+    8 bytes of little-endian length, then JSON with data offsets relative to its end)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {k: (8 + size + v["data_offsets"][0], 8 + size + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def parse_size(size: int | str) -> int:

@@ -150,9 +150,10 @@ def save_checkpoint(directory: str, model_or_state: nnx.Module | nnx.State, conf
 def checkpoint_writer(directory: str, config: ModelConfig, *, assets_dir: str | None = None,
                       overwrite: bool = False, template: ConversationTemplate | str = "v1"
                       ) -> Iterator[Callable[[Mapping[str, Any]], None]]:
-    """Streaming save: yields `write({key: array})`, called once per piece (e.g. per shard of
-    a source model), so the whole model is never in memory. On exit the pieces must cover
-    exactly the parameters of `config` (unscanned keys); otherwise nothing is written.
+    """Streaming save: yields `write({key: array})`, called once per piece (e.g. a few hundred
+    MB of a source shard), so the whole model is never in memory. orbax holds a copy of a piece
+    until it is on disk, so a piece costs twice its size: keep pieces small. On exit the pieces
+    must cover exactly the parameters of `config` (unscanned keys); otherwise nothing is written.
     `assets_dir`, `template`: as for `save_checkpoint`."""
     with atomic_directory(directory, overwrite) as tmp:
         params, shapes = os.path.join(tmp, PARAMS_DIR), {}
