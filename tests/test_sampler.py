@@ -176,3 +176,16 @@ def test_model_with_lora_dropout_samples_deterministically(setup, tmp_path, monk
     ids = prompt(lora_model, 2, 3, 20)
     first = run(decoder, pixels[:1], [ids], max_new_tokens=4)
     assert run(decoder, pixels[:1], [ids], max_new_tokens=4) == first
+
+
+def test_a_new_shape_compiles_once_not_again_on_its_second_call(setup):
+    """The fresh cache of a new shape is committed to the model's device, as the cache the
+    program hands back is: otherwise the second call compiled the same program again."""
+    _, model, decoder, pixels = setup
+    from safevlm_jax.inference.decode import _generate
+
+    features, _, _ = decoder.encode(pixels[:1], [1], False)
+    before = _generate._cache_size()
+    for n in range(3):  # 300 new tokens: a bucket no other test uses
+        decoder.generate([prompt(model, 3, 2, n)], features[:1], max_new_tokens=300, use_safety=False)
+    assert _generate._cache_size() - before == 1

@@ -175,7 +175,7 @@ class Decoder:
             ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
         if features is not None:
             features = pad_rows(np.asarray(features), pb)
-        cache = self._caches.pop((pb, slots), None) or new_cache(self.config, pb, slots)
+        cache = self._caches.pop((pb, slots), None) or new_cache(self.config, pb, slots, like=self.state)
         timed = timed or on_token is not None
         self._clock.reset(on_token, b)
         start = time.perf_counter()
@@ -194,15 +194,20 @@ class Decoder:
         return row[:row.index(self.eos_id) + 1] if self.eos_id in row else row
 
 
-def new_cache(config, batch: int, length: int, per_row: bool = False) -> KVCache:
+def new_cache(config, batch: int, length: int, per_row: bool = False, like=None) -> KVCache:
     """An empty cache for a model config, in the compute dtype, but f32 on CPU: XLA:CPU has no
     fast bf16 batched dot and converted every layer's whole bf16 cache to f32 at every decode
     step; an f32 cache is read as it lies (docs/performance.md).
-    `per_row`: a write index per row (continuous batching)."""
+    `per_row`: a write index per row (continuous batching). `like`: the model's state; on one
+    device the cache is committed there, as the cache a program hands back is, so the second
+    call of a shape does not compile the program again for a committed argument."""
     t = config.text
     dtype = jnp.float32 if jax.default_backend() == "cpu" else config.compute_dtype
-    return KVCache.init(t.num_hidden_layers, batch, t.num_key_value_heads, length, t.head_dim, dtype,
-                        per_row=per_row)
+    cache = KVCache.init(t.num_hidden_layers, batch, t.num_key_value_heads, length, t.head_dim, dtype,
+                         per_row=per_row)
+    leaves = jax.tree.leaves(like) if like is not None else []
+    devices = leaves[0].sharding.device_set if leaves and hasattr(leaves[0], "sharding") else set()
+    return jax.device_put(cache, next(iter(devices))) if len(devices) == 1 else cache
 
 
 class _Clock:

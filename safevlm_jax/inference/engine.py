@@ -123,7 +123,7 @@ class Engine:
         self._ready: collections.deque[_Row] = collections.deque()  # waiting for a slot
         self._rows: list[_Row | None] = [None] * slots
         self._verdicting: list[_Row] = []  # taken from the queue, getting their verdict
-        self._cache = new_cache(self.config, slots, self.max_length, per_row=True)
+        self._cache = new_cache(self.config, slots, self.max_length, per_row=True, like=self.decoder.state)
         self.cache_bytes = sum(b.nbytes for b in (*self._cache.k, *self._cache.v))
         _log.info("engine: %d slots x %d positions, KV cache %.2f GiB", slots, self.max_length,
                   self.cache_bytes / 2**30)
@@ -520,4 +520,4 @@ class Engine:
         for row in self._rows:
             if row is not None:
                 self._finish(row, "error", "the KV cache was lost to an earlier failure")
-        self._cache = new_cache(self.config, self.slots, self.max_length, per_row=True)
+        self._cache = new_cache(self.config, self.slots, self.max_length, per_row=True, like=self.decoder.state)

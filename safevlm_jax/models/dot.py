@@ -70,6 +70,6 @@ def dot(x: jax.Array, w: jax.Array, dtype, use_kernel: bool = False) -> jax.Arra
     big_enough = w.dtype == jnp.bfloat16 or w.size * w.dtype.itemsize >= matvec.MIN_F32_BYTES
     if not (use_kernel and x.shape[0] <= matvec.MAX_ROWS and exact_cast and big_enough
             and x.dtype == dtype and {x.dtype, w.dtype} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
-            and matvec.available()):
+            and jax.default_backend() == "cpu" and matvec.available()):  # no CPU-kernel warning on GPU
         return default(x, w)
     return jax.lax.platform_dependent(x, w, cpu=matvec.matvec, default=default)
