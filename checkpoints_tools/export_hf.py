@@ -31,6 +31,7 @@ from safevlm_jax.models.lora import fold
 
 ADAPTER_DIR = "lora_adapter"
 SAFETY_FILE = "safety_modules.safetensors"
+READ_BYTES = 1 << 28  # stored arrays restored at a time: memory, not the shard size, bounds it
 
 
 def _emit(reader: ParamReader, rules: list[Rule], extra: dict[str, list[str]], budget: int):
@@ -73,7 +74,7 @@ def export_hf(checkpoint: str, out: str, merge_lora: bool = False, key_style: st
             if parts[-1] == "kernel" and parts[-2] in config.lora.targets and "language_model" in parts:
                 merge[r.hf] = [r.jax[0].replace("/kernel", "/lora/lora_a"),
                                r.jax[0].replace("/kernel", "/lora/lora_b")]
-    budget = parse_size(max_shard_size)
+    budget = min(parse_size(max_shard_size), READ_BYTES)
     with atomic_directory(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         for rule, arrays, lora in tqdm(_emit(reader, rules, merge, budget), total=len(rules),

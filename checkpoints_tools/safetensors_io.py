@@ -1,4 +1,4 @@
-"""Streaming safetensors: read an HF weights directory shard by shard, write one likewise.
+"""Streaming safetensors: read an HF weights directory tensor by tensor, write one likewise.
 
 Reading parses each file's header and reads a tensor's bytes with plain file reads, straight
 into the array it returns, one tensor at a time: nothing is memory-mapped, so the process holds
@@ -129,36 +129,65 @@ def parse_size(size: int | str) -> int:
     return int(size)
 
 
+SAFETENSORS_NAMES = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
+HEADER_RESERVE = 256 << 10  # header bytes reserved at the start of each file (~1,500 tensors)
+
+
 class ShardWriter:
     """Writes {key: array} to `directory` in files of at most `max_shard_size` bytes (a single
-    bigger tensor gets its own file), then `close()` names them HF-style and writes the index.
-    Only the current shard is held in memory."""
+    bigger tensor gets its own file; a file also ends once its header would outgrow
+    HEADER_RESERVE), then `close()` names them HF-style and writes the index.
+
+    Each array goes to disk as it is added, after HEADER_RESERVE bytes kept for the file's
+    header, which is written when the file ends and padded with spaces up to the data (as the
+    safetensors format allows): nothing is held in memory, where a whole 5 GB shard was."""
 
     def __init__(self, directory: str, max_shard_size: int | str = "5GB", prefix: str = "model"):
         self.directory, self.prefix = directory, prefix
         self.limit = parse_size(max_shard_size)
-        self.pending: dict[str, np.ndarray] = {}
-        self.size = 0
+        self.file = None
+        self.header: dict[str, dict] = {}  # the open file's entries
+        self.size = 0  # data bytes in the open file
+        self.header_bytes = 0  # an upper bound of its JSON header's length
         self.written: list[tuple[str, list[str], int]] = []
+        self.keys: set[str] = set()
 
     def add(self, key: str, array: np.ndarray) -> None:
-        if key in self.pending or any(key in keys for _, keys, _ in self.written):
+        if key in self.keys:
             raise ValueError(f"{self.directory}: tensor {key} written twice")
-        if self.pending and self.size + array.nbytes > self.limit:
-            self._flush()
-        self.pending[key] = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array)
+        if array.dtype not in SAFETENSORS_NAMES:
+            raise ValueError(f"{self.directory}: tensor {key} has dtype {array.dtype}, not one of "
+                             f"{sorted(map(str, SAFETENSORS_NAMES))}")
+        entry = {"dtype": SAFETENSORS_NAMES[array.dtype], "shape": list(array.shape)}
+        entry_bytes = len(json.dumps({key: {**entry, "data_offsets": [2**63, 2**63]}}))
+        if self.file is not None and (self.size + array.nbytes > self.limit or
+                                      self.header_bytes + entry_bytes > HEADER_RESERVE - 64):
+            self._finish()
+        if self.file is None:
+            name = f"{self.prefix}-part-{len(self.written):05d}.safetensors"
+            self.file = open(os.path.join(self.directory, name), "wb")
+            self.file.seek(8 + HEADER_RESERVE)
+        self.header[key] = {**entry, "data_offsets": [self.size, self.size + array.nbytes]}
+        self.file.write(memoryview(array.reshape(-1).view(np.uint8)))
         self.size += array.nbytes
+        self.header_bytes += entry_bytes
+        self.keys.add(key)
 
-    def _flush(self) -> None:
-        name = f"{self.prefix}-part-{len(self.written):05d}.safetensors"
-        save_file(self.pending, os.path.join(self.directory, name), metadata={"format": "pt"})
-        self.written.append((name, list(self.pending), self.size))
-        self.pending, self.size = {}, 0
+    def _finish(self) -> None:
+        raw = json.dumps({"__metadata__": {"format": "pt"}, **self.header}).encode()
+        self.file.seek(0)
+        self.file.write(HEADER_RESERVE.to_bytes(8, "little") + raw.ljust(HEADER_RESERVE, b" "))
+        self.file.close()
+        self.written.append((os.path.basename(self.file.name), list(self.header), self.size))
+        self.file, self.header, self.size, self.header_bytes = None, {}, 0, 0
 
     def close(self) -> list[str]:
         """Finishes the files; returns their names."""
-        if self.pending or not self.written:
-            self._flush()
+        if self.file is None and not self.written:  # no tensors: still one (empty) file
+            self.file = open(os.path.join(self.directory, f"{self.prefix}-part-00000.safetensors"), "wb")
+        if self.file is not None:
+            self._finish()
         n = len(self.written)
         if n == 1:
             os.rename(os.path.join(self.directory, self.written[0][0]),
