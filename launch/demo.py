@@ -1,6 +1,6 @@
 """Steps of launch/make_demo.sh: training data, example images, the exported checkpoint.
 
-    python launch/demo.py data --out DIR --n N --seed S --vocab_size V
+    python launch/demo.py data --out DIR --n N --photos P --seed S --vocab_size V
     python launch/demo.py examples --out DIR --seed S
     python launch/demo.py export --src STAGE2/export --tokenizer DIR/tokenizer --out DEST
 
@@ -11,10 +11,13 @@ user turn carries one. So each record's first exchange is rewritten: for a risky
 probability `hint_fraction`, the question carries the hint the sampler would add for its labels
 (`safety.hints.HintConfig`, same text and `Safe Hint:` prefix) and the answer obeys it (level
 3: the refusal the hint dictates; levels 1-2: the generator's cautious answer); otherwise the
-answer plainly describes the image. `data` writes DIR/data.json, DIR/images/ and a tokenizer
+answer plainly describes the image. So that ordinary photos come out safe, `data` adds P clean
+records of photos (level 0, type clean: random crops of `safevlm_jax.data.photos`'
+TRAINING_PHOTOS, scikit-image's bundled sample images, answered with `photos.PHOTO_ANSWER`);
+the held-out photos are never used. `data` writes DIR/data.json, DIR/images/ and a tokenizer
 trained on every text the model will read (system prompt and hints included) in DIR/tokenizer;
 `examples` writes one image per risk level (`clean.png`, `low_risk.png`, `medium_risk.png`,
-`risky.png` = level 3) to DIR;
+`risky.png` = level 3) and a held-out photo (`photo.png`) to DIR;
 `export` merges the LoRA adapters into the LLM and writes a complete checkpoint (parameters,
 config, tokenizer, `preprocessor_config.json`).
 """
@@ -28,11 +31,12 @@ import shutil
 import tempfile
 
 import numpy as np
+from PIL import Image
 
 from safevlm_jax.checkpoint.assets import save_image_settings
-from safevlm_jax.checkpoint.format import load_checkpoint, save_checkpoint
+from safevlm_jax.checkpoint.format import load_checkpoint, load_template, save_checkpoint
 from safevlm_jax.config import LoRAConfig
-from safevlm_jax.data import synthetic
+from safevlm_jax.data import photos, synthetic
 from safevlm_jax.data.template import VICUNA_SYSTEM
 from safevlm_jax.data.tokenizer import train_tokenizer
 from safevlm_jax.models.lora import merge_lora
@@ -70,13 +74,15 @@ def rewrite(records: list[dict], hint_fraction: float, seed: int, hints: HintCon
 
 
 def make(out_dir: str, n: int, seed: int, vocab_size: int, hint_fraction: float = 0.5,
-         image_size: int = 64) -> str:
-    """Writes the data and tokenizer under `out_dir`; returns the path of data.json."""
+         image_size: int = 64, num_photos: int = 0) -> str:
+    """Writes `n` synthetic and `num_photos` photo records and the tokenizer under `out_dir`;
+    returns the path of data.json."""
     path = synthetic.generate(out_dir, n, seed, image_size)
     with open(path) as f:
         records = json.load(f)
     hints = HintConfig()
     records = rewrite(records, hint_fraction, seed, hints)
+    records += photos.crop_records(out_dir, num_photos, seed, size=image_size)  # the pipeline shuffles
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
     texts = [t["value"] for r in records for t in r["conversations"]]
@@ -86,12 +92,17 @@ def make(out_dir: str, n: int, seed: int, vocab_size: int, hint_fraction: float 
 
 
 EXAMPLE_NAMES = ("clean.png", "low_risk.png", "medium_risk.png", "risky.png")  # by level
+PHOTO_EXAMPLE = ("photo.png", "astronaut", 128)  # a held-out photo (public domain, NASA), side in px
 
 
 def examples(out_dir: str, seed: int, image_size: int = 64) -> list[str]:
     """The first image of each level drawn with `seed` (keep it apart from the training seed),
-    copied to `out_dir` as `EXAMPLE_NAMES[level]`; returns the paths."""
+    copied to `out_dir` as `EXAMPLE_NAMES[level]`, and a held-out photo as `PHOTO_EXAMPLE[0]`;
+    returns the paths (by level, then the photo)."""
     os.makedirs(out_dir, exist_ok=True)
+    name, photo, side = PHOTO_EXAMPLE
+    photo_path = os.path.join(out_dir, name)
+    Image.fromarray(photos.load(photo)).resize((side, side), Image.BICUBIC).save(photo_path)
     paths = {}
     with tempfile.TemporaryDirectory() as tmp:
         with open(synthetic.generate(tmp, 64, seed, image_size)) as f:
@@ -100,12 +111,13 @@ def examples(out_dir: str, seed: int, image_size: int = 64) -> list[str]:
             level = r["safe_level"]
             if level not in paths:
                 paths[level] = shutil.copy(os.path.join(tmp, r["image"]), os.path.join(out_dir, EXAMPLE_NAMES[level]))
-    return [paths[level] for level in sorted(paths)]
+    return [paths[level] for level in sorted(paths)] + [photo_path]
 
 
 def export(src: str, tokenizer_dir: str, out: str) -> str:
     """Checkpoint `src` with LoRA merged (plain weights: no adapter, no dropout at inference)
-    plus the tokenizer and image settings, written to `out` (replaced)."""
+    plus the tokenizer and image settings, written to `out` (replaced), recording the
+    conversation template `src` was trained with."""
     config, model = load_checkpoint(src)
     merge_lora(model)
     with tempfile.TemporaryDirectory() as assets:
@@ -113,7 +125,7 @@ def export(src: str, tokenizer_dir: str, out: str) -> str:
             shutil.copy(os.path.join(tokenizer_dir, name), assets)
         save_image_settings(assets, config)
         return save_checkpoint(out, model, config.replace(lora=LoRAConfig()), assets_dir=assets,
-                               overwrite=True)
+                               overwrite=True, template=load_template(src))
 
 
 def main() -> None:
@@ -121,11 +133,12 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="training records and tokenizer")
     data.add_argument("--out", required=True)
-    data.add_argument("--n", type=int, required=True)
+    data.add_argument("--n", type=int, required=True, help="synthetic records")
+    data.add_argument("--photos", type=int, default=0, help="clean photo records (needs scikit-image)")
     data.add_argument("--seed", type=int, required=True)
     data.add_argument("--vocab_size", type=int, required=True, help="the model's image_token_index")
     data.add_argument("--hint_fraction", type=float, default=0.5)
-    ex = sub.add_parser("examples", help="one example image per risk level")
+    ex = sub.add_parser("examples", help="one example image per risk level and a photo")
     ex.add_argument("--out", required=True)
     ex.add_argument("--seed", type=int, required=True)
     exp = sub.add_parser("export", help="the final checkpoint, LoRA merged, with its assets")
@@ -134,7 +147,7 @@ def main() -> None:
     exp.add_argument("--out", required=True)
     args = p.parse_args()
     if args.command == "data":
-        print(make(args.out, args.n, args.seed, args.vocab_size, args.hint_fraction))
+        print(make(args.out, args.n, args.seed, args.vocab_size, args.hint_fraction, num_photos=args.photos))
     elif args.command == "examples":
         print("\n".join(examples(args.out, args.seed)))
     else:

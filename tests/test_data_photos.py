@@ -11,15 +11,7 @@ from PIL import Image
 from safevlm_jax.data import photos
 from safevlm_jax.data.records import load_json, parse_record
 from safevlm_jax.eval.dataset import load_labelled
-
-
-def files(directory):
-    out = {}
-    for dirpath, _, names in os.walk(directory):
-        for name in names:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                out[os.path.relpath(os.path.join(dirpath, name), directory)] = f.read()
-    return out
+from tests.test_data_synthetic import files
 
 
 def test_sample_photos_are_28_bundled_files_split_into_training_and_held_out():

@@ -17,8 +17,6 @@ scikit-learn and matplotlib (both in the test extra), also never seen in trainin
 
 from __future__ import annotations
 
-import io
-import json
 import os
 
 import numpy as np
@@ -26,7 +24,7 @@ from absl import flags
 from PIL import Image
 
 from safevlm_jax import cli
-from safevlm_jax.data.synthetic import QUESTIONS
+from safevlm_jax.data.synthetic import QUESTIONS, save_png, write_data_json
 
 # name: (skimage.data loader, file it reads under skimage/data/ or None if drawn, index or None)
 SAMPLE_PHOTOS = {
@@ -138,13 +136,6 @@ def crop(image: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
     return out.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.BICUBIC)
 
 
-def _write_png(out_dir: str, rel: str, image: Image.Image) -> None:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    with open(os.path.join(out_dir, rel), "wb") as f:
-        f.write(buf.getvalue())
-
-
 def crop_records(out_dir: str, n: int, seed: int, names=TRAINING_PHOTOS, size: int = 64) -> list[dict]:
     """`n` clean training records, each a random crop of one of `names` (in turn) with a question
     of `synthetic.QUESTIONS` and `PHOTO_ANSWER`; images under `out_dir/images/`. Ids contain the
@@ -156,7 +147,7 @@ def crop_records(out_dir: str, n: int, seed: int, names=TRAINING_PHOTOS, size: i
     for i in range(n):
         rid = f"photo{seed}-{i:06d}"
         rel = f"images/{rid}.png"
-        _write_png(out_dir, rel, crop(photos[i % len(photos)], rng, size))
+        save_png(crop(photos[i % len(photos)], rng, size), os.path.join(out_dir, rel))
         question = QUESTIONS[int(rng.integers(len(QUESTIONS)))]
         records.append({"id": rid, "image": rel, "safe_level": 0, "safe_type": 6,
                         "conversations": [{"from": "human", "value": "<image>\n" + question},
@@ -176,12 +167,9 @@ def write_labelled(out_dir: str, which: str = "all") -> str:
     records = []
     for name, image in PHOTO_SETS[which]().items():
         rel = f"images/{name}.png"
-        _write_png(out_dir, rel, Image.fromarray(image, "RGB"))
+        save_png(Image.fromarray(image, "RGB"), os.path.join(out_dir, rel))
         records.append({"id": name, "image": rel, "safe_level": 0, "safe_type": 6})
-    path = os.path.join(out_dir, "data.json")
-    with open(path, "w") as f:
-        json.dump(records, f, indent=1)
-    return path
+    return write_data_json(out_dir, records)
 
 
 FLAGS = flags.FlagValues()

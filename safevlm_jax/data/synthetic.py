@@ -85,17 +85,27 @@ def generate(out_dir: str, n: int, seed: int, image_size: int = 64) -> str:
         rid = f"syn{seed}-{i:06d}"
         level, type_ = sample_labels(rng)
         shape = SHAPES[level]
-        buf = io.BytesIO()
-        draw(level, type_, image_size, rng).save(buf, format="PNG")
         rel = f"images/{rid}.png"
-        with open(os.path.join(out_dir, rel), "wb") as f:
-            f.write(buf.getvalue())
+        save_png(draw(level, type_, image_size, rng), os.path.join(out_dir, rel))
         turns = [{"from": "human", "value": "<image>\n" + QUESTIONS[rng.integers(len(QUESTIONS))]},
                  {"from": "gpt", "value": answer(level, type_, shape)}]
         if level == 0 and rng.random() < 0.5:
             question, reply = FOLLOW_UPS[int(rng.integers(len(FOLLOW_UPS)))]
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": reply}]
         records.append({"id": rid, "image": rel, "safe_level": level, "safe_type": type_, "conversations": turns})
+    return write_data_json(out_dir, records)
+
+
+def save_png(image: Image.Image, path: str) -> None:
+    """`image` as PNG at `path` (encoded in memory, then written in one call)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def write_data_json(out_dir: str, records: list[dict]) -> str:
+    """`records` as `out_dir/data.json`; returns its path."""
     path = os.path.join(out_dir, "data.json")
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
