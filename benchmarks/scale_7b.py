@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -282,6 +283,7 @@ def main() -> None:
                  f"{MIN_FREE_RAM_FULL / GIB:.0f} GiB (use --layers N for a reduced depth)")
 
     tmp = tempfile.mkdtemp(prefix="scale_7b-", dir=args.workdir)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the ~45 GB
     try:
         rows = benchmark(tmp, args.layers, parse_size(args.max_shard_size), args.seed, args.prompt)
     finally:
