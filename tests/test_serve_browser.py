@@ -58,14 +58,17 @@ def test_page_shows_the_verdict_and_streams_both_answers(server, browser, tmp_pa
     assert browser.find_element(By.ID, "col-on").get_attribute("data-state") == "done"
     assert browser.find_element(By.ID, "col-off").get_attribute("data-state") == "done"
     verdict = browser.find_element(By.CSS_SELECTOR, "#col-on .verdict-line").text
-    assert "level 3 (high)" in verdict and "fairness" in verdict and "refuse" in verdict
+    assert "level 3 (high)" in verdict and "action: refuse" in verdict
     level_bars = browser.find_elements(By.CSS_SELECTOR, '#col-on .bars[data-kind="level"] .fill')
     type_bars = browser.find_elements(By.CSS_SELECTOR, '#col-on .bars[data-kind="type"] .fill')
     assert (len(level_bars), len(type_bars)) == (4, 7)
     widths = [float(b.get_attribute("style").split("width:")[1].split("%")[0]) for b in level_bars]
     assert max(widths) == widths[3] > 50  # the "high" bar is the longest
+    risky_type = browser.find_element(By.CSS_SELECTOR, '#col-on .bars[data-kind="type"] div.top').text
+    assert f"type: {risky_type}" in verdict  # the bold bar is the type the verdict names
     assert browser.find_element(By.ID, "answer-on").text.strip().startswith("I'm sorry")
-    assert browser.find_element(By.ID, "answer-off").text.strip().startswith("The image shows")
+    plain = browser.find_element(By.ID, "answer-off").text.strip()
+    assert plain and not plain.startswith("I'm sorry")
 
     shot = tmp_path / "serve_page.png"
     browser.save_screenshot(str(shot))

@@ -3,6 +3,7 @@ requests each get one complete answer, SIGTERM drains the server and it exits 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -147,9 +148,13 @@ def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_
                              "--port", "0", "--slots", "1", "--max_queue", "4"],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
+        said = []
         for line in proc.stderr:
+            said.append(line)
             if line.startswith("serving "):
                 break
+        else:
+            pytest.fail(f"the server exited with {proc.wait()} before serving:\n{''.join(said)}")
         url = line.split()[1]
         assert url.startswith("http://127.0.0.1:")  # the default bind is loopback only
         streams = [None] * 3
@@ -182,7 +187,7 @@ def _refused(url: str) -> bool:
     try:
         httpx.get(f"{url}/health", timeout=2)
         return False
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):  # refused, or reset in the backlog
         return True
 
 
@@ -201,3 +206,33 @@ def test_bad_flags_fail_with_one_error_line_and_status_2(tmp_path):
             err = proc.communicate(timeout=120)[1]
             assert proc.returncode == 2, err
             assert err.count("\n") == 1 and err.startswith("error: ") and what in err, err
+
+
+def test_warm_up_compiles_what_the_first_requests_need(tmp_path):
+    """After `warm_up`, verdict batches of every size and a first chat (safety on and off)
+    compile nothing. The model has a shape of its own, so no earlier test compiled for it."""
+    import jax
+
+    from configs.model import model_config
+    from safevlm_jax.serve.__main__ import warm_up
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    config = model_config("tiny")
+    config = config.replace(vision=dataclasses.replace(config.vision, image_size=35))
+    inference = SafeVLMInference.from_checkpoint(random_checkpoint(str(tmp_path / "ckpt"), config=config))
+    with live_engine(inference, slots=3, max_queue=8) as engine, \
+            live_server(engine, inference, model_name="ckpt") as server:
+        warm_up(engine)
+        assert compiles  # the listener sees compilations
+        before = len(compiles)
+        image = {"type": "image_url", "image_url": {"url": example_url("clean")}}
+        for n in (1, 2, 3):
+            r = httpx.post(f"{server.url}/v1/moderations", json={"input": [image] * n}, timeout=60)
+            assert r.status_code == 200 and len(r.json()["results"][0]["safety"]) == n
+        for safety in (True, False):
+            body = chat_body(example_url("clean"), question="What is shown?", max_tokens=3, model="ckpt",
+                             safety=safety)
+            assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        assert len(compiles) == before, compiles[before:]

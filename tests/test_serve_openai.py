@@ -9,6 +9,7 @@ import numpy as np
 import openai
 import pytest
 
+from safevlm_jax.safety.taxonomy import RISK_TYPES
 from tests.serve_helpers import QUESTION, chat_body, demo_inference, example_url, live_engine, live_server
 
 
@@ -34,10 +35,12 @@ def test_openai_chat_answer_carries_the_verdict_and_follows_it(client):
     risky = ask(client, example_url("risky"))
     choice = risky.choices[0]
     safety = choice.model_extra["safety"]
-    assert (safety["risk_level"], safety["risk_type_name"], safety["action"]) == (3, "fairness", "refuse")
+    assert (safety["risk_level"], safety["risk_level_name"], safety["action"]) == (3, "high", "refuse")
     assert safety["hint_applied"] and not safety["fail_closed"]
     assert len(safety["risk_level_probs"]) == 4 and len(safety["risk_type_probs"]) == 7
-    assert np.isclose(sum(safety["risk_level_probs"]), 1) and np.argmax(safety["risk_type_probs"]) == 3
+    assert np.isclose(sum(safety["risk_level_probs"]), 1) and np.argmax(safety["risk_level_probs"]) == 3
+    assert safety["risk_type"] == np.argmax(safety["risk_type_probs"]) != 6  # a risky type, not clean
+    assert safety["risk_type_name"] == RISK_TYPES[safety["risk_type"]]
     assert choice.message.role == "assistant" and choice.message.content.strip().startswith("I'm sorry")
     assert choice.finish_reason == "stop"
     assert risky.usage.prompt_tokens > 0 and 0 < risky.usage.completion_tokens <= 48
@@ -46,7 +49,7 @@ def test_openai_chat_answer_carries_the_verdict_and_follows_it(client):
     clean = ask(client, example_url("clean")).choices[0]
     assert (clean.model_extra["safety"]["risk_level"], clean.model_extra["safety"]["action"]) == (0, "none")
     assert not clean.model_extra["safety"]["hint_applied"]
-    assert "circle" in clean.message.content
+    assert clean.message.content.strip() and not clean.message.content.strip().startswith("I'm sorry")
 
 
 def test_openai_stream_first_chunk_has_the_verdict_and_the_text_equals_the_whole_answer(client):
@@ -54,8 +57,7 @@ def test_openai_stream_first_chunk_has_the_verdict_and_the_text_equals_the_whole
     chunks = list(ask(client, example_url("medium_risk"), stream=True, stream_options={"include_usage": True}))
     first = chunks[0].choices[0]
     assert first.delta.role == "assistant"
-    assert first.model_extra["safety"]["risk_level"] == 2
-    assert first.model_extra["safety"]["risk_type_name"] == "illegal risk"
+    assert first.model_extra["safety"]["risk_level"] == 2 and first.model_extra["safety"]["hint_applied"]
     assert all("safety" not in c.choices[0].model_extra for c in chunks[1:] if c.choices)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -77,7 +79,7 @@ def test_stream_is_openai_server_sent_events_ending_with_done(server):
 def test_safety_off_is_plain_llava_without_verdict_or_hint(client):
     off = ask(client, example_url("risky"), extra_body={"safety": False}).choices[0]
     assert off.model_extra["safety"] is None
-    assert off.message.content.strip().startswith("The image shows")
+    assert off.message.content.strip() and not off.message.content.strip().startswith("I'm sorry")
 
 
 def test_openai_moderation_flags_the_risky_image_under_its_type(client):
@@ -87,11 +89,12 @@ def test_openai_moderation_flags_the_risky_image_under_its_type(client):
     assert result.flagged
     # ours are extra fields beside the client's own (None) categories
     flags, scores = result.categories.model_extra, result.category_scores.model_extra
-    assert {c for c, hit in flags.items() if hit} == {"fairness"}
     [verdict] = result.model_extra["safety"]
+    category = verdict["risk_type_name"].replace(" ", "_")
+    assert {c for c, hit in flags.items() if hit} == {category}
     assert (result.model_extra["risk_level"], result.model_extra["risk_level_name"]) == (3, "high")
-    expected = verdict["risk_type_probs"][3] * (1 - verdict["risk_level_probs"][0])
-    assert scores["fairness"] == pytest.approx(expected) and scores["fairness"] > 0.5
+    expected = verdict["risk_type_probs"][verdict["risk_type"]] * (1 - verdict["risk_level_probs"][0])
+    assert scores[category] == pytest.approx(expected) == max(scores.values())
     assert set(flags) == {"politics", "illegal_risk", "insults_and_bullying", "fairness", "privacy", "misleading"}
 
     chat = ask(client, example_url("risky")).choices[0].model_extra["safety"]
@@ -105,12 +108,12 @@ def test_openai_moderation_flags_the_risky_image_under_its_type(client):
 
 def test_models_health_and_metrics_report_what_was_served(client, server):
     assert [m.id for m in client.models.list().data] == ["demo"]
-    ask(client, example_url("risky"))
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "ok" and {"queue_depth", "active_slots"} <= set(health)
     metrics = httpx.get(f"{server.url}/metrics").text
+    risky = ask(client, example_url("risky")).choices[0].model_extra["safety"]["risk_type_name"]
     for line in ('safevlm_requests_total{endpoint="chat",status="200"}',
-                 'safevlm_verdicts_total{level="high",type="fairness"}',
+                 f'safevlm_verdicts_total{{level="high",type="{risky}"}}',
                  'safevlm_finish_reasons_total{reason="stop"}',
                  "safevlm_time_to_first_token_seconds_count", "safevlm_queue_depth",
                  "safevlm_active_slots", "safevlm_tokens_per_second", "safevlm_generated_tokens_total"):

@@ -4,7 +4,8 @@
                                 [--slots 8] [--policy FILE] [--api_key KEY]
 
 Without --checkpoint it serves the shipped demo model (as `safevlm_jax.sample`). `--port 0`
-takes a free port. Once ready it prints `serving http://HOST:PORT` on stderr. SIGTERM or
+takes a free port. Once warmed up (the first requests' programs compiled; --nowarmup skips
+it) it prints `serving http://HOST:PORT` on stderr. SIGTERM or
 Ctrl-C: stop accepting, finish every request in flight, exit 0.
 """
 
@@ -37,6 +38,7 @@ flags.DEFINE_string("model_name", None, "the model id of /v1/models (default: th
 flags.DEFINE_integer("max_tokens", 256, "max_tokens of requests that give none", lower_bound=1, **F)
 flags.DEFINE_integer("max_body_mb", 20, "larger request bodies get 413", lower_bound=1, **F)
 flags.DEFINE_integer("max_image_pixels", 25_000_000, "larger images are refused undecoded", lower_bound=1, **F)
+flags.DEFINE_bool("warmup", True, "compile the first requests' programs before serving", **F)
 flags.DEFINE_bool("allow_safety_off", True, "let requests send safety: false (the page's comparison)", **F)
 
 
@@ -64,8 +66,29 @@ def build():
     engine = Engine(inference, slots=FLAGS.slots, max_queue=FLAGS.max_queue,
                     max_length=FLAGS.max_length or None)
     engine.start()
+    if FLAGS.warmup:
+        warm_up(engine)
     return engine, create_app(engine, inference, settings), settings
 
+
+def warm_up(engine) -> None:
+    """Compiles what the first requests would need, through the engine's public calls: the
+    verdict program at every batch bucket (`moderate` runs the same one) and a prefill and
+    decode steps with an image, safety on and off."""
+    import numpy as np
+
+    from safevlm_jax.inference.buckets import bucket
+    from safevlm_jax.inference.engine import EngineRequest
+
+    size = engine.config.vision.image_size
+    blank = np.zeros((size, size, 3), np.float32)
+    safety = [True, False] if engine.inference.model.has_safety else [False]
+    if True in safety:
+        # a verdict batch holds 1..slots images, padded to the decoder's batch buckets
+        for n in sorted({bucket(n, engine.decoder.batch_buckets) for n in range(1, engine.slots + 1)}):
+            engine.moderate(np.stack([blank] * n))
+    for s in safety:
+        engine.submit(EngineRequest(blank, "What is shown?", max_tokens=2, safety=s)).wait()
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening-ready socket (bound here so that --port 0 can report its port)."""
