@@ -91,3 +91,11 @@ def live_server(engine, inference, **settings):
         yield server
     finally:
         server.close()
+
+
+@contextlib.contextmanager
+def demo_server(**engine_kw):
+    """A LiveServer (model id "demo") over a new Engine of the demo model."""
+    inference = demo_inference()
+    with live_engine(inference, **engine_kw) as engine, live_server(engine, inference) as server:
+        yield server

@@ -13,7 +13,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.serve_helpers import EXAMPLES, demo_inference, live_engine, live_server
+from tests.serve_helpers import EXAMPLES, demo_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -24,8 +24,7 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def server():
-    inference = demo_inference()
-    with live_engine(inference, slots=2, max_queue=8) as engine, live_server(engine, inference) as s:
+    with demo_server(slots=2, max_queue=8) as s:
         yield s
 
 

@@ -10,13 +10,12 @@ import openai
 import pytest
 
 from safevlm_jax.safety.taxonomy import RISK_TYPES
-from tests.serve_helpers import QUESTION, chat_body, demo_inference, example_url, live_engine, live_server
+from tests.serve_helpers import QUESTION, chat_body, demo_server, example_url
 
 
 @pytest.fixture(scope="module")
 def server():
-    inference = demo_inference()
-    with live_engine(inference, slots=4, max_queue=16) as engine, live_server(engine, inference) as s:
+    with demo_server(slots=4, max_queue=16) as s:
         yield s
 
 
