@@ -32,7 +32,8 @@ flags.DEFINE_integer("max_length", 0, "KV cache positions per slot, the context 
 flags.DEFINE_integer("max_queue", 64, "requests that may wait for a slot (then 503)", lower_bound=1, **F)
 flags.DEFINE_string("policy", None, "risk policy JSON/YAML file (safevlm_jax.safety.policy)", **F)
 flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (safevlm_jax.safety.hints)", **F)
-flags.DEFINE_enum("template", "llava_v1", sorted(TEMPLATES), "prompt template", **F)
+flags.DEFINE_enum("template", None, sorted(TEMPLATES),
+                  "conversation template (default: the one the checkpoint records)", **F)
 flags.DEFINE_string("api_key", None, "require 'Authorization: Bearer KEY' on /v1/* (default: open)", **F)
 flags.DEFINE_string("model_name", None, "the model id of /v1/models (default: the checkpoint's folder)", **F)
 flags.DEFINE_integer("max_tokens", 256, "max_tokens of requests that give none", lower_bound=1, **F)
