@@ -42,7 +42,8 @@ from configs.model import model_config  # noqa: E402
 from safevlm_jax.checkpoint.format import abstract_model  # noqa: E402
 from safevlm_jax.checkpoint.io import path_str  # noqa: E402
 from safevlm_jax.config import ModelConfig, SafetyConfig, TextConfig, VisionConfig  # noqa: E402
-from safevlm_jax.inference.decode import NEW_TOKEN_BUCKETS, Decoder  # noqa: E402
+from safevlm_jax.inference.buckets import NEW_TOKEN_BUCKETS  # noqa: E402
+from safevlm_jax.inference.decode import Decoder  # noqa: E402
 from safevlm_jax.models.safevlm import SafeVLM  # noqa: E402
 
 flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
