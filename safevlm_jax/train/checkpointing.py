@@ -77,9 +77,10 @@ _ORBAX_READ_NOISE = ("Encountered error while reading array", "Event loop is clo
 
 
 def _quiet_failed_reads() -> None:
-    """After a failed read orbax leaves coroutines and threads that fail later, each printing
-    a traceback of the error already reported (through `sys.unraisablehook` and
-    `threading.excepthook`); route just those to the debug log, once per process."""
+    """A failed read leaves orbax coroutines and threads that fail during and after it, each
+    printing a traceback of the error already reported (through `sys.unraisablehook` and
+    `threading.excepthook`); route just those messages to the debug log (installed once per
+    process, before the first restore; any other error still reaches the original hooks)."""
     if getattr(sys.unraisablehook, "safevlm_quiet", False):
         return
 
@@ -195,10 +196,10 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        _quiet_failed_reads()  # before the read: its threads may fail while it is still running
         try:
             saved = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
         except Exception as e:  # orbax reports a truncated or missing array file as a bare Exception
-            _quiet_failed_reads()
             raise DamagedStep(" ".join(str(e).split())[:300] or type(e).__name__) from e
         want, got = np.asarray(saved["frozen_fingerprint"]), np.asarray(got)
         if not np.array_equal(want, got):
