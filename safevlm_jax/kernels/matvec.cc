@@ -5,8 +5,8 @@
 // although they are half the bytes, and its f32 product streams below what prefetching
 // reaches (measurements: docs/performance.md). This kernel reads each weight row once, widens bf16
 // to f32 (a 16-bit shift) and accumulates in f32; the rows are split in contiguous slabs
-// (sequential reads) over XLA's intra-op thread pool, each worker summing into its own [M, N] f32
-// buffer, reduced at the end. x and y are f32 or bf16 (the same dtype); bf16 outputs round to
+// (sequential reads) over XLA's intra-op thread pool, each slab summed into its own [M, N] f32
+// buffer, the buffers added in slab order at the end (so every call gives the same bits). x and y are f32 or bf16 (the same dtype); bf16 outputs round to
 // nearest even.
 
 #include <algorithm>
@@ -263,19 +263,18 @@ struct Work {
   const float* x;
   const W* w;
   int64_t M, K, N, rows_per_chunk, num_chunks;
-  std::vector<std::vector<float>> partial;  // one [M, N] accumulator per worker slot
+  std::vector<std::vector<float>> partial;  // one [M, N] accumulator per chunk
   std::atomic<int64_t> next_chunk{0};
   std::atomic<int64_t> completed{0};
-  std::atomic<int> slots{0};
 
-  // Takes chunks until none are left. A worker claims an accumulator only once it holds a
-  // chunk, so every claimed accumulator is complete when `completed == num_chunks`.
+  // Takes chunks until none are left, each summed into its own accumulator: which worker
+  // runs a chunk varies from call to call (a helper the OS has descheduled takes fewer), so
+  // summing chunks per worker made the rounding, and greedy tokens, vary between identical
+  // calls; the chunks are added in chunk order at the end.
   void Run() {
-    int64_t chunk = next_chunk.fetch_add(1);
-    if (chunk >= num_chunks) return;
-    std::vector<float>& acc = partial[slots.fetch_add(1)];
-    acc.assign(M * N, 0.0f);
-    for (; chunk < num_chunks; chunk = next_chunk.fetch_add(1)) {
+    for (int64_t chunk = next_chunk.fetch_add(1); chunk < num_chunks; chunk = next_chunk.fetch_add(1)) {
+      std::vector<float>& acc = partial[chunk];
+      acc.assign(M * N, 0.0f);
       const int64_t k0 = chunk * rows_per_chunk;
       AccumulateRows(x, w, acc.data(), M, K, N, k0, std::min(K, k0 + rows_per_chunk));
       completed.fetch_add(1, std::memory_order_release);
@@ -302,11 +301,12 @@ std::vector<float> Product(Helpers& helpers, const std::vector<float>& x32, cons
   work->x = x32.data();
   work->w = w;
   work->M = M, work->K = K, work->N = N;
-  // About four chunks per worker, whole row blocks each.
-  const int64_t target = (K + 4 * threads - 1) / (4 * threads);
+  // About four chunks per worker (one on one thread), whole row blocks each.
+  const int64_t chunks = threads == 1 ? 1 : 4 * threads;
+  const int64_t target = (K + chunks - 1) / chunks;
   work->rows_per_chunk = std::max<int64_t>(kRowBlock, (target + kRowBlock - 1) / kRowBlock * kRowBlock);
   work->num_chunks = (K + work->rows_per_chunk - 1) / work->rows_per_chunk;
-  work->partial.resize(threads);
+  work->partial.resize(work->num_chunks);
   if (threads > 1) helpers.Post([work] { work->Run(); });
   work->Run();
   while (work->completed.load(std::memory_order_acquire) < work->num_chunks) {
@@ -314,8 +314,8 @@ std::vector<float> Product(Helpers& helpers, const std::vector<float>& x32, cons
   }
   if (K == 0) return std::vector<float>(M * N, 0.0f);
   std::vector<float>& sum = work->partial[0];
-  for (int s = 1; s < work->slots.load(); ++s) {
-    const float* p = work->partial[s].data();
+  for (int64_t c = 1; c < work->num_chunks; ++c) {  // in chunk order: the same sum every call
+    const float* p = work->partial[c].data();
     for (int64_t i = 0; i < M * N; ++i) sum[i] += p[i];
   }
   return std::move(sum);
