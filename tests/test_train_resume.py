@@ -215,3 +215,34 @@ def test_resume_with_every_step_damaged_is_one_error_line(tmp_path, dataset, uni
     last = [line for line in run.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: every checkpoint step in") and "damaged" in last, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
+
+
+def test_unretrieved_read_errors_of_a_damaged_step_go_to_the_debug_log(caplog):
+    """asyncio logs a failed orbax task when it is garbage collected, at a moment no test can
+    choose; this makes that moment happen here, for a tensorstore read error and another one."""
+    import asyncio
+    import gc
+    import logging
+
+    from safevlm_jax.train.checkpointing import _UnretrievedReadErrors
+
+    def unretrieved(message):
+        loop = asyncio.new_event_loop()
+        future = loop.create_future()
+        future.set_exception(ValueError(message))
+        loop.close()
+        del future
+        gc.collect()
+
+    quiet = _UnretrievedReadErrors()
+    logging.getLogger("asyncio").addFilter(quiet)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            unretrieved('OUT_OF_RANGE: Error opening "zarr" driver [tensorstore_spec=\'{}\']')
+            unretrieved("an unrelated failure")
+    finally:
+        logging.getLogger("asyncio").removeFilter(quiet)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.exc_info[1].args[0] for r in errors] == ["an unrelated failure"]
+    assert any("after a damaged checkpoint read" in r.getMessage() and "zarr" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.DEBUG)

@@ -73,30 +73,47 @@ class DamagedStep(Exception):
     """A saved step whose files cannot be read back (truncated, missing or corrupt)."""
 
 
-_ORBAX_READ_NOISE = ("Encountered error while reading array", "Event loop is closed")
+# What orbax's leftovers of a failed read say: its own wrapper, a closed loop, and the
+# tensorstore error itself (every tensorstore error carries its spec).
+_ORBAX_READ_NOISE = ("Encountered error while reading array", "Event loop is closed",
+                     "tensorstore_spec=")
+
+
+def _is_read_noise(exc) -> bool:
+    return exc is not None and any(m in str(exc) for m in _ORBAX_READ_NOISE)
+
+
+class _UnretrievedReadErrors(logging.Filter):
+    """Demotes asyncio's "Task/Future exception was never retrieved" records (logged when an
+    orbax task that failed reading a damaged step is garbage collected) to the debug log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno >= logging.ERROR and _is_read_noise(exc):
+            _log.debug("after a damaged checkpoint read: %s", exc)
+            return False
+        return True
 
 
 def _quiet_failed_reads() -> None:
-    """A failed read leaves orbax coroutines and threads that fail during and after it, each
-    printing a traceback of the error already reported (through `sys.unraisablehook` and
-    `threading.excepthook`); route just those messages to the debug log (installed once per
-    process, before the first restore; any other error still reaches the original hooks)."""
+    """A failed read leaves orbax coroutines, futures and threads that fail during and after
+    it, each printing a traceback of the error already reported (through `sys.unraisablehook`,
+    `threading.excepthook` and asyncio's logger); route just those messages to the debug log
+    (installed once per process, before the first restore; any other error still reaches the
+    original hooks)."""
     if getattr(sys.unraisablehook, "safevlm_quiet", False):
         return
-
-    def noise(exc) -> bool:
-        return exc is not None and any(m in str(exc) for m in _ORBAX_READ_NOISE)
-
+    logging.getLogger("asyncio").addFilter(_UnretrievedReadErrors())
     unraisable, thread_hook = sys.unraisablehook, threading.excepthook
 
     def on_unraisable(args):
-        if noise(args.exc_value):
+        if _is_read_noise(args.exc_value):
             _log.debug("after a damaged checkpoint read: %s", args.exc_value)
         else:
             unraisable(args)
 
     def on_thread(args):
-        if noise(args.exc_value):
+        if _is_read_noise(args.exc_value):
             _log.debug("after a damaged checkpoint read: %s", args.exc_value)
         else:
             thread_hook(args)
