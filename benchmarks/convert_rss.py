@@ -11,11 +11,21 @@ one line of key=value.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
+
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from safevlm_jax import cli  # noqa: E402
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("hidden", 1024, "the LLaMA's hidden size (its MLP: 2.6875x that)", flag_values=FLAGS)
+flags.DEFINE_integer("layers", 8, "the LLaMA's layers", flag_values=FLAGS)
+flags.DEFINE_integer("shard_mb", 64, "max_shard_size of the saved model, in MB", flag_values=FLAGS)
 
 CHILD = """
 import resource, sys
@@ -38,25 +48,21 @@ def _peak(hf_dir: str, out: str, mode: str) -> int:
     return int(run.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--shard_mb", type=int, default=64)
-    args = parser.parse_args()
+def main(argv) -> None:
+    del argv
     import transformers
 
     vision = transformers.CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                            num_attention_heads=4, image_size=56, patch_size=14)
-    text = transformers.LlamaConfig(vocab_size=32064, hidden_size=args.hidden,
-                                    intermediate_size=int(args.hidden * 2.6875),
-                                    num_hidden_layers=args.layers, num_attention_heads=8,
+    text = transformers.LlamaConfig(vocab_size=32064, hidden_size=FLAGS.hidden,
+                                    intermediate_size=int(FLAGS.hidden * 2.6875),
+                                    num_hidden_layers=FLAGS.layers, num_attention_heads=8,
                                     max_position_embeddings=512)
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = os.path.join(tmp, "hf")
         model = transformers.LlavaForConditionalGeneration(config)
-        model.save_pretrained(hf_dir, max_shard_size=f"{args.shard_mb}MB")
+        model.save_pretrained(hf_dir, max_shard_size=f"{FLAGS.shard_mb}MB")
         del model
         files = [f for f in os.listdir(hf_dir) if f.endswith(".safetensors")]
         sizes = [os.path.getsize(os.path.join(hf_dir, f)) for f in files]
@@ -75,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

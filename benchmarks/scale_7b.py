@@ -28,7 +28,6 @@ failure. Prints a table, then one `key=value` line.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -45,6 +44,17 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from safevlm_jax import cli  # noqa: E402
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("layers", None, "LLM layers (default: the published 32)", flag_values=FLAGS)
+flags.DEFINE_string("max_shard_size", "5GB", "source shard limit (HF units)", flag_values=FLAGS)
+flags.DEFINE_string("workdir", "/tmp", "where the temporary files go", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the random weights", flag_values=FLAGS)
+flags.DEFINE_string("prompt", "Describe this image in detail.", "the question sampled about the image",
+                    flag_values=FLAGS)
 
 PUBLISHED = os.path.join(HERE, "llava-1.5-7b-hf")  # config.json, preprocessor_config.json
 TOKENIZER = os.path.join(ROOT, "..", "shared", "llama_tokenizer")
@@ -259,20 +269,14 @@ def floors(checkpoint: str, prompt_len: int, bandwidth_gib: float = 1.0) -> dict
 
 
 # The benchmark --------------------------------------------------------------------------------
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=None, help="LLM layers (default: the published 32)")
-    parser.add_argument("--max_shard_size", default="5GB", help="source shard limit (HF units)")
-    parser.add_argument("--workdir", default="/tmp", help="where the temporary files go")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompt", default="Describe this image in detail.")
-    args = parser.parse_args()
+def main(argv) -> None:
+    del argv
     from checkpoints_tools.safetensors_io import parse_size
 
-    full = args.layers is None or args.layers == 32
-    need_disk = 3.3 * 14.2 * GB * ((args.layers or 32) + 2) / 34  # source + checkpoint + export
-    if shutil.disk_usage(args.workdir).free < need_disk:
-        sys.exit(f"error: {args.workdir} has {shutil.disk_usage(args.workdir).free / GB:.0f} GB "
+    full = FLAGS.layers is None or FLAGS.layers == 32
+    need_disk = 3.3 * 14.2 * GB * ((FLAGS.layers or 32) + 2) / 34  # source + checkpoint + export
+    if shutil.disk_usage(FLAGS.workdir).free < need_disk:
+        sys.exit(f"error: {FLAGS.workdir} has {shutil.disk_usage(FLAGS.workdir).free / GB:.0f} GB "
                  f"free; this run needs ~{need_disk / GB:.0f} GB")
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     with open("/proc/meminfo") as f:
@@ -282,10 +286,10 @@ def main() -> None:
         sys.exit(f"error: {available / GIB:.1f} GiB of RAM available; the full 7B run needs "
                  f"{MIN_FREE_RAM_FULL / GIB:.0f} GiB (use --layers N for a reduced depth)")
 
-    tmp = tempfile.mkdtemp(prefix="scale_7b-", dir=args.workdir)
+    tmp = tempfile.mkdtemp(prefix="scale_7b-", dir=FLAGS.workdir)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the ~45 GB
     try:
-        rows = benchmark(tmp, args.layers, parse_size(args.max_shard_size), args.seed, args.prompt)
+        rows = benchmark(tmp, FLAGS.layers, parse_size(FLAGS.max_shard_size), FLAGS.seed, FLAGS.prompt)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report(rows)
@@ -380,4 +384,4 @@ def report(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

@@ -14,7 +14,6 @@ last config: `speedup_vs_prefill=... speedup_vs_generate32=...`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -23,9 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs.model import model_config  # noqa: E402
+from safevlm_jax import cli  # noqa: E402
 from safevlm_jax.config import ModelConfig, SafetyConfig, TextConfig, VisionConfig  # noqa: E402
 from safevlm_jax.guard.model import Guard  # noqa: E402
 from safevlm_jax.inference.decode import Decoder  # noqa: E402
@@ -48,6 +49,10 @@ def config_350m() -> ModelConfig:
 
 
 CONFIGS = {"tiny": lambda: model_config("tiny"), "350m": config_350m}
+FLAGS = flags.FlagValues()
+flags.DEFINE_list("configs", ["tiny", "350m"], f"comma-separated, from {sorted(CONFIGS)}", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 4, "images per call", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 1, "timed calls per path, after one warm-up", flag_values=FLAGS)
 
 
 def param_counts(model: SafeVLM) -> dict[str, int]:
@@ -97,17 +102,13 @@ def bench(name: str, batch: int, reps: int) -> dict[str, float]:
     return rates
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", default="tiny,350m", help=f"comma-separated, from {sorted(CONFIGS)}")
-    p.add_argument("--batch", type=int, default=4, help="images per call")
-    p.add_argument("--reps", type=int, default=1, help="timed calls per path, after one warm-up")
-    args = p.parse_args()
-    names = args.configs.split(",")
+def main(argv) -> None:
+    del argv
+    names = FLAGS.configs
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:
-        p.error(f"unknown config(s) {unknown}; known: {sorted(CONFIGS)}")
-    results = {n: bench(n, args.batch, args.reps) for n in names}
+        raise cli.UsageError(f"unknown config(s) {unknown}; known: {sorted(CONFIGS)}")
+    results = {n: bench(n, FLAGS.batch, FLAGS.reps) for n in names}
     print("\n| config | scan img/s | generate@1 img/s | generate@32 img/s | scan / gen@1 | scan / gen@32 |")
     print("|---|---:|---:|---:|---:|---:|")
     for n, r in results.items():
@@ -119,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

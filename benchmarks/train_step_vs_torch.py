@@ -20,7 +20,6 @@ each with `_bf16` for the bf16 run.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 
@@ -30,8 +29,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from safevlm_jax import cli  # noqa: E402
 from safevlm_jax.config import LoRAConfig, TextConfig  # noqa: E402
 from safevlm_jax.models.dot import xla_dot  # noqa: E402
 from safevlm_jax.models.llama import LlamaForCausalLM  # noqa: E402
@@ -40,6 +41,22 @@ from safevlm_jax.train.optimizer import split_trainable  # noqa: E402
 
 LORA = r"/lora/lora_[ab]$"  # the adapters' paths inside the LLM
 DTYPES = {"f32": (jnp.float32, torch.float32), "bf16": (jnp.bfloat16, torch.bfloat16)}
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("layers", 24, "LLM layers", flag_values=FLAGS)
+flags.DEFINE_integer("d", 1024, "hidden size", flag_values=FLAGS)
+flags.DEFINE_integer("mlp", 2816, "MLP intermediate size", flag_values=FLAGS)
+flags.DEFINE_integer("heads", 16, "attention heads (as many KV heads)", flag_values=FLAGS)
+flags.DEFINE_integer("vocab", 32064, "vocabulary size", flag_values=FLAGS)
+flags.DEFINE_integer("rank", 64, "LoRA rank", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 2, "sequences per step", flag_values=FLAGS)
+flags.DEFINE_integer("length", 256, "tokens per sequence", flag_values=FLAGS)
+flags.DEFINE_list("dtypes", ["f32", "bf16"], "compute dtypes to run, of f32,bf16", flag_values=FLAGS)
+flags.DEFINE_enum("frozen_dtype", "float32", ["float32", "bfloat16"], "dtype of the frozen weights",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("scan_layers", False, "ours: one scanned layer (compiles once)", flag_values=FLAGS)
+flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "torch device (auto: JAX's GPU if any)",
+                  flag_values=FLAGS)
 
 
 def timed(fn, warmup: int = 2, iters: int = 5) -> float:
@@ -134,43 +151,31 @@ def theirs(tc: TextConfig, lora: LoRAConfig, ids: np.ndarray, compute, frozen_dt
         devices.release(device)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--d", type=int, default=1024)
-    p.add_argument("--mlp", type=int, default=2816)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32064)
-    p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--length", type=int, default=256)
-    p.add_argument("--dtypes", default="f32,bf16", help="compute dtypes to run, of f32,bf16")
-    p.add_argument("--frozen_dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--scan_layers", action="store_true", help="ours: one scanned layer (compiles once)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="torch device (auto: JAX's GPU if any)")
-    a = p.parse_args()
-    names = a.dtypes.split(",")
+def main(argv) -> None:
+    del argv
+    names = FLAGS.dtypes
     if not set(names) <= set(DTYPES):
-        p.error(f"--dtypes takes f32 and/or bf16, got {a.dtypes!r}")
-    device = devices.torch_device(a.device)
-    tc = TextConfig(vocab_size=a.vocab, hidden_size=a.d, intermediate_size=a.mlp, num_hidden_layers=a.layers,
-                    num_attention_heads=a.heads, num_key_value_heads=a.heads)
-    lora = LoRAConfig(rank=a.rank, alpha=16.0, dropout=0.0)
-    ids = np.random.default_rng(0).integers(0, a.vocab, size=(a.batch, a.length)).astype(np.int32)
+        raise cli.UsageError(f"--dtypes takes f32 and/or bf16, got {','.join(names)!r}")
+    device = devices.torch_device(FLAGS.device)
+    tc = TextConfig(vocab_size=FLAGS.vocab, hidden_size=FLAGS.d, intermediate_size=FLAGS.mlp,
+                    num_hidden_layers=FLAGS.layers, num_attention_heads=FLAGS.heads,
+                    num_key_value_heads=FLAGS.heads)
+    lora = LoRAConfig(rank=FLAGS.rank, alpha=16.0, dropout=0.0)
+    ids = np.random.default_rng(0).integers(0, FLAGS.vocab, size=(FLAGS.batch, FLAGS.length)).astype(np.int32)
     tokens = ids.size
     out = {}
     for name in names:
         dtype, compute = DTYPES[name]
-        t_torch = theirs(tc, lora, ids, compute, a.frozen_dtype, device)
-        t_ours, n, n_lora = ours(tc, lora, ids, dtype, a.frozen_dtype, a.scan_layers)
+        t_torch = theirs(tc, lora, ids, compute, FLAGS.frozen_dtype, device)
+        t_ours, n, n_lora = ours(tc, lora, ids, dtype, FLAGS.frozen_dtype, FLAGS.scan_layers)
         peak = matmul_peak(dtype)
-        flops = tokens * (4 * n + 6 * n_lora) + 6 * a.batch * a.length**2 * a.d * a.layers
+        flops = tokens * (4 * n + 6 * n_lora) + 6 * FLAGS.batch * FLAGS.length**2 * FLAGS.d * FLAGS.layers
         key = "" if name == "f32" else "_bf16"
         print(f"{name}: ours {t_ours * 1e3:.1f} ms, torch+peft {t_torch * 1e3:.1f} ms on {device}, "
-              f"N={n / 1e6:.1f}M + LoRA {n_lora / 1e6:.1f}M (frozen {a.frozen_dtype}), batch {a.batch} x "
-              f"{a.length}, {flops / 1e12:.2f} TFLOP/step, peak {peak / 1e12:.2f} TFLOP/s, "
-              f"mfu ours {flops / t_ours / peak:.2f}, torch {flops / t_torch / peak:.2f}")
+              f"N={n / 1e6:.1f}M + LoRA {n_lora / 1e6:.1f}M (frozen {FLAGS.frozen_dtype}), "
+              f"batch {FLAGS.batch} x {FLAGS.length}, {flops / 1e12:.2f} TFLOP/step, "
+              f"peak {peak / 1e12:.2f} TFLOP/s, mfu ours {flops / t_ours / peak:.2f}, "
+              f"torch {flops / t_torch / peak:.2f}")
         out.update({f"ratio{key}": t_torch / t_ours, f"mfu{key}": flops / t_ours / peak, f"ms{key}": t_ours * 1e3,
                     f"torch_ms{key}": t_torch * 1e3, f"torch_mfu{key}": flops / t_torch / peak,
                     f"peak_tflops{key}": peak / 1e12})
@@ -179,4 +184,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

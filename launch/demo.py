@@ -24,15 +24,16 @@ config, tokenizer, `preprocessor_config.json`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import tempfile
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
+from safevlm_jax import cli
 from safevlm_jax.checkpoint.assets import save_image_settings
 from safevlm_jax.checkpoint.format import load_checkpoint, load_template, save_checkpoint
 from safevlm_jax.config import LoRAConfig
@@ -128,31 +129,43 @@ def export(src: str, tokenizer_dir: str, out: str) -> str:
                                overwrite=True, template=load_template(src))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    data = sub.add_parser("data", help="training records and tokenizer")
-    data.add_argument("--out", required=True)
-    data.add_argument("--n", type=int, required=True, help="synthetic records")
-    data.add_argument("--photos", type=int, default=0, help="clean photo records (needs scikit-image)")
-    data.add_argument("--seed", type=int, required=True)
-    data.add_argument("--vocab_size", type=int, required=True, help="the model's image_token_index")
-    data.add_argument("--hint_fraction", type=float, default=0.5)
-    ex = sub.add_parser("examples", help="one example image per risk level and a photo")
-    ex.add_argument("--out", required=True)
-    ex.add_argument("--seed", type=int, required=True)
-    exp = sub.add_parser("export", help="the final checkpoint, LoRA merged, with its assets")
-    exp.add_argument("--src", required=True)
-    exp.add_argument("--tokenizer", required=True)
-    exp.add_argument("--out", required=True)
-    args = p.parse_args()
-    if args.command == "data":
-        print(make(args.out, args.n, args.seed, args.vocab_size, args.hint_fraction, num_photos=args.photos))
-    elif args.command == "examples":
-        print("\n".join(examples(args.out, args.seed)))
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "data, examples: output directory; export: the checkpoint's directory",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("n", None, "data: synthetic records", flag_values=FLAGS)
+flags.DEFINE_integer("photos", 0, "data: clean photo records (needs scikit-image)", flag_values=FLAGS)
+flags.DEFINE_integer("seed", None, "data, examples: random seed", flag_values=FLAGS)
+flags.DEFINE_integer("vocab_size", None, "data: the model's image_token_index", flag_values=FLAGS)
+flags.DEFINE_float("hint_fraction", 0.5, "data: the share of risky records whose question carries a hint",
+                   flag_values=FLAGS)
+flags.DEFINE_string("src", None, "export: the trained checkpoint (stage 2's export)", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", None, "export: the tokenizer directory `data` wrote", flag_values=FLAGS)
+# command: (the flags it requires, the ones it also takes); absl's flags are the whole program's,
+# so each command checks its own
+COMMANDS = {"data": (("out", "n", "seed", "vocab_size"), ("photos", "hint_fraction")),
+            "examples": (("out", "seed"), ()),
+            "export": (("src", "tokenizer", "out"), ())}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise cli.UsageError(f"expected one command of {', '.join(COMMANDS)}, got {argv[1:]}")
+    command = argv[1]
+    required, optional = COMMANDS[command]
+    missing = [f"--{name}" for name in required if FLAGS[name].value is None]
+    if missing:
+        raise cli.UsageError(f"{command} needs {', '.join(missing)}")
+    stray = sorted({f"--{name}" for names in COMMANDS.values() for name in sum(names, ())
+                    if FLAGS[name].present and name not in required + optional})
+    if stray:
+        raise cli.UsageError(f"{command} takes no {', '.join(stray)}")
+    if command == "data":
+        print(make(FLAGS.out, FLAGS.n, FLAGS.seed, FLAGS.vocab_size, FLAGS.hint_fraction, num_photos=FLAGS.photos))
+    elif command == "examples":
+        print("\n".join(examples(FLAGS.out, FLAGS.seed)))
     else:
-        print(export(args.src, args.tokenizer, args.out))
+        print(export(FLAGS.src, FLAGS.tokenizer, FLAGS.out))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS, positional=True)
