@@ -131,6 +131,7 @@ def test_a_freed_slot_is_refilled_while_the_others_keep_decoding(engine, pixels,
 
 
 def test_nothing_recompiles_after_warm_up(engine, pixels, together):
+    engine.compile_decode_steps(timeout=300)  # every (rows, length) bucket of the decode step
     for n in (1, 2, 4, 8):  # verdict batch buckets (the engine's verdicts run this program)
         engine.moderate(np.stack([pixels["clean"]] * n))
     run(engine, [request(pixels, "clean", temperature=0.7, top_p=0.9)])
@@ -241,13 +242,13 @@ def test_an_exception_in_the_loop_fails_only_its_requests(engine, pixels, togeth
     real = engine_module.programs.decode_step
     calls = {"n": 0}
 
-    def failing_once(graphdef, state, cache, *args):
+    def failing_once(graphdef, state, cache, *args, **shape):
         calls["n"] += 1
         if calls["n"] == 2:
             for buf in cache.k:  # as if the donated cache had been consumed
                 buf.delete()
             raise RuntimeError("device lost")
-        return real(graphdef, state, cache, *args)
+        return real(graphdef, state, cache, *args, **shape)
 
     monkeypatch.setattr(engine_module.programs, "decode_step", failing_once)
     failed = run(engine, [request(pixels, "clean", max_tokens=24)])[0]

@@ -1,6 +1,8 @@
 """LLaMA decoder vs `transformers.LlamaForCausalLM` (f32, tiny random configs), KV cache,
 scan-over-layers and remat."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,6 +127,43 @@ def test_per_row_cache_decodes_inserted_rows_at_their_own_positions_as_each_alon
         for r, (seq, n, slot) in enumerate(zip(seqs, prompt_len, slot_of)):
             if n + t < len(seq):
                 np.testing.assert_allclose(logits[slot, 0], full[r][n + t], atol=1e-5, rtol=0)
+
+
+def test_a_decode_step_on_a_cache_view_equals_one_on_the_whole_cache():
+    """`KVCache.view(rows, length)` + `merge_view`: busy rows 0 and 1, an idle (free) row 2
+    whose index lies past `length`, row 3 outside the view; the busy rows' logits, and their
+    cache afterwards, are those of the same step over every row and slot; idle rows keep
+    their index (a free row's entries are garbage until its next `insert`); row 3 is untouched."""
+    _, ours = make_pair()
+    rng = np.random.RandomState(1)
+    whole = KVCache.init(2, 4, 2, 16, 8, per_row=True)
+    prefill = nnx.jit(lambda m, i, p, a, c: m(m.embed(i), p, a, c)[1])
+    for slot, n in ((0, 4), (1, 6), (2, 12), (3, 5)):
+        ids, mask = rng.randint(0, SIZES["vocab_size"], (1, n)), np.ones((1, n), np.int32)
+        small = prefill(ours, ids, positions_of(mask), mask, ours.init_cache(1, n))
+        whole = whole.insert(small, jnp.int32(0), jnp.int32(slot), jnp.int32(n))
+
+    def decode(m, i, a, c):  # idle rows keep their index, as `slots.decode_step` has it
+        logits, new = m(m.embed(i), c.index[:, None], a, c)
+        return logits, dataclasses.replace(new, index=jnp.where(a[:, 0] > 0, new.index, c.index))
+
+    step = nnx.jit(decode)
+    ids = rng.randint(0, SIZES["vocab_size"], (4, 1)).astype(np.int32)
+    active = np.array([[1], [1], [0], [0]], np.int32)  # rows 2, 3: their requests ended
+    want_logits, want = step(ours, ids, active, whole)
+    view = whole.view(3, 8)
+    assert view.k[0].shape == (4 * 2, 16, 8) and view.max_len == 8 and view.index.tolist() == [4, 6, 12]
+    logits, after = step(ours, ids[:3], active[:3], view)
+    got = whole.merge_view(after)
+    np.testing.assert_allclose(logits[:2], want_logits[:2], atol=1e-6, rtol=0)
+    assert got.index.tolist() == [5, 7, 12, 5]
+    np.testing.assert_array_equal(got.mask[:2], want.mask[:2])
+    np.testing.assert_array_equal(got.mask[3], whole.mask[3])
+    real = np.repeat(np.asarray(want.mask), 2, axis=0)  # rows are batch x kv head
+    for g, w in zip((*got.k, *got.v), (*want.k, *want.v)):
+        np.testing.assert_allclose(np.asarray(g)[:4][real[:4]], np.asarray(w)[:4][real[:4]], atol=1e-6, rtol=0)
+    for g, w in zip((*got.k, *got.v), (*whole.k, *whole.v)):
+        np.testing.assert_array_equal(np.asarray(g)[6:], np.asarray(w)[6:])
 
 
 def test_last_only_logits_equal_the_last_position_of_the_full_forward():

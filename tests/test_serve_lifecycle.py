@@ -163,11 +163,15 @@ def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=long_body(True), timeout=120) as r:
                 streams[i] = (r.status_code, [line for line in r.iter_lines() if line])
 
+        health = lambda: httpx.get(f"{url}/health").json()
+        warm = health()["accepted"]  # the warm-up's requests
         threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
-        # one request decoding, two waiting for the one slot: then SIGTERM
-        wait_for(lambda: httpx.get(f"{url}/health").json()["queue_depth"] == 2, what="two queued requests")
+        # all three accepted, one decoding and the others waiting for the one slot: then SIGTERM
+        # (the first may already be done when the third arrives: a tiny model decodes fast)
+        wait_for(lambda: (h := health())["accepted"] == warm + 3 and h["queue_depth"] >= 1,
+                 what="three accepted requests, one still queued")
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: _refused(url), timeout=30, what="the listener to close")
         for t in threads:

@@ -10,6 +10,9 @@ import numpy as np
 PROMPT_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# cache slots a continuous-batching decode step reads: at most twice what it needs, and few
+# enough programs to compile them all at warm-up
+DECODE_LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def bucket(n: int, buckets: Sequence[int], what: str = "length") -> int:

@@ -23,6 +23,8 @@ Contract with the HTTP server, as agreed, and what was added to it (marked +):
 - `moderate(pixel_values [B, S, S, 3], safety_texts=None) -> list[Verdict]`: the verdict
   alone (CLIP + safety head, no LLM layer); `Verdict.action` is the policy's action.
 - `stats() -> dict` (see `Engine.stats`).
+- + `compile_decode_steps(timeout=None)`: the loop compiles its decode step at every (rows,
+  length) bucket, at its next turn with no busy slot (requests wait meanwhile); blocks until done.
 - A verdict needs an image: text-only requests, and requests with safety off, get
   verdict=None and action=None.
 
@@ -36,9 +38,12 @@ The loop (one background thread), the JetStream/vLLM way:
   4. one jitted decode step advances every busy slot by one token (`slots.decode_step`), each
      at its own position with its own temperature, top-k, top-p and seed; a request that
      stops (EOS or max_tokens) frees its slot for step 3 of the next turn while the others
-     keep decoding.
+     keep decoding. The step reads only the rows below the highest busy slot and the cache
+     slots below the furthest busy position, each rounded up to a bucket (a free slot is the
+     lowest one, so few requests sit in few rows).
 Programs compile per encode batch bucket, per (prompt length bucket, safety on/off, image or
-not) for prefill, and once for the decode step: nothing recompiles after warm-up. A request is
+not) for prefill, and per (rows, length) bucket for the decode step: nothing recompiles after
+warm-up (`compile_decode_steps` and one request of each kind). A request is
 accepted only if its prompt, the longest hint it could get and max_tokens fit the context, so
 an accepted request always runs to its end. An exception inside the loop fails the requests it
 touched ("done" with "error"); the loop keeps serving.
@@ -60,7 +65,7 @@ import numpy as np
 from safevlm_jax.data.records import HUMAN, Turn
 from safevlm_jax.data.template import PROMPT_FORMATS
 from safevlm_jax.inference import slots as programs
-from safevlm_jax.inference.buckets import BATCH_BUCKETS, PROMPT_BUCKETS, bucket
+from safevlm_jax.inference.buckets import BATCH_BUCKETS, DECODE_LENGTH_BUCKETS, PROMPT_BUCKETS, bucket
 from safevlm_jax.inference.decode import new_cache
 from safevlm_jax.inference.detokenize import Detokenizer
 from safevlm_jax.inference.errors import BadRequest
@@ -112,6 +117,9 @@ class Engine:
         self.config = inference.model.config
         self.max_length = max_length or self.decoder.max_length
         self.prompt_buckets = tuple(b for b in PROMPT_BUCKETS if b < self.max_length) + (self.max_length,)
+        # a decode step reads the rows and slots that busy requests reach (programs.decode_step)
+        self.row_buckets = tuple(b for b in BATCH_BUCKETS if b < slots) + (slots,)
+        self.length_buckets = tuple(b for b in DECODE_LENGTH_BUCKETS if b < self.max_length) + (self.max_length,)
         model, template = inference.model, inference.builders[True].template
         self.builders = {(safety, f): PromptBuilder(self.tokenizer, model.num_image_tokens(safety), template,
                                                     inference.hints, f)
@@ -134,6 +142,7 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._accepting, self._stopping, self._abort = True, False, False
+        self._compile_asked: threading.Event | None = None  # set by compile_decode_steps
         self._counts = collections.Counter()
         # (time, tokens out, seconds of a decode step or 0) over the last RECENT_S seconds
         self._recent: collections.deque[tuple[float, int, float]] = collections.deque()
@@ -217,6 +226,17 @@ class Engine:
                 "running": self._thread is not None and self._thread.is_alive(),
                 "accepting": self._accepting, "uptime_s": now - self._started}
 
+    def compile_decode_steps(self, timeout: float | None = None) -> None:
+        """Has the loop compile the decode step at every (rows, length) bucket, at its next
+        turn with no busy slot, and waits for it (starts the loop if need be)."""
+        done = threading.Event()
+        with self._cond:
+            self._compile_asked = done
+            self._cond.notify()
+        self.start()
+        if not done.wait(timeout):
+            raise TimeoutError(f"the decode steps were not compiled within {timeout} s")
+
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops accepting; with `drain` finishes every accepted request, else cancels them;
         then joins the loop thread."""
@@ -280,16 +300,29 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._incoming or self._ready or self._busy() or self._stopping):
+                while not (self._incoming or self._ready or self._busy() or self._stopping
+                           or self._compile_asked):
                     self._cond.wait()
+                compile_asked = None if self._busy() else self._compile_asked
+                if compile_asked:
+                    self._compile_asked = None
                 abort, dropped = self._abort, [*self._incoming] if self._abort else []
                 if abort:
                     self._incoming.clear()
+            if compile_asked:
+                try:
+                    self._compile_idle_steps()
+                except Exception:  # the steps compile again when requests need them
+                    _log.exception("compiling the decode steps failed")
+                    self._fresh_cache()
+                compile_asked.set()
             if abort:  # shutdown(drain=False)
                 for row in [*dropped, *self._in_flight()]:
                     self._finish(row, "cancelled")
                 self._ready.clear()
             if self._stopping and not (self._incoming or self._ready or self._busy()):
+                if self._compile_asked:  # asked during the last turns: nothing is left to serve
+                    self._compile_asked.set()
                 return
             try:
                 self._turn()
@@ -401,15 +434,38 @@ class Engine:
             self._tokens_out(1)
             self._take(row, token)
 
+    def _compile_idle_steps(self) -> None:
+        """Runs the decode step once at every (rows, length) bucket with every row idle: no
+        index or mask bit changes, and what it writes lies past each free row's end."""
+        for rows, length in itertools.product(self.row_buckets, self.length_buckets):
+            _, self._cache = programs.decode_step(
+                self.decoder.graphdef, self.decoder.state, self._cache, self._last[:rows],
+                np.zeros(rows, bool), PerRow(**{k: v[:rows] for k, v in self._rule.items()}),
+                self._seeds[:rows], np.zeros(rows, np.int32), rows=rows, length=length)
+
+    def _decode_shape(self) -> tuple[int, int]:
+        """(rows, length) of this turn's decode step: the row bucket holding every busy slot,
+        the length bucket holding every busy request's next position."""
+        busy = [(slot, len(r.ids) + len(r.generated)) for slot, r in enumerate(self._rows) if r is not None]
+        rows = bucket(max(s for s, _ in busy) + 1, self.row_buckets, "slot")
+        length = bucket(max(n for _, n in busy), self.length_buckets, "position")
+        # fewer rows or slots than the whole cache are read through a copy (XLA's dot takes
+        # no strided operand), which costs more than it saves unless the corner is small
+        if rows == self.slots and 4 * length > self.max_length:
+            length = self.max_length
+        return rows, length
+
     def _decode(self) -> None:
-        """One decode step over every slot."""
-        active = np.array([r is not None for r in self._rows])
-        steps = np.array([len(r.generated) if r else 0 for r in self._rows], np.int32)
+        """One decode step over the slots of `_decode_shape`."""
+        rows, length = self._decode_shape()
+        active = np.array([r is not None for r in self._rows[:rows]])
+        steps = np.array([len(r.generated) if r else 0 for r in self._rows[:rows]], np.int32)
         try:
             with self._timed("decode") as took:
                 tokens, self._cache = programs.decode_step(
-                    self.decoder.graphdef, self.decoder.state, self._cache, self._last, active,
-                    PerRow(**self._rule), self._seeds, steps)
+                    self.decoder.graphdef, self.decoder.state, self._cache, self._last[:rows], active,
+                    PerRow(**{k: v[:rows] for k, v in self._rule.items()}), self._seeds[:rows], steps,
+                    rows=rows, length=length)
                 tokens = np.asarray(tokens)
         except Exception as e:
             _log.exception("decode step failed")
@@ -419,7 +475,7 @@ class Engine:
             self._fresh_cache()
             return
         self._tokens_out(int(active.sum()), took["s"])
-        for slot, row in enumerate(self._rows):
+        for slot, row in enumerate(self._rows[:rows]):
             if row is not None:
                 self._take(row, int(tokens[slot]))
 

@@ -3,17 +3,20 @@
     cache = new_cache(config, slots, max_len, per_row=True)     # inference.decode
     token, cache = prefill(graphdef, state, cache, ids, length, features, slot, rule, seed, step,
                            use_safety=True)
-    tokens, cache = decode_step(graphdef, state, cache, tokens, active, rule, seeds, steps)
+    tokens, cache = decode_step(graphdef, state, cache, tokens, active, rule, seeds, steps,
+                                rows=rows, length=length)
 
 Each row holds one request from cache slot 0 on, with its own write index (the KV cache's
 per-row mode), so a row's position is its index. `prefill` runs one prompt, right-padded to a
 length bucket, in a cache of its own and inserts that into its row of the shared cache (the
 other rows are untouched), sampling the first token from the logits of the last real token.
-`decode_step` feeds every row its last token at its own position; idle rows are masked and
-keep their index. Sampling is `PerRow`, and each row draws with key
-fold_in(key(seed), step), step = tokens it has sampled so far: a request samples the same
-tokens whatever slot it sits in and whoever sits beside it. The shared cache is donated and
-written in place by both programs.
+`decode_step` feeds each of the first `rows` rows its last token at its own position; idle
+rows are masked and keep their index. It reads only those rows and the first `length` slots of
+the cache (`KVCache.view`): the engine keeps busy requests in the lowest free rows and picks
+both from a few buckets, so one request alone does not pay for eight rows of `max_len` slots.
+Sampling is `PerRow`, and each row draws with key fold_in(key(seed), step), step = tokens it
+has sampled so far: a request samples the same tokens whatever slot it sits in and whoever
+sits beside it. The shared cache is donated and written in place by both programs.
 """
 
 from __future__ import annotations
@@ -57,11 +60,14 @@ def prefill(graphdef, state, cache: KVCache, input_ids, length, features, slot, 
     return token, cache.insert(own, jnp.int32(0), slot, length)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def decode_step(graphdef, state, cache: KVCache, tokens, active, rule: PerRow, seeds, steps):
-    """Every row one token further: tokens [B] int32 (each row's last), active [B] bool,
-    rule `PerRow` [B], seeds [B] uint32, steps [B] int32. Returns (next tokens [B], cache)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows", "length"), donate_argnames=("cache",))
+def decode_step(graphdef, state, cache: KVCache, tokens, active, rule: PerRow, seeds, steps, *,
+                rows: int, length: int):
+    """Rows 0..rows-1 one token further: tokens [R] int32 (each row's last), active [R] bool,
+    rule `PerRow` [R], seeds [R] uint32, steps [R] int32, R = rows; every busy row is among
+    them and its index below `length`. Returns (next tokens [R], cache)."""
     lm = decode_mode(nnx.merge(graphdef, state)).language_model  # the CPU kernel, as the decode loop
-    logits, new = lm(lm.embed(tokens[:, None]), cache.index[:, None], active[:, None].astype(jnp.int32), cache)
-    new = dataclasses.replace(new, index=jnp.where(active, new.index, cache.index))
-    return rule(logits[:, 0], row_keys(seeds, steps)), new
+    view = cache.view(rows, length)
+    logits, new = lm(lm.embed(tokens[:, None]), view.index[:, None], active[:, None].astype(jnp.int32), view)
+    new = dataclasses.replace(new, index=jnp.where(active, new.index, view.index))
+    return rule(logits[:, 0], row_keys(seeds, steps)), cache.merge_view(new)

@@ -13,6 +13,12 @@ loop carry (reading first, then writing, also cost a copy per buffer and step).
 The write index is one number for the whole batch (`generate`: every row advances together),
 or one per row (continuous batching: each row holds its own request, written from slot 0,
 and `insert` puts a newly prefilled request into one row while the others keep theirs).
+
+A decode step of continuous batching need not read every row and slot: `view(rows, length)`
+keeps the whole buffers but the mask and index of the first `rows` rows and `length` slots
+only. A layer writes its new entries into the whole buffers, in place, and attends over just
+that corner (on XLA:CPU a copy of it, as a dot takes no strided operand: worth it only when the
+corner is small); `merge_view` takes the step's mask and index back.
 """
 
 from __future__ import annotations
@@ -48,7 +54,21 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        """The slots the cache's rows read (a view: fewer than its buffers hold)."""
+        return self.mask.shape[1]
+
+    def view(self, rows: int, length: int) -> "KVCache":
+        """Rows 0..rows-1 and slots 0..length-1 of this per-row cache, for a step whose busy
+        rows all lie there (an idle row's index may lie past `length`: its write lands past
+        its end, or clamped onto its last viewed slot, and a free row is garbage until its
+        next `insert` anyway). The buffers stay whole: no copy."""
+        return dataclasses.replace(self, mask=self.mask[:rows, :length], index=self.index[:rows])
+
+    def merge_view(self, view: "KVCache") -> "KVCache":
+        """This cache after a step on its `view(...)`: the step's buffers, mask and index."""
+        rows, length = view.mask.shape
+        return KVCache(k=view.k, v=view.v, mask=self.mask.at[:rows, :length].set(view.mask),
+                       index=self.index.at[:rows].set(view.index))
 
     def write_mask(self, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
         """valid [B, T] bool of T tokens about to be written at each row's index ->
@@ -79,13 +99,18 @@ class KVCache:
 
 
 def _write(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """buf [R, S, ...] with new [R, T, ...] written at slot `index`: [] for every row, or
-    [R / n] for each group of n consecutive rows (n = kv heads: rows are batch x kv head)."""
+    """buf [R, S, ...] with new [R', T, ...] written at slot `index`: [] for every row, or
+    [R' / n] for each group of n consecutive rows (n = kv heads: rows are batch x kv head);
+    R' < R (per-row index only): into the first R' rows."""
     new = new.astype(buf.dtype)
     zero = jnp.zeros((), jnp.int32)
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice(buf, new, (zero, index) + (zero,) * (buf.ndim - 2))
-    index = jnp.repeat(index, buf.shape[0] // index.shape[0], total_repeat_length=buf.shape[0])
+    rows = new.shape[0]
+    index = jnp.repeat(index, rows // index.shape[0], total_repeat_length=rows)
+    if rows < buf.shape[0]:  # a view's first rows: scattered into the whole buffer, in place
+        slots = index[:, None] + jnp.arange(new.shape[1])
+        return buf.at[jnp.arange(rows)[:, None], slots].set(new, mode="drop")
     return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (i,) + (zero,) * (b.ndim - 1)))(
         buf, new, index)
 

@@ -105,7 +105,8 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x, rotary, mask, cached=None):
         """x [B, T, D]; rotary: `rope_tables` of the T positions; cached: None, or this
-        layer's cache buffers and the slot to write, (k, v [B * KVH, S, Dh], index []).
+        layer's cache buffers and the slot to write, (k, v [B' * KVH, S', Dh], index [] or
+        [B]; B' >= B rows and S' >= S slots: a view reads the first B rows and S slots).
         mask [B, 1, 1, T, K] bool (True = attend) over the keys: these T tokens (K = T,
         causal) without a cache, else the S cache slots once this call's tokens are written
         at index..index+T-1.
@@ -121,13 +122,16 @@ class LlamaAttention(nnx.Module):
         q = rope(q, rotary) * jnp.asarray(c.head_dim**-0.5, q.dtype)
         k = rope(k.transpose(0, 2, 1, 3), rotary).reshape(-1, t, c.head_dim)
         v = v.transpose(0, 2, 1, 3).reshape(-1, t, c.head_dim)
+        written = None
         if cached is not None:  # write first, then read the buffers: no copy of the cache
-            k, v = kv_cache.update(cached, k, v)
+            written = kv_cache.update(cached, k, v)
+            # a view (`KVCache.view`) reads the corner its mask covers; a whole cache, all of it
+            k, v = (buf[:b * c.num_key_value_heads, :mask.shape[-1]] for buf in written)
         dt = jnp.promote_types(q.dtype, k.dtype)  # a cache wider than the compute dtype sets it
         out = attention(q.astype(dt), k.astype(dt), v.astype(dt), mask, causal_blocks=cached is None)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
         out = sharding.constrain(out, ("batch", "length", "act_heads"))
-        return self.o_proj(out), (None if cached is None else (k, v))
+        return self.o_proj(out), written
 
 
 class LlamaMLP(nnx.Module):

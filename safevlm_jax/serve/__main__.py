@@ -74,8 +74,8 @@ def build():
 
 def warm_up(engine) -> None:
     """Compiles what the first requests would need, through the engine's public calls: the
-    verdict program at every batch bucket (`moderate` runs the same one) and a prefill and
-    decode steps with an image, safety on and off."""
+    decode step at every (rows, length) bucket, the verdict program at every batch bucket
+    (`moderate` runs the same one) and a prefill with an image, safety on and off."""
     import numpy as np
 
     from safevlm_jax.inference.buckets import bucket
@@ -83,6 +83,7 @@ def warm_up(engine) -> None:
 
     size = engine.config.vision.image_size
     blank = np.zeros((size, size, 3), np.float32)
+    engine.compile_decode_steps()
     safety = [True, False] if engine.inference.model.has_safety else [False]
     if True in safety:
         # a verdict batch holds 1..slots images, padded to the decoder's batch buckets
