@@ -435,25 +435,34 @@ class Engine:
             self._take(row, token)
 
     def _compile_idle_steps(self) -> None:
-        """Runs the decode step once at every (rows, length) bucket with every row idle: no
-        index or mask bit changes, and what it writes lies past each free row's end."""
-        for rows, length in itertools.product(self.row_buckets, self.length_buckets):
+        """Runs the decode step once at every shape `_decode_shape` can choose, with every row
+        idle: no index or mask bit changes (a free row's entries are garbage until its next
+        insert)."""
+        start = time.perf_counter()
+        shapes = sorted({self._step_shape(r, n) for r in self.row_buckets for n in self.length_buckets})
+        for rows, length in shapes:
             _, self._cache = programs.decode_step(
                 self.decoder.graphdef, self.decoder.state, self._cache, self._last[:rows],
                 np.zeros(rows, bool), PerRow(**{k: v[:rows] for k, v in self._rule.items()}),
                 self._seeds[:rows], np.zeros(rows, np.int32), rows=rows, length=length)
+        _log.info("engine: %d decode step shapes (rows, cache slots) ready in %.1f s: %s", len(shapes),
+                  time.perf_counter() - start, shapes)
+
+    def _step_shape(self, rows: int, length: int) -> tuple[int, int]:
+        """The decode step's (rows, length) for busy requests within `rows` rows and `length`
+        slots (both buckets). Fewer rows or slots than the whole cache are read through a copy
+        (XLA's dot takes no strided operand), which a step of every row pays only for a corner
+        much shorter than the cache."""
+        if rows == self.slots and 4 * length > self.max_length:
+            return rows, self.max_length
+        return rows, length
 
     def _decode_shape(self) -> tuple[int, int]:
-        """(rows, length) of this turn's decode step: the row bucket holding every busy slot,
-        the length bucket holding every busy request's next position."""
+        """(rows, length) of this turn's decode step, from the row bucket holding every busy
+        slot and the length bucket holding every busy request's next position."""
         busy = [(slot, len(r.ids) + len(r.generated)) for slot, r in enumerate(self._rows) if r is not None]
-        rows = bucket(max(s for s, _ in busy) + 1, self.row_buckets, "slot")
-        length = bucket(max(n for _, n in busy), self.length_buckets, "position")
-        # fewer rows or slots than the whole cache are read through a copy (XLA's dot takes
-        # no strided operand), which costs more than it saves unless the corner is small
-        if rows == self.slots and 4 * length > self.max_length:
-            length = self.max_length
-        return rows, length
+        return self._step_shape(bucket(max(s for s, _ in busy) + 1, self.row_buckets, "slot"),
+                                bucket(max(n for _, n in busy), self.length_buckets, "position"))
 
     def _decode(self) -> None:
         """One decode step over the slots of `_decode_shape`."""
