@@ -23,6 +23,11 @@ def bucket(n: int, buckets: Sequence[int], what: str = "length") -> int:
     raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
 
 
+def capped(buckets: Sequence[int], largest: int) -> tuple[int, ...]:
+    """The buckets below `largest`, then `largest` itself (a program's own limit)."""
+    return tuple(b for b in buckets if b < largest) + (largest,)
+
+
 def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
     """Pads axis 0 to `rows` by repeating row 0 (a real row: no all-padding attention)."""
     if a.shape[0] == rows:

@@ -65,7 +65,7 @@ import numpy as np
 from safevlm_jax.data.records import HUMAN, Turn
 from safevlm_jax.data.template import PROMPT_FORMATS
 from safevlm_jax.inference import slots as programs
-from safevlm_jax.inference.buckets import BATCH_BUCKETS, DECODE_LENGTH_BUCKETS, PROMPT_BUCKETS, bucket
+from safevlm_jax.inference.buckets import BATCH_BUCKETS, DECODE_LENGTH_BUCKETS, PROMPT_BUCKETS, bucket, capped
 from safevlm_jax.inference.decode import new_cache
 from safevlm_jax.inference.detokenize import Detokenizer
 from safevlm_jax.inference.errors import BadRequest
@@ -116,10 +116,10 @@ class Engine:
         self.decoder, self.tokenizer = inference.decoder, inference.tokenizer
         self.config = inference.model.config
         self.max_length = max_length or self.decoder.max_length
-        self.prompt_buckets = tuple(b for b in PROMPT_BUCKETS if b < self.max_length) + (self.max_length,)
+        self.prompt_buckets = capped(PROMPT_BUCKETS, self.max_length)
         # a decode step reads the rows and slots that busy requests reach (programs.decode_step)
-        self.row_buckets = tuple(b for b in BATCH_BUCKETS if b < slots) + (slots,)
-        self.length_buckets = tuple(b for b in DECODE_LENGTH_BUCKETS if b < self.max_length) + (self.max_length,)
+        self.row_buckets = capped(BATCH_BUCKETS, slots)
+        self.length_buckets = capped(DECODE_LENGTH_BUCKETS, self.max_length)
         model, template = inference.model, inference.builders[True].template
         self.builders = {(safety, f): PromptBuilder(self.tokenizer, model.num_image_tokens(safety), template,
                                                     inference.hints, f)
@@ -441,10 +441,7 @@ class Engine:
         start = time.perf_counter()
         shapes = sorted({self._step_shape(r, n) for r in self.row_buckets for n in self.length_buckets})
         for rows, length in shapes:
-            _, self._cache = programs.decode_step(
-                self.decoder.graphdef, self.decoder.state, self._cache, self._last[:rows],
-                np.zeros(rows, bool), PerRow(**{k: v[:rows] for k, v in self._rule.items()}),
-                self._seeds[:rows], np.zeros(rows, np.int32), rows=rows, length=length)
+            self._step(rows, length, np.zeros(rows, bool), np.zeros(rows, np.int32))
         _log.info("engine: %d decode step shapes (rows, cache slots) ready in %.1f s: %s", len(shapes),
                   time.perf_counter() - start, shapes)
 
@@ -464,6 +461,15 @@ class Engine:
         return self._step_shape(bucket(max(s for s, _ in busy) + 1, self.row_buckets, "slot"),
                                 bucket(max(n for _, n in busy), self.length_buckets, "position"))
 
+    def _step(self, rows: int, length: int, active: np.ndarray, steps: np.ndarray):
+        """The decode step over slots 0..rows-1 and cache slots 0..length-1, each slot with
+        its last token, sampling rule and seed: next tokens [rows] (a device array)."""
+        tokens, self._cache = programs.decode_step(
+            self.decoder.graphdef, self.decoder.state, self._cache, self._last[:rows], active,
+            PerRow(**{k: v[:rows] for k, v in self._rule.items()}), self._seeds[:rows], steps,
+            rows=rows, length=length)
+        return tokens
+
     def _decode(self) -> None:
         """One decode step over the slots of `_decode_shape`."""
         rows, length = self._decode_shape()
@@ -471,11 +477,7 @@ class Engine:
         steps = np.array([len(r.generated) if r else 0 for r in self._rows[:rows]], np.int32)
         try:
             with self._timed("decode") as took:
-                tokens, self._cache = programs.decode_step(
-                    self.decoder.graphdef, self.decoder.state, self._cache, self._last[:rows], active,
-                    PerRow(**{k: v[:rows] for k, v in self._rule.items()}), self._seeds[:rows], steps,
-                    rows=rows, length=length)
-                tokens = np.asarray(tokens)
+                tokens = np.asarray(self._step(rows, length, active, steps))
         except Exception as e:
             _log.exception("decode step failed")
             for row in self._rows:
