@@ -24,6 +24,8 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# models/attention.py: "auto" picks per platform at lowering time (tpu: splash, cuda: cudnn, cpu: cpu_blocks)
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn", "cpu_blocks")
 SELECT_STRATEGIES = ("default", "full")  # LLaVA's vision_feature_select_strategy: drop CLS or keep it
 
 
@@ -145,8 +147,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "auto"  # models/attention.py: auto | xla | splash | cudnn | cpu_blocks
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
         if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
             raise ValueError(f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, "
                              f"got {self.vision_feature_select_strategy!r}")

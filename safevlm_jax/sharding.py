@@ -38,6 +38,9 @@ RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
         "vocab": ("tensor",),
         "act_heads": ("tensor",),
     },
+    # serving: weights split by heads and MLP (Megatron-style), activations whole on every chip
+    "tensor": {"mlp": ("tensor",), "heads": ("tensor",), "kv": ("tensor",), "vocab": ("tensor",),
+               "act_heads": ("tensor",)},
 }
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("safevlm_sharding", default=None)
@@ -128,6 +131,30 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     spec = logical_to_spec(names, rules, mesh, x.shape, fallback=fallback,
                            what=f"activation {tuple(names)} of shape {tuple(x.shape)}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def shard_map(fn, in_names: Sequence[Sequence[str | None]], *args):
+    """`fn(*args)` run on each device's shards when a mesh is active (`use_rules`): argument i
+    is split along the mesh axes its logical `in_names[i]` map to, and the output (one array)
+    is put together as the first argument is split. Outside `use_rules`, just `fn(*args)`.
+    For kernels that take local arrays (Pallas); model code names only logical axes.
+    A logical name must split every argument that has it alike (a kernel pairing query and
+    key heads needs both cut the same way): otherwise an error names the sizes."""
+    active = _ACTIVE.get()
+    if active is None:
+        return fn(*args)
+    mesh, rules, fallback = active
+    specs = tuple(logical_to_spec(names, rules, mesh, x.shape, fallback=fallback,
+                                  what=f"shard_map argument {tuple(names)} of shape {tuple(x.shape)}")
+                  for names, x in zip(in_names, args))
+    seen: dict[str, tuple] = {}
+    for names, spec, x in zip(in_names, specs, args):
+        for name, axes, size in zip(names, spec, x.shape):
+            if name is not None and seen.setdefault(name, (axes, size))[0] != axes:
+                raise ValueError(f"shard_map: logical axis {name!r} splits as {seen[name][0]} for size "
+                                 f"{seen[name][1]} but as {axes} for size {size} (mesh {dict(mesh.shape)}); "
+                                 f"choose a mesh or rule set that divides both")
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
 
 
 def state_shardings(tree, mesh: Mesh, rules: str | Mapping[str, Sequence[str]], fallback: str = "error"):

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from safevlm_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = ["sample", "serve", "scan", "train", "plan", "data.build", "data.synthetic", "data.photos", "data.inspect",
+NAMES = ["sample", "serve", "scan", "train", "plan", "plan target", "data.build", "data.synthetic", "data.photos", "data.inspect",
          "eval.head", "eval.tsne", "eval.generate", "eval.report", "import_hf", "import_safety", "export_hf",
          "unknown flag", "stray argument"]
 
@@ -43,6 +43,8 @@ def cases(tmp) -> dict[str, tuple[list[str], str]]:
         "train": (["safevlm_jax.train", "--config=configs/stage1.py:tiny", f"--workdir={tmp / 'w'}",
                    "--config.optimizer.lrr=1"], "--config.optimizer.lrr: no such field"),
         "plan": (["safevlm_jax.plan", "--config=configs/stage2.py:tiny", "--mesh=fsdp=x"], "--mesh 'fsdp=x'"),
+        "plan target": (["safevlm_jax.plan", "--config=configs/stage2.py:tiny", "--target=v5e-3"],
+                        "--target 'v5e-3'"),
         "data.build": (["safevlm_jax.data.build", f"--json={tmp / 'bad.json'}", f"--image_root={tmp}",
                         f"--out={tmp / 'ds'}"], f"{tmp / 'bad.json'}: not valid JSON"),
         "data.synthetic": (["safevlm_jax.data.synthetic", f"--out={tmp / 'a_file' / 'syn'}", "--n=2"],

@@ -1,17 +1,49 @@
-"""The AOT memory plan compiles the tiny stage-2 step for a mesh of 8 and prints its table."""
+"""The plan command on fake CPU devices (today's `cpu:N` target) and its target names; the TPU
+compiler's plans are tested in test_tpu_compile.py."""
+
+import importlib.util
+
+import pytest
 
 from configs.stage2 import get_config
 from safevlm_jax import plan
+from safevlm_jax.plan import targets
 
 
-def test_plan_prints_per_device_table_for_mesh_of_8(capsys):
-    assert plan.print_report(get_config("tiny"), plan.parse_mesh("fsdp=8"), None, 1)
+def test_plan_prints_per_device_table_for_a_cpu_mesh_of_8(capsys):
+    cfg = get_config("tiny")
+    p = plan.make_plan(cfg, targets.get_target("cpu:8"), "train", plan.parse_mesh("fsdp=8"), hbm_gib=1)
+    assert p.fits and p.target.chip is None and p.bound_s is None
+    print(plan.format_plan(p))
     out = capsys.readouterr().out
-    for row in ("trainable_params", "frozen_params", "optimizer_state", "temp (activations", "total"):
+    for row in ("trainable params", "frozen params", "optimizer state", "temporaries", "total", "fits 1 GiB: yes",
+                "FLOPs, loop-corrected", "compiled / analytic"):
         assert row in out
-    assert "fits 1 GiB: yes" in out
+    assert "roofline" not in out  # no published figures for a CPU
 
 
 def test_parse_mesh():
     assert plan.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
     assert get_config("tiny").model.lora.rank > 0
+
+
+@pytest.mark.parametrize("name,topology", [("v5e-8", "v5e:2x4"), ("v5litepod-16", "v5e:4x4"), ("v5p-64", "v5p:2x4x4"),
+                                           ("v5p-8", "v5p:2x2x1"), ("v6e-8", "v6e:2x4"), ("v5e:2x4", "v5e:2x4"),
+                                           ("cpu:8", None)])
+def test_slice_names_map_to_topologies(name, topology):
+    assert targets.topology_name(name) == topology
+    if topology:
+        assert targets.topology_name(targets.accelerator_type(topology)) == topology
+
+
+@pytest.mark.parametrize("name", ["v5e-3", "v5p-63", "tpu", "v9z-8"])
+def test_unknown_targets_are_refused_with_the_forms_that_work(name):
+    with pytest.raises(ValueError, match="--target"):
+        targets.topology_name(name)
+
+
+def test_a_tpu_target_without_libtpu_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(ValueError, match=r'pip install -e "\.\[tpu\]"'):
+        targets.get_target("v5e-8")

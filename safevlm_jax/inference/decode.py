@@ -45,7 +45,7 @@ class Generation(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "use_safety"))
-def _encode(graphdef, state, pixel_values, first_ids, *, use_safety):
+def encode(graphdef, state, pixel_values, first_ids, *, use_safety):
     """pixel_values [B, H, W, 3], first_ids [B] -> (features [B, N, C], level [B, L] | None,
     type [B, K] | None)."""
     model = nnx.merge(graphdef, state)
@@ -148,7 +148,7 @@ class Decoder:
         pb = bucket(b, self.batch_buckets, "batch")
         pixels = pad_rows(np.asarray(pixel_values, np.float32), pb)
         ids = pad_rows(np.asarray(first_ids, np.int32), pb)
-        out = _encode(self.graphdef, self.state, pixels, ids, use_safety=use_safety)
+        out = encode(self.graphdef, self.state, pixels, ids, use_safety=use_safety)
         return tuple(None if a is None else np.asarray(a)[:b] for a in out)
 
     def generate(self, prompts: Sequence[Sequence[int]], features: np.ndarray | None, *,
@@ -194,19 +194,28 @@ class Decoder:
         return row[:row.index(self.eos_id) + 1] if self.eos_id in row else row
 
 
-def new_cache(config, batch: int, length: int, per_row: bool = False, like=None) -> KVCache:
-    """An empty cache for a model config, in the compute dtype, but f32 on CPU: XLA:CPU has no
-    fast bf16 batched dot and converted every layer's whole bf16 cache to f32 at every decode
-    step; an f32 cache is read as it lies (docs/performance.md).
+def cache_dtype(config, platform: str):
+    """The KV cache's dtype for programs on `platform` ("cpu", "tpu", "cuda", ...): the
+    compute dtype, but f32 on CPU: XLA:CPU has no fast bf16 batched dot and converted every
+    layer's whole bf16 cache to f32 at every decode step; an f32 cache is read as it lies
+    (docs/performance.md). Decided by where the programs run, never by the host that traces
+    them (an AOT compile for a TPU on a CPU host gets the TPU's bf16)."""
+    return jnp.float32 if platform == "cpu" else config.compute_dtype
+
+
+def new_cache(config, batch: int, length: int, per_row: bool = False, like=None,
+              platform: str | None = None) -> KVCache:
+    """An empty cache for a model config, in `cache_dtype` of `platform` (default: that of
+    the devices holding `like`, else JAX's default backend).
     `per_row`: a write index per row (continuous batching). `like`: the model's state; on one
     device the cache is committed there, as the cache a program hands back is, so the second
     call of a shape does not compile the program again for a committed argument."""
     t = config.text
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else config.compute_dtype
-    cache = KVCache.init(t.num_hidden_layers, batch, t.num_key_value_heads, length, t.head_dim, dtype,
-                         per_row=per_row)
     leaves = jax.tree.leaves(like) if like is not None else []
     devices = leaves[0].sharding.device_set if leaves and hasattr(leaves[0], "sharding") else set()
+    platform = platform or (next(iter(devices)).platform if devices else jax.default_backend())
+    cache = KVCache.init(t.num_hidden_layers, batch, t.num_key_value_heads, length, t.head_dim,
+                         cache_dtype(config, platform), per_row=per_row)
     return jax.device_put(cache, next(iter(devices))) if len(devices) == 1 else cache
 
 

@@ -20,6 +20,7 @@ from flax import nnx
 
 from safevlm_jax import sharding
 from safevlm_jax.config import SELECT_STRATEGIES, VisionConfig
+from safevlm_jax.models import attention
 from safevlm_jax.models.dot import xla_dot
 from safevlm_jax.models.layers import Dense, LayerNorm, activation
 from safevlm_jax.models.params import normal_init, param
@@ -79,12 +80,13 @@ class CLIPVisionEmbeddings(nnx.Module):
 
 
 class CLIPAttention(nnx.Module):
-    """Bidirectional multi-head self-attention, no mask; softmax in f32."""
+    """Bidirectional multi-head self-attention, no mask; softmax in f32 (`attention`: the
+    implementation, `models.attention.IMPLEMENTATIONS`)."""
 
-    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, attention: str = "auto", dtype, param_dtype, rngs: nnx.Rngs):
         d = config.hidden_size
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.dtype = dtype
+        self.dtype, self.attention = dtype, attention
         dense = functools.partial(Dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = dense(d, d, ("embed", "heads"))
         self.k_proj = dense(d, d, ("embed", "heads"))
@@ -95,15 +97,14 @@ class CLIPAttention(nnx.Module):
         """[batch, length, embed] -> [batch, length, embed]."""
         b, n, _ = x.shape
 
-        def heads(t):  # [batch, length, heads, head_dim]
-            return sharding.constrain(t.reshape(b, n, self.num_heads, self.head_dim),
-                                      ("batch", "length", "act_heads", None))
+        def heads(t):  # [batch, heads, length, head_dim]
+            t = t.reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+            return sharding.constrain(t, ("batch", "act_heads", "length", None))
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits * self.head_dim**-0.5, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, self.num_heads * self.head_dim)
-        return self.out_proj(out)
+        q = heads(self.q_proj(x) * jnp.asarray(self.head_dim**-0.5, self.dtype))
+        out = attention.self_attention(q, heads(self.k_proj(x)), heads(self.v_proj(x)), None, causal=False,
+                                       implementation=self.attention)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, self.num_heads * self.head_dim))
 
 
 class CLIPMLP(nnx.Module):
@@ -122,10 +123,10 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, config: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, attention: str = "auto", dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         eps = config.layer_norm_eps
-        self.self_attn = CLIPAttention(config, **kw)
+        self.self_attn = CLIPAttention(config, attention=attention, **kw)
         self.layer_norm1 = LayerNorm(config.hidden_size, eps, param_dtype=param_dtype)
         self.mlp = CLIPMLP(config, **kw)
         self.layer_norm2 = LayerNorm(config.hidden_size, eps, param_dtype=param_dtype)
@@ -140,11 +141,12 @@ class CLIPEncoderLayer(nnx.Module):
 class CLIPEncoder(nnx.Module):
     """`layers`: a list of `CLIPEncoderLayer`, or one scanned stack ([layers, ...] params)."""
 
-    def __init__(self, config: VisionConfig, *, scan_layers: bool, remat_policy: str, dtype,
-                 param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, scan_layers: bool, remat_policy: str, attention: str,
+                 dtype, param_dtype, rngs: nnx.Rngs):
         self.scan_layers, self.remat_policy = scan_layers, remat_policy
         self.layers = make_layers(
-            lambda r: CLIPEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            lambda r: CLIPEncoderLayer(config, attention=attention, dtype=dtype, param_dtype=param_dtype,
+                                       rngs=r),
             config.num_hidden_layers, scan_layers, rngs)
 
     def __call__(self, x: jax.Array, num_layers: int, output_hidden_states: bool = False):
@@ -166,14 +168,15 @@ class CLIPVisionModel(nnx.Module):
     LLaVA does not use; kept so checkpoints round-trip)."""
 
     def __init__(self, config: VisionConfig, *, scan_layers: bool = False,
-                 remat_policy: str = "none", dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 remat_policy: str = "none", attention: str = "auto", dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d, eps = config.hidden_size, config.layer_norm_eps
         self.embeddings = CLIPVisionEmbeddings(config, **kw)
         self.pre_layrnorm = LayerNorm(d, eps, param_dtype=param_dtype)
-        self.encoder = CLIPEncoder(config, scan_layers=scan_layers, remat_policy=remat_policy, **kw)
+        self.encoder = CLIPEncoder(config, scan_layers=scan_layers, remat_policy=remat_policy,
+                                   attention=attention, **kw)
         self.post_layernorm = LayerNorm(d, eps, param_dtype=param_dtype)
 
     def num_layers_for(self, feature_layer: int) -> int:

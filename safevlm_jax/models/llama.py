@@ -21,7 +21,7 @@ from flax import nnx
 
 from safevlm_jax import sharding
 from safevlm_jax.config import LoRAConfig, TextConfig
-from safevlm_jax.models import kv_cache, layers, stack
+from safevlm_jax.models import attention, kv_cache, layers, stack
 from safevlm_jax.models.kv_cache import KVCache
 
 INIT_STD = 0.02  # HF `initializer_range`
@@ -53,43 +53,13 @@ def rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-QUERY_BLOCK = 64  # queries per causal block: see `attention`
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, causal_blocks: bool) -> jax.Array:
-    """Softmax attention with f32 scores.
-
-    q [B, KVH, G, T, Dh] (scaled; query head h = kv head h // G, member h % G as HF's
-    `repeat_kv`); k, v [B * KVH, S, Dh] (batch and kv head merged, the cache layout);
-    mask [B, 1, 1, T, S] bool (True = attend). Returns [B, KVH, G, T, Dh]. A fully masked
-    row (a padding query) attends uniformly.
-
-    `causal_blocks` (keys are the queries' own tokens, S = T, mask causal): queries go in
-    blocks of QUERY_BLOCK and block i scores only the keys up to its own end, about half the
-    score work for long sequences. The products have one batch axis (b*k) and one query axis
-    (m = g*t): with more, XLA:CPU reshaped or transposed the keys, which for a cache meant
-    copying it at every decode step (docs/performance.md).
-    """
-    b, kvh, g, t, dh = q.shape
-    block = QUERY_BLOCK if causal_blocks else t
-    outs = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        keys = end if causal_blocks else k.shape[1]
-        qb = q[:, :, :, start:end].reshape(b * kvh, g * (end - start), dh)
-        scores = jnp.einsum("nmd,nsd->nms", qb, k[:, :keys], preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[..., start:end, :keys], scores.reshape(b, kvh, g, end - start, keys),
-                           jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b * kvh, g * (end - start), keys)
-        outs.append(jnp.einsum("nms,nsd->nmd", probs, v[:, :keys]).reshape(b, kvh, g, end - start, dh))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-
-
 class LlamaAttention(nnx.Module):
     """Grouped-query self-attention; softmax in f32."""
 
-    def __init__(self, cfg: TextConfig, lora: LoRAConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, lora: LoRAConfig, *, attention: str = "auto", dtype, param_dtype,
+                 rngs: nnx.Rngs):
         self.cfg = cfg
+        self.attention = attention  # models/attention.py IMPLEMENTATIONS
         h, kv, dh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
 
         def dense(name, n_in, n_out, axes):
@@ -107,9 +77,10 @@ class LlamaAttention(nnx.Module):
         """x [B, T, D]; rotary: `rope_tables` of the T positions; cached: None, or this
         layer's cache buffers and the slot to write, (k, v [B' * KVH, S', Dh], index [] or
         [B]; B' >= B rows and S' >= S slots: a view reads the first B rows and S slots).
-        mask [B, 1, 1, T, K] bool (True = attend) over the keys: these T tokens (K = T,
-        causal) without a cache, else the S cache slots once this call's tokens are written
-        at index..index+T-1.
+        mask: valid [B, T] bool (the real tokens; attention is causal over them,
+        `models.attention.self_attention`) without a cache or with one these T tokens fill
+        (S = T), else [B, 1, 1, T, S] bool (True = attend) over the S cache slots once this
+        call's tokens are written at index..index+T-1.
         Returns (out [B, T, D], the updated (k, v) buffers or None).
         """
         c = self.cfg
@@ -125,11 +96,16 @@ class LlamaAttention(nnx.Module):
         written = None
         if cached is not None:  # write first, then read the buffers: no copy of the cache
             written = kv_cache.update(cached, k, v)
-            # a view (`KVCache.view`) reads the corner its mask covers; a whole cache, all of it
+        if mask.ndim == 5:  # over the cache's slots: read the buffers just written (no copy);
+            # a view (`KVCache.view`) reads the corner its mask covers, a whole cache all of it
             k, v = (buf[:b * c.num_key_value_heads, :mask.shape[-1]] for buf in written)
-        dt = jnp.promote_types(q.dtype, k.dtype)  # a cache wider than the compute dtype sets it
-        out = attention(q.astype(dt), k.astype(dt), v.astype(dt), mask, causal_blocks=cached is None)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
+            dt = jnp.promote_types(q.dtype, k.dtype)  # a cache wider than the compute dtype sets it
+            out = attention.cached_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask)
+        else:  # mask: the [B, T] real tokens
+            out = attention.self_attention(
+                q.reshape(b, -1, t, c.head_dim), k.reshape(b, -1, t, c.head_dim), v.reshape(b, -1, t, c.head_dim),
+                mask, causal=True, implementation=self.attention)
+        out = out.reshape(b, -1, t, c.head_dim).transpose(0, 2, 1, 3).reshape(b, t, -1)
         out = sharding.constrain(out, ("batch", "length", "act_heads"))
         return self.o_proj(out), written
 
@@ -159,9 +135,10 @@ class LlamaMLP(nnx.Module):
 class LlamaDecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: TextConfig, lora: LoRAConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, lora: LoRAConfig, *, attention: str = "auto", dtype, param_dtype,
+                 rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.self_attn = LlamaAttention(cfg, lora, **kw)
+        self.self_attn = LlamaAttention(cfg, lora, attention=attention, **kw)
         self.mlp = LlamaMLP(cfg, lora, **kw)
         self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
@@ -177,28 +154,30 @@ class LlamaDecoderLayer(nnx.Module):
 class LlamaModel(nnx.Module):
     """embed_tokens, layers, norm (HF `LlamaModel`)."""
 
-    def __init__(self, cfg: TextConfig, lora: LoRAConfig, *, scan_layers: bool, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, lora: LoRAConfig, *, scan_layers: bool, attention: str = "auto",
+                 dtype, param_dtype, rngs: nnx.Rngs):
         self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                          param_dtype=param_dtype, rngs=rngs)
         self.layers = stack.make_layers(
-            lambda r: LlamaDecoderLayer(cfg, lora, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            lambda r: LlamaDecoderLayer(cfg, lora, attention=attention, dtype=dtype, param_dtype=param_dtype,
+                                        rngs=r),
             cfg.num_hidden_layers, scan_layers, rngs)
         self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
 
 class LlamaForCausalLM(nnx.Module):
     """The decoder plus LM head. LoRA (when `lora.rank > 0`) on the Dense layers named in
-    `lora.targets`, never on `lm_head`."""
+    `lora.targets`, never on `lm_head`. `attention`: the implementation of the causal
+    self-attention (`models.attention.IMPLEMENTATIONS`)."""
 
     def __init__(self, text: TextConfig, lora: LoRAConfig, *, scan_layers: bool = False,
-                 remat_policy: str = "none", dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 remat_policy: str = "none", attention: str = "auto", dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = text
         self.scan_layers = scan_layers
         self.remat_policy = remat_policy
         self.dtype = dtype
-        self.model = LlamaModel(text, lora, scan_layers=scan_layers, dtype=dtype,
+        self.model = LlamaModel(text, lora, scan_layers=scan_layers, attention=attention, dtype=dtype,
                                 param_dtype=param_dtype, rngs=rngs)
         self.lm_head = (None if text.tie_word_embeddings else
                         layers.Dense(text.hidden_size, text.vocab_size, ("embed", "vocab"),
@@ -230,13 +209,12 @@ class LlamaForCausalLM(nnx.Module):
         """
         t = inputs_embeds.shape[1]
         valid = attention_mask.astype(jnp.bool_)
-        if cache is None:
-            mask = jnp.tril(jnp.ones((t, t), jnp.bool_))[None] & valid[:, None, :]  # [B, T, T]
-            per_layer = None
-        else:  # query j sits in slot index + j: real slots up to its own
+        per_layer = None if cache is None else [(k, v, cache.index) for k, v in zip(cache.k, cache.v)]
+        if cache is not None:  # query j sits in slot index + j: real slots up to its own
             slot_valid, mask = cache.write_mask(valid)  # [B, S], [B, T, S]
-            per_layer = [(k, v, cache.index) for k, v in zip(cache.k, cache.v)]
-        mask = mask[:, None, None]
+            mask = mask[:, None, None]
+        if cache is None or cache.max_len == t:  # no cache, or a prefill filling one from slot 0:
+            mask = valid  # causal self-attention over these tokens (models/attention.py)
         c = self.config  # tables reach every position this call can hold, as HF's rope does
         rotary = rope_tables(positions, c.rope_theta, c.head_dim,
                              max(c.max_position_embeddings, t + (0 if cache is None else cache.max_len)))

@@ -108,7 +108,7 @@ class SafeVLM(SafetyVerdict):
         self.config = config
         dt, pdt = config.compute_dtype, config.weights_dtype
         common = dict(scan_layers=config.scan_layers, remat_policy=config.remat_policy,
-                      dtype=dt, param_dtype=pdt, rngs=rngs)
+                      attention=config.attention, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.vision_tower = CLIPVisionModel(config.vision, **common)
         self.multi_modal_projector = MultiModalProjector(
             config.vision.hidden_size, config.text.hidden_size, act=config.projector_hidden_act,

@@ -1,0 +1,85 @@
+"""Every program compiled by the real TPU compiler on this CPU (libtpu's compile-only devices
+for a v5e:2x2 slice, one per session): the tiny model's train step, encode, prefill and
+decode. They take the TPU's choices, not the host's: splash attention (found by its kernel's
+name: XLA's TPU compiler emits `tpu_custom_call`s of its own), no CPU FFI kernel, a bf16 KV
+cache when the model computes in bf16. And the loop-corrected FLOP count of `plan.hlo_cost`
+on a program of known FLOPs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from safevlm_jax import plan, sharding
+from safevlm_jax.kernels import matvec
+from safevlm_jax.plan import hlo_cost, targets
+
+from train_helpers import tiny_train_config
+
+
+@pytest.fixture(scope="session")
+def v5e():
+    return targets.get_target("v5e:2x2")
+
+
+def config(**overrides):
+    return tiny_train_config(2, **{"data.max_length": 64, **overrides})
+
+
+def cache_parameters(hlo: str, cfg) -> set[str]:
+    """dtypes of the program's inputs shaped like a KV cache buffer [slots * kv_heads, max_len, head_dim]."""
+    t = cfg.model.text
+    comps, entry = hlo_cost.parse(hlo)
+    shape = (8 * t.num_key_value_heads, 128, t.hidden_size // t.num_attention_heads)
+    return {dt for i in comps[entry] if i.opcode == "parameter" for dt, dims in i.shapes if dims == shape}
+
+
+def test_train_step_compiles_for_v5e_with_splash_and_no_cpu_kernel(v5e):
+    p = plan.make_plan(config(), v5e, "train")
+    for phase in ("fwd", "dq", "dkv"):  # "auto" took the TPU branch: the kernels of forward and backward
+        assert f"splash_mha_{phase}_segmented" in p.hlo
+    assert matvec.TARGET not in p.hlo
+    assert not p.unknown_loops and p.flops > p.xla_flops  # the accumulation loop, counted twice
+    assert 0 < p.memory["total"] < p.hbm_gib * plan.GIB and p.bound_s > 0 and 0 < p.mfu < 1
+
+
+def test_encode_compiles_for_v5e(v5e):
+    p = plan.make_plan(config(), v5e, "encode")
+    assert "splash_mha_fwd" in p.hlo and p.memory["total"] > 0
+
+
+@pytest.mark.parametrize("program", ["prefill", "decode"])
+def test_serving_programs_compile_for_v5e_with_a_bf16_cache_and_no_cpu_kernel(v5e, program):
+    cfg = config(**{"model.dtype": "bfloat16"})
+    p = plan.make_plan(cfg, v5e, program, plan.parse_mesh("data=2,tensor=2"), max_len=128, length=64)
+    assert cache_parameters(p.hlo, cfg) == {"bf16"}
+    assert matvec.TARGET not in p.hlo
+    # a prefill fills its own cache: splash; a decode step reads the cache: XLA
+    assert ("splash_mha_fwd" in p.hlo) == (program == "prefill")
+
+
+def test_the_same_decode_for_cpu_devices_keeps_an_f32_cache():
+    cfg = config(**{"model.dtype": "bfloat16"})
+    p = plan.make_plan(cfg, targets.get_target("cpu:4"), "decode", plan.parse_mesh("data=2,tensor=2"), max_len=128)
+    assert cache_parameters(p.hlo, cfg) == {"f32"}
+
+
+def test_loop_corrected_flops_count_every_iteration_of_nested_scans(v5e):
+    """3 x 5 matmuls of [128, 256] x [256, 256] per chip: XLA counts one, the HLO walk all 15."""
+    mesh = sharding.make_mesh({"fsdp": 4}, v5e.devices)
+
+    def f(w, x):
+        def outer(c, _):
+            return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), c, w)[0], None
+        return jax.lax.scan(outer, x, None, length=3)[0]
+
+    w = jax.ShapeDtypeStruct((5, 256, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    x = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+    compiled = jax.jit(f).lower(w, x).compile()
+    once, corrected = hlo_cost.cost(compiled.as_text(), loop_bodies_once=True), hlo_cost.cost(compiled.as_text())
+    one = 2 * 128 * 256 * 256
+    assert once.flops == one and corrected.flops == 15 * one
+    assert sorted(corrected.trip_counts.values()) == [3, 5]
+    assert compiled.cost_analysis()["flops"] == pytest.approx(once.flops, rel=0.01)  # XLA's own rule, loop bodies once
+    assert corrected.bytes > 5 * once.bytes  # the weights' slices and the carry, read in every iteration
