@@ -36,7 +36,7 @@ fi
 remote="set -euo pipefail
 ${mount}if [[ ! -d safevlm_jax ]]; then git clone --branch $(printf %q "$BRANCH") $(printf %q "$REPO") safevlm_jax; fi
 cd safevlm_jax && git pull --ff-only
-python3 -m pip install -q -U pip && python3 -m pip install -q -e . 'jax[tpu]'
+python3 -m pip install -q -U pip && python3 -m pip install -q -e '.[tpu]'
 python3 -m safevlm_jax.train --config $(printf %q "$config") --workdir $(printf %q "$workdir")${extra}"
 
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="$remote"

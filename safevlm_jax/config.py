@@ -17,12 +17,18 @@ import jax
 import jax.numpy as jnp
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LAYER_INPUT = "layer_input"  # checkpoint name of each stacked layer's input (models/stack.py)
 # remat_policy name -> jax.checkpoint policy; "none" means no remat at all
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,  # jax.checkpoint's default: save only the layer inputs
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # as "full", but the saved layer inputs wait for the backward pass in host memory, not HBM
+    # (a TPU's pinned host memory: [layers, batch, length, embed] leave the chip)
+    "offload_layer_inputs": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device", offload_dst="pinned_host"),
 }
 # models/attention.py: "auto" picks per platform at lowering time (tpu: splash, cuda: cudnn, cpu: cpu_blocks)
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn", "cpu_blocks")

@@ -183,7 +183,7 @@ def test_scan_layers_equals_unrolled():
                                atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("scan,policy", [(False, "dots_saveable"), (True, "full")])
+@pytest.mark.parametrize("scan,policy", [(False, "dots_saveable"), (True, "full"), (True, "offload_layer_inputs")])
 def test_remat_equals_no_remat_values_and_grads(scan, policy):
     ids, mask = jnp.asarray(IDS), jnp.asarray(MASK)
 

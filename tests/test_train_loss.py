@@ -1,5 +1,6 @@
 """The SafeVLM loss against PyTorch's cross-entropy (HF's causal-LM shift, ignore_index -100)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -44,3 +45,17 @@ def test_microbatch_sums_add_up_to_the_whole_batch():
     summed = [sum(float(getattr(p[0], f)) for p in parts) for f in whole._fields]
     np.testing.assert_allclose(summed, [float(x) for x in whole], rtol=1e-6)
     assert sum(float(p[1]) for p in parts) == float(tokens)
+
+
+def test_chunked_lm_loss_equals_the_whole_logits_loss_and_its_gradient():
+    """Final hidden states through a head a chunk of positions at a time (T = 9 in chunks of
+    4: a padded last chunk) give the loss and the input gradient of the whole [B, T, V] logits."""
+    from safevlm_jax.train.loss import chunked_lm_nll_sum, lm_nll_sum
+
+    hidden = jnp.asarray(RNG.normal(size=(B, T, 5)).astype(np.float32))
+    w = jnp.asarray(RNG.normal(size=(5, V)).astype(np.float32))
+    labels = jnp.asarray(LABELS)
+    whole = jax.value_and_grad(lambda h: lm_nll_sum(h @ w, labels))(hidden)
+    chunked = jax.value_and_grad(lambda h: chunked_lm_nll_sum(h, lambda x: x @ w, labels, chunk=4))(hidden)
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
+    np.testing.assert_allclose(chunked[1], whole[1], atol=1e-6)

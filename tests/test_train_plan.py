@@ -12,6 +12,7 @@ from safevlm_jax.plan import targets
 
 def test_plan_prints_per_device_table_for_a_cpu_mesh_of_8(capsys):
     cfg = get_config("tiny")
+    cfg.data.max_length, cfg.model.scan_layers = 64, True
     p = plan.make_plan(cfg, targets.get_target("cpu:8"), "train", plan.parse_mesh("fsdp=8"), hbm_gib=1)
     assert p.fits and p.target.chip is None and p.bound_s is None
     print(plan.format_plan(p))

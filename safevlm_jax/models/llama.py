@@ -194,9 +194,15 @@ class LlamaForCausalLM(nnx.Module):
         return KVCache.init(c.num_hidden_layers, batch, c.num_key_value_heads, max_len,
                             c.head_dim, dtype or self.dtype)
 
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final normed hidden states [B, T, D] -> logits [B, T, vocab] float32 (the LM head,
+        or the tied embedding table)."""
+        logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
                  cache: KVCache | None = None, last_only: bool = False,
-                 logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 logits_at: jax.Array | None = None, lm_head: bool = True) -> tuple[jax.Array, KVCache | None]:
         """inputs_embeds [B, T, D]; positions [B, T] int32 (left padding: cumsum(mask) - 1,
         clipped at 0); attention_mask [B, T] (1 real, 0 padding). `last_only`: logits of the
         last position only ([B, 1, vocab]; a prefill needs no more, and the LM head over every
@@ -205,7 +211,9 @@ class LlamaForCausalLM(nnx.Module):
 
         Without a cache, attention is causal over these T tokens. With one, the T tokens go to
         slots `cache.index`.. and attend to every valid slot written before them and to
-        themselves. Returns (logits [B, T, vocab] float32, updated cache or None).
+        themselves. Returns (logits [B, T, vocab] float32, updated cache or None); with
+        `lm_head=False`, the final normed hidden states [B, T, D] in place of the logits (`head`
+        makes them logits: a train step does, a chunk of positions at a time).
         """
         t = inputs_embeds.shape[1]
         valid = attention_mask.astype(jnp.bool_)
@@ -230,8 +238,7 @@ class LlamaForCausalLM(nnx.Module):
         elif last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
-        logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = self.head(x) if lm_head else x
         if cache is not None:
             cache = KVCache(k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv),
                             mask=slot_valid, index=cache.index + t)

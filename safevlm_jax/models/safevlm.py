@@ -31,7 +31,7 @@ from safevlm_jax.models.safety_projector import SafetyProjector
 
 
 class SafeVLMOutput(NamedTuple):
-    logits: jax.Array  # [B, T, vocab] float32
+    logits: jax.Array  # [B, T, vocab] float32; with lm_head=False the final hidden states [B, T, d]
     level_logits: jax.Array | None  # [B, num_levels] float32
     type_logits: jax.Array | None  # [B, num_types] float32
     cache: Any = None  # the language model's KV cache, when one was given
@@ -154,9 +154,11 @@ class SafeVLM(SafetyVerdict):
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None,
                  attention_mask: jax.Array, positions: jax.Array | None = None,
-                 cache: Any = None, use_safety: bool = True) -> SafeVLMOutput:
+                 cache: Any = None, use_safety: bool = True, lm_head: bool = True) -> SafeVLMOutput:
         """input_ids [B, T] with each `<image>` already expanded to `num_image_tokens(use_safety)`
         image ids; pixel_values [num_images, H, W, 3] or None; attention_mask [B, T] (1 = real).
+        `lm_head=False`: `logits` holds the LLM's final hidden states, which
+        `language_model.head` turns into logits (the train step's chunked loss).
         """
         use_safety = use_safety and self.has_safety
         features = None if pixel_values is None else self.image_features(pixel_values)
@@ -165,5 +167,5 @@ class SafeVLM(SafetyVerdict):
             level, kind = self.verdict_logits(features, input_ids, attention_mask)
         if positions is None:
             positions = default_positions(attention_mask)
-        logits, cache = self.language_model(embeds, positions, attention_mask, cache=cache)
+        logits, cache = self.language_model(embeds, positions, attention_mask, cache=cache, lm_head=lm_head)
         return SafeVLMOutput(logits, level, kind, cache)

@@ -12,8 +12,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from safevlm_jax.config import REMAT_POLICIES
+from safevlm_jax.config import LAYER_INPUT, REMAT_POLICIES
 
 LAYER_AXIS = "layers"
 
@@ -46,7 +47,10 @@ def apply_layers(layers, carry, xs, body: Callable, *, scan: bool, remat_policy:
     per_layer = isinstance(xs, list)
     fn = body
     if remat_policy != "none":
-        fn = nnx.remat(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+        def named(layer, c, x):  # the input by name, which a policy may save elsewhere (offload)
+            return body(layer, jax.tree.map(lambda a: checkpoint_name(a, LAYER_INPUT), c), x)
+
+        fn = nnx.remat(named, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
     if scan:
         if num_layers is not None:
             layers = _first_layers(layers, num_layers)

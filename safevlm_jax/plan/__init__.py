@@ -14,7 +14,10 @@ that bound implies. All are compiler figures, never measurements (docs/tpu.md).
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
+
+import jax
 
 from safevlm_jax import sharding
 from safevlm_jax.plan import hlo_cost, programs
@@ -25,7 +28,9 @@ GIB = 2**30
 
 @dataclasses.dataclass
 class Plan:
-    """Per-chip figures of one compiled program (bytes, FLOPs per execution)."""
+    """Per-chip figures of one compiled program (bytes, FLOPs per execution). A program the
+    TPU compiler refused for want of HBM has `refused` (its message), the temporaries it asked
+    for, and no cost figures (None)."""
 
     target: Target
     program: str
@@ -35,31 +40,39 @@ class Plan:
     inputs: dict[str, int]
     memory: dict[str, int]
     hbm_gib: float
-    flops: float  # loop-corrected, from the compiled HLO
-    bytes: float
-    xla_flops: float  # XLA's cost analysis: loop bodies once
-    xla_bytes: float
+    flops: float | None  # loop-corrected, from the compiled HLO
+    bytes: float | None
+    xla_flops: float | None  # XLA's cost analysis: loop bodies once
+    xla_bytes: float | None
     analytic_flops: float
     model_flops: float
     compile_s: float
     unknown_loops: list[str]
+    refused: str | None = None
+    host_bytes: int = 0  # what the program keeps in the host's memory (offloaded activations)
     hlo: str = dataclasses.field(repr=False, default="")
 
     @property
     def fits(self) -> bool:
-        return self.memory["total"] <= self.hbm_gib * GIB
+        return self.refused is None and self.memory["total"] <= self.hbm_gib * GIB
 
     @property
     def bound_s(self) -> float | None:
         """Roofline lower bound on one execution's time (None without chip figures)."""
         chip = self.target.chip
-        return None if chip is None else max(self.flops / chip.peak_flops, self.bytes / chip.hbm_bandwidth)
+        if chip is None or self.flops is None:
+            return None
+        return max(self.flops / chip.peak_flops, self.bytes / chip.hbm_bandwidth)
 
     @property
     def mfu(self) -> float | None:
         """Model FLOPs / (bound x peak): the most MFU this program can reach."""
         bound = self.bound_s
         return None if not bound else self.model_flops / (bound * self.target.chip.peak_flops)
+
+
+# the TPU compiler's refusal of a program whose temporaries exceed the chip's HBM
+_OUT_OF_HBM = re.compile(r"RESOURCE_EXHAUSTED: .*HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -96,19 +109,32 @@ def make_plan(cfg, target: Target, program: str = "train", mesh_shape: dict[str,
         built = programs.prefill(cfg, mesh, rules, length or cfg.data.max_length, slots, max_len)
     else:
         built = programs.decode(cfg, mesh, rules, slots, max_len)
+    chip = target.chip
+    hbm_gib = hbm_gib or (chip.hbm_gib if chip else 16.0)
+    args = sum(built.inputs.values())
+    try:
+        compiled = built.lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # the compiler's own HBM check: report, do not fail
+        refused = _OUT_OF_HBM.search(str(e))
+        if refused is None:
+            raise
+        temp = int(float(refused.group(1)) * GIB)
+        return Plan(target, program, built.shape, dict(mesh.shape), rules, built.inputs,
+                    {"arguments": args, "temporaries": temp, "total": args + temp}, hbm_gib, None, None, None,
+                    None, built.analytic_flops / mesh.size, built.model_flops / mesh.size,
+                    time.perf_counter() - start, [], refused.group(0))
     compile_s = time.perf_counter() - start
-    mem = built.compiled.memory_analysis()
+    mem = compiled.memory_analysis()
     memory = {"arguments": mem.argument_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
               "outputs not aliased": mem.output_size_in_bytes - mem.alias_size_in_bytes}
     memory["total"] = sum(memory.values())
-    text = built.compiled.as_text()
+    host = mem.host_temp_size_in_bytes + mem.host_argument_size_in_bytes + mem.host_output_size_in_bytes
+    text = compiled.as_text()
     cost = hlo_cost.cost(text)
-    xla = built.compiled.cost_analysis() or {}
-    chip = target.chip
-    return Plan(target, program, built.shape, dict(mesh.shape), rules, built.inputs, memory,
-                hbm_gib or (chip.hbm_gib if chip else 16.0), cost.flops, cost.bytes, xla.get("flops", 0.0),
-                xla.get("bytes accessed", 0.0), built.analytic_flops / mesh.size, built.model_flops / mesh.size,
-                compile_s, cost.unknown_loops, text)
+    xla = compiled.cost_analysis() or {}
+    return Plan(target, program, built.shape, dict(mesh.shape), rules, built.inputs, memory, hbm_gib, cost.flops,
+                cost.bytes, xla.get("flops", 0.0), xla.get("bytes accessed", 0.0), built.analytic_flops / mesh.size,
+                built.model_flops / mesh.size, compile_s, cost.unknown_loops, host_bytes=host, hlo=text)
 
 
 def format_plan(p: Plan) -> str:
@@ -121,6 +147,11 @@ def format_plan(p: Plan) -> str:
     lines += [f"  {k:<42}{v / GIB:>10.3f}" for k, v in p.inputs.items()]
     lines += [f"  {k:<42}{v / GIB:>10.3f}" for k, v in p.memory.items()]
     lines.append(f"fits {p.hbm_gib:g} GiB: {'yes' if p.fits else 'no'}")
+    if p.host_bytes:
+        lines.append(f"  {'in host memory (offloaded, not HBM)':<42}{p.host_bytes / GIB:>10.3f}")
+    if p.refused:
+        lines.append(f"the TPU compiler refused the program ({p.refused}); the arguments are the inputs' bytes")
+        return "\n".join(lines)
     lines.append("compiler figures per chip and execution (bounds from the compiled program, not measurements):")
     lines.append(f"  FLOPs, loop-corrected {p.flops / 1e12:,.3f} T (XLA's cost analysis, loop bodies once: "
                  f"{p.xla_flops / 1e12:,.3f} T)")

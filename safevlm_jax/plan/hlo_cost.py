@@ -9,8 +9,9 @@ the loops around it:
   constant, the element starts at a constant and the body adds a constant to it (the form
   `lax.scan` / `fori_loop` compile to); XLA's `known_trip_count`, when printed, is taken first.
   A loop of another form is counted once and listed in `unknown_loops`.
-- FLOPs: 2 x M x N x K of every `dot` and `convolution` (XLA:TPU writes dots as convolutions),
-  inside fusions too; elementwise work is not counted. A Pallas kernel is opaque to XLA, so
+- FLOPs: 2 x M x N x K of every `dot` and `convolution` (XLA:TPU writes dots as convolutions,
+  batched ones with an lhs-dilated window whose holes are not counted), inside fusions too;
+  elementwise work is not counted. A Pallas kernel is opaque to XLA, so
   splash attention's kernels are counted from their operand shapes: forward 2 products,
   dq 3, dkv 4, each 2 x heads x Tq x Tk x Dh, times the fraction of key blocks a causal mask
   lets them visit (the kernel's `causal` scope, `models/attention.py`).
@@ -212,12 +213,19 @@ def _dot_flops(ins: Instruction, shapes: dict[str, Instruction]) -> float:
             return 0.0
         k = math.prod(lhs.shapes[0][1][int(d)] for d in dims.group(1).split(",") if d)
         return 2.0 * out * k
+    # a convolution: each output element contracts the kernel's input features over the window
+    # taps that land on input elements (an lhs-dilated window, XLA's way of writing a batched
+    # dot, skips the holes: size 64 over lhs_dilate 64 is one tap)
     kernel = shapes.get(ins.operands[1])
     labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
     if kernel is None or not labels:
         return 0.0
     kdims = kernel.shapes[0][1]
-    return 2.0 * out * math.prod(kdims) / kdims[labels.group(1).index("o")]
+    size, dilate = (re.search(key + r"=([\dx]+)", ins.attrs) for key in (r"\bsize", "lhs_dilate"))
+    sizes = [int(n) for n in size.group(1).split("x")] if size else []
+    dilates = [int(n) for n in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
+    taps = math.prod(max(1.0, k / d) for k, d in zip(sizes, dilates))
+    return 2.0 * out * kdims[labels.group(1).index("i")] * taps
 
 
 def _splash_flops(ins: Instruction, shapes: dict[str, Instruction]) -> float:

@@ -32,12 +32,13 @@ PROGRAMS = ("train", "encode", "prefill", "decode")
 
 @dataclasses.dataclass
 class Program:
-    """compiled: the compiled program; inputs: per-device bytes of its named inputs;
+    """lowered: the program lowered for the mesh (`.compile()` runs the target's compiler);
+    inputs: per-device bytes of its named inputs;
     analytic_flops: `analytic`'s count for the whole program (all devices); model_flops: the
     FLOPs MFU counts (training: `train.metrics.step_flops`; serving: `analytic_flops`);
     shape: what one execution processes, in words."""
 
-    compiled: jax.stages.Compiled
+    lowered: jax.stages.Lowered
     inputs: dict[str, int]
     analytic_flops: float
     model_flops: float
@@ -83,11 +84,11 @@ def train(cfg, mesh: Mesh, rules: str) -> Program:
     fn, state_sh, _ = jit_train_step(step, abstract, batch, mesh, rules, cfg.sharding_fallback)
     state_in = _with(abstract, state_sh)
     batch_in = _with(batch, batch_shardings(batch, mesh, rules))
-    compiled = fn.lower(state_in, batch_in).compile()
+    lowered = fn.lower(state_in, batch_in)
     trained_llm = sum(v.get_value().size for p, v in nnx.to_flat_state(abstract.trainable)
                       if p[0] == "language_model")
     return Program(
-        compiled,
+        lowered,
         {"trainable params": per_device_bytes(state_in.trainable), "frozen params": per_device_bytes(state_in.frozen),
          "optimizer state": per_device_bytes(state_in.opt_state), "batch": per_device_bytes(batch_in)},
         analytic.train_step(mcfg, rows, t, trained_llm),
@@ -119,9 +120,9 @@ def encode(cfg, mesh: Mesh, rules: str, batch: int) -> Program:
     pixels = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=sharding.data_sharding(mesh, rules, 4))
     first = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.data_sharding(mesh, rules, 1))
     with sharding.use_rules(mesh, rules, cfg.sharding_fallback):
-        compiled = decode.encode.lower(graphdef, state, pixels, first, use_safety=True).compile()
+        lowered = decode.encode.lower(graphdef, state, pixels, first, use_safety=True)
     flops = analytic.vision_forward(mcfg, batch)
-    return Program(compiled, {"params": per_device_bytes(state), "images": per_device_bytes(pixels)},
+    return Program(lowered, {"params": per_device_bytes(state), "images": per_device_bytes(pixels)},
                    flops, flops, f"{batch} images of {size} px")
 
 
@@ -152,11 +153,11 @@ def prefill(cfg, mesh: Mesh, rules: str, length: int, slots: int, max_len: int) 
     rep = lambda shape, dtype: _replicated(mesh, jax.ShapeDtypeStruct(shape, dtype))  # noqa: E731
     features = rep((1, mcfg.num_image_features, mcfg.vision.hidden_size), mcfg.compute_dtype)
     with sharding.use_rules(mesh, rules, cfg.sharding_fallback):
-        compiled = programs.prefill.lower(
+        lowered = programs.prefill.lower(
             graphdef, state, cache, rep((1, length), jnp.int32), rep((), jnp.int32), features, rep((), jnp.int32),
-            _rule(mesh, 1), rep((1,), jnp.uint32), rep((1,), jnp.int32), use_safety=True).compile()
+            _rule(mesh, 1), rep((1,), jnp.uint32), rep((1,), jnp.int32), use_safety=True)
     flops = analytic.llm_forward(mcfg, 1, length, (length + 1) / 2, 1)
-    return Program(compiled, {"params": per_device_bytes(state), "kv cache": per_device_bytes(cache)},
+    return Program(lowered, {"params": per_device_bytes(state), "kv cache": per_device_bytes(cache)},
                    flops, flops, f"1 prompt of {length} tokens into a {slots} x {max_len} cache")
 
 
@@ -167,9 +168,9 @@ def decode(cfg, mesh: Mesh, rules: str, slots: int, max_len: int) -> Program:
     mcfg, graphdef, state, cache = _serving_inputs(cfg, mesh, rules, slots, max_len)
     rep = lambda dtype: _replicated(mesh, jax.ShapeDtypeStruct((slots,), dtype))  # noqa: E731
     with sharding.use_rules(mesh, rules, cfg.sharding_fallback):
-        compiled = programs.decode_step.lower(
+        lowered = programs.decode_step.lower(
             graphdef, state, cache, rep(jnp.int32), rep(jnp.bool_), _rule(mesh, slots), rep(jnp.uint32),
-            rep(jnp.int32), rows=slots, length=max_len).compile()
+            rep(jnp.int32), rows=slots, length=max_len)
     flops = analytic.llm_forward(mcfg, slots, 1, max_len, 1)
-    return Program(compiled, {"params": per_device_bytes(state), "kv cache": per_device_bytes(cache)},
+    return Program(lowered, {"params": per_device_bytes(state), "kv cache": per_device_bytes(cache)},
                    flops, flops, f"1 token for each of {slots} rows of a {max_len}-slot cache")

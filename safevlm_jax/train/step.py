@@ -55,9 +55,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
 
     def microbatch_loss(trainable, frozen, mb, num_tokens, num_rows):
         model = nnx.merge(graphdef, trainable, frozen, copy=True)  # fresh Variables in this trace
-        out = model(mb["input_ids"], mb["pixel_values"], mb["attention_mask"])
+        out = model(mb["input_ids"], mb["pixel_values"], mb["attention_mask"], lm_head=False)
         sums = losses.loss_sums(out.logits, out.level_logits, out.type_logits, mb["labels"],
-                                mb["safe_level"], mb["safe_type"])
+                                mb["safe_level"], mb["safe_type"], head=model.language_model.head)
         return losses.total_loss(sums, num_tokens, num_rows, head_weight), sums
 
     grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)

@@ -1,0 +1,211 @@
+"""The README's plan table, from the TPU compiler on this host (compile-only TPU devices).
+
+    nice python benchmarks/tpu_plan_table.py                       # every case, resumable
+    python benchmarks/tpu_plan_table.py --only goals                # the issue's goals first
+    python benchmarks/tpu_plan_table.py --print_only                # the table of what is done
+
+Each case is `safevlm_jax.plan.make_plan` of a training config in a process of its own (a
+7B train step takes 4-20 minutes to compile on 2 cores, several GiB of RAM), its figures
+appended as one JSON line to `--results`; cases already there are skipped, so an interrupted
+run resumes. Cases (`--only` picks groups):
+
+  table    7B and 13B, stage 1 and stage 2, on v5e-8, v5p-64 and v6e-8, splash and the XLA
+           reference, at each config's batch (2 per chip x accumulation 8, length 2048)
+  goals    7B stage 2 on v5e-8: batch 8 x accumulation 2 (global 128) and batch 2 x 8 at length
+           4096, splash and XLA; remat policies
+  batch    the largest batch per chip (powers of 2, accumulation 1) that fits at length 2048
+  length   the longest length (multiples of 1024) that fits at batch 1
+
+Prints the table (per-chip GiB, fits, loop-corrected compiled TFLOP per chip against the
+analytic count, the roofline bound on step time and the MFU it implies) and a last
+`key=value` line. These are compiler figures: bounds, not measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from absl import flags  # noqa: E402
+
+from safevlm_jax import cli  # noqa: E402
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("results", "/tmp/tpu_plan_table.jsonl", "JSON lines of finished cases", flag_values=FLAGS)
+flags.DEFINE_list("only", "goals,table,batch,length", "case groups to run", flag_values=FLAGS)
+flags.DEFINE_bool("print_only", False, "print the table of the results file, compile nothing", flag_values=FLAGS)
+flags.DEFINE_integer("timeout", 3600, "seconds one compile may take", flag_values=FLAGS)
+flags.DEFINE_string("case", "", "internal: run this one case (JSON) and print its figures", flag_values=FLAGS)
+flags.DEFINE_string("dump_dir", "", "write each case's compiled train step and buffer assignment under "
+                    "DIR/<case number> (XLA_FLAGS --xla_dump_to)", flag_values=FLAGS)
+
+TARGETS = ("v5e-8", "v5p-64", "v6e-8")
+SEARCH_REMAT = "offload_layer_inputs"
+GIB = 2**30
+
+
+def case(model: str, stage: int, target: str, attention: str, batch: int = 2, accumulation: int = 8,
+         length: int = 2048, remat: str = "full", group: str = "table") -> dict:
+    return dict(model=model, stage=stage, target=target, attention=attention, batch=batch,
+                accumulation=accumulation, length=length, remat=remat, group=group)
+
+
+def key(c: dict) -> str:
+    return json.dumps({k: c[k] for k in sorted(c) if k != "group"})
+
+
+def groups() -> dict[str, list[dict]]:
+    goals = [case("7b", 2, "v5e-8", a, batch=8, accumulation=2, remat=r, group="goals")
+             for r in ("full", "offload_layer_inputs") for a in ("splash", "xla")]
+    goals += [case("7b", 2, "v5e-8", a, batch=2, accumulation=8, length=4096, group="goals") for a in ("splash", "xla")]
+    goals += [case("7b", 2, "v5e-8", "splash", batch=8, accumulation=2, remat=r, group="goals")
+              for r in ("nothing_saveable", "dots_with_no_batch_dims_saveable")]
+    table = [case(m, s, t, a) for m in ("7b", "13b") for s in (2, 1) for t in TARGETS for a in ("splash", "xla")]
+    return {"goals": goals, "table": table}
+
+
+def run_case(c: dict) -> dict:
+    """Compiles one case in this process; returns its figures."""
+    from configs.train_common import train_config
+    from safevlm_jax import plan
+
+    plan.use_cpu_platform()
+    cfg = train_config(c["stage"], c["model"])
+    cfg.batch_per_device, cfg.accumulation, cfg.data.max_length = c["batch"], c["accumulation"], c["length"]
+    cfg.model.attention, cfg.model.remat_policy = c["attention"], c["remat"]
+    p = plan.make_plan(cfg, plan.get_target(c["target"]), "train")
+    scaled = lambda x, unit: None if x is None else x / unit  # noqa: E731 (refused: no cost figures)
+    return dict(c, gib=p.memory["total"] / GIB, temp_gib=p.memory["temporaries"] / GIB,
+                args_gib=p.memory["arguments"] / GIB, host_gib=p.host_bytes / GIB, hbm_gib=p.hbm_gib, fits=p.fits,
+                refused=p.refused, tflops=scaled(p.flops, 1e12), analytic_tflops=p.analytic_flops / 1e12,
+                xla_tflops=scaled(p.xla_flops, 1e12), gbytes=scaled(p.bytes, 1e9), bound_s=p.bound_s, mfu=p.mfu,
+                compile_s=p.compile_s, unknown_loops=p.unknown_loops)
+
+
+def load() -> dict[str, dict]:
+    if not os.path.exists(FLAGS.results):
+        return {}
+    with open(FLAGS.results) as f:
+        return {key(r): r for r in map(json.loads, f) if r}
+
+
+def compile_case(c: dict, done: dict[str, dict]) -> dict:
+    """The figures of case `c`: from the results file, else compiled in a subprocess."""
+    if key(c) in done:
+        return done[key(c)]
+    start = time.time()
+    env = dict(os.environ)
+    if FLAGS.dump_dir:
+        where = os.path.join(FLAGS.dump_dir, str(len(done)))
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={where} --xla_dump_hlo_module_re=step_under_rules"
+    try:
+        out = subprocess.run([sys.executable, __file__, f"--case={json.dumps(c)}"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=FLAGS.timeout, env=env)
+        lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+        result = json.loads(lines[-1]) if out.returncode == 0 and lines else dict(
+            c, error=(out.stderr.strip().splitlines() or ["no output"])[-1][:300])
+    except subprocess.TimeoutExpired:
+        result = dict(c, error=f"compile took over {FLAGS.timeout} s")
+    result["wall_s"] = time.time() - start
+    with open(FLAGS.results, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    done[key(result)] = result
+    state = f"error {result['error']}" if "error" in result else f"{result['gib']:.2f} GiB"
+    print(f"{key(c)}: {state} ({result['wall_s']:.0f} s)", flush=True)
+    return result
+
+
+def largest(make, values, done) -> int | None:
+    """The largest of increasing `values` whose case `make(v)` fits (stops at the first miss)."""
+    best = None
+    for v in values:
+        r = compile_case(make(v), done)
+        if not r.get("fits"):
+            break
+        best = v
+    return best
+
+
+def row(r: dict) -> str:
+    """One line of the README's table."""
+    what = (f"| {r['model'].upper()} | {r['stage']} | {r['target']} | {r['attention']} | {r['batch']} x {r['accumulation']} "
+            f"| {r['length']} | {r['remat']} |")
+    if "error" in r:
+        return f"{what} error: {r['error']} | | | | |"
+    if r.get("refused"):
+        return (f"{what} > {r['gib']:.2f} ({r['temp_gib']:.2f}) | no: the compiler refused it | - | - | - |")
+    host = f", {r['host_gib']:.1f} on host" if r.get("host_gib") else ""
+    return (f"{what} {r['gib']:.2f} ({r['temp_gib']:.2f}{host}) | {'yes' if r['fits'] else 'no'} | "
+            f"{r['tflops']:,.0f} / {r['analytic_tflops']:,.0f} = {r['tflops'] / r['analytic_tflops']:.2f} | "
+            f"{r['bound_s']:.2f} | {r['mfu']:.2f} |")
+
+
+def largest_fitting(done: dict[str, dict], group: str, model: str, target: str, field: str) -> str:
+    """The largest `field` of a fitting case of `group` (and the smallest that did not fit)."""
+    rows = [r for r in done.values() if r["group"] == group and r["model"] == model and r["target"] == target]
+    fit = [r[field] for r in rows if r.get("fits")]
+    miss = [r[field] for r in rows if "error" not in r and not r.get("fits")]
+    if not rows:
+        return "not run"
+    return f"{max(fit) if fit else 'none'}" + (f" ({min(miss)} does not fit)" if miss else "")
+
+
+def print_table(done: dict[str, dict]) -> None:
+    print("| model | stage | target | attention | batch/chip x accumulation | length | remat | GiB/chip "
+          "(temporaries) | fits | compiled / analytic TFLOP per chip | step time >= s | MFU <= |")
+    print("|---|---|---|---|---|---|---|---:|---|---:|---:|---:|")
+    for r in done.values():
+        if r["group"] in ("goals", "table"):
+            print(row(r))
+    print()
+    print("| model | target | largest batch/chip at 2048 (splash) | longest length at batch 1 (splash) |")
+    print("|---|---|---|---|")
+    for m in ("7b", "13b"):
+        for t in TARGETS:
+            print(f"| {m.upper()} | {t} | {largest_fitting(done, 'batch', m, t, 'batch')} | "
+                  f"{largest_fitting(done, 'length', m, t, 'length')} |")
+    goal = {(r["attention"], r["remat"]): r for r in done.values() if r["group"] == "goals" and r["batch"] == 8
+            and "error" not in r}
+    ratios = {}
+    if ("splash", "full") in goal and ("xla", "full") in goal:
+        ratios["temp_splash_over_xla_b8"] = goal["splash", "full"]["temp_gib"] / goal["xla", "full"]["temp_gib"]
+    best = min((r for r in goal.values() if r["attention"] == "splash"), key=lambda r: r["gib"], default=None)
+    if best is not None:
+        ratios["b8x2_best_gib"] = best["gib"]
+        if best.get("tflops"):
+            ratios["flops_over_analytic_b8"] = best["tflops"] / best["analytic_tflops"]
+    print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()) or "no_goal_cases=1")
+
+
+def _main(argv) -> None:
+    del argv
+    if FLAGS.case:
+        print(json.dumps(run_case(json.loads(FLAGS.case))))
+        return
+    done = load()
+    if not FLAGS.print_only:
+        cases = groups()
+        for g in ("goals", "table"):
+            if g in FLAGS.only:
+                for c in cases[g]:
+                    compile_case(c, done)
+        for m in ("7b", "13b"):
+            for t in TARGETS:  # stage 2 (the larger optimizer state), splash, layer inputs offloaded
+                if "batch" in FLAGS.only:
+                    largest(lambda b: case(m, 2, t, "splash", batch=b, accumulation=1, remat=SEARCH_REMAT,
+                                           group="batch"), (1, 2, 4, 8, 16, 32), done)
+                if "length" in FLAGS.only:
+                    largest(lambda n: case(m, 2, t, "splash", batch=1, accumulation=1, length=n, remat=SEARCH_REMAT,
+                                           group="length"), (2048, 4096, 8192, 16384, 32768), done)
+    print_table(done)
+
+
+if __name__ == "__main__":
+    cli.run(_main, FLAGS)
