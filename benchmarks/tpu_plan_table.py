@@ -57,8 +57,12 @@ def case(model: str, stage: int, target: str, attention: str, batch: int = 2, ac
                 accumulation=accumulation, length=length, remat=remat, group=group)
 
 
+CASE_FIELDS = ("model", "stage", "target", "attention", "batch", "accumulation", "length", "remat")
+
+
 def key(c: dict) -> str:
-    return json.dumps({k: c[k] for k in sorted(c) if k != "group"})
+    """What identifies a case (a result carries its figures too)."""
+    return json.dumps({k: c[k] for k in CASE_FIELDS})
 
 
 def groups() -> dict[str, list[dict]]:

@@ -3,6 +3,8 @@ compiler's plans are tested in test_tpu_compile.py."""
 
 import importlib.util
 
+import jax
+
 import pytest
 
 from configs.stage2 import get_config
@@ -48,3 +50,20 @@ def test_a_tpu_target_without_libtpu_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     with pytest.raises(ValueError, match=r'pip install -e "\.\[tpu\]"'):
         targets.get_target("v5e-8")
+
+
+def test_a_program_the_compiler_refuses_for_want_of_hbm_is_a_plan_that_does_not_fit(monkeypatch):
+    """The TPU compiler stops at its own HBM check (what the plan prints instead of a traceback)."""
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(22.15G) exceeds available HBM (15.75G).")
+
+    class Refused:
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(message)
+
+    built = plan.programs.Program(Refused(), {"params": plan.GIB}, 1e15, 1e15, "a big step")
+    monkeypatch.setattr(plan.programs, "train", lambda *a: built)
+    p = plan.make_plan(get_config("tiny"), targets.get_target("cpu:8"), "train", {"fsdp": 8})
+    assert not p.fits and p.flops is None and p.bound_s is None
+    assert p.memory["temporaries"] == int(22.15 * plan.GIB) and p.memory["total"] > 23 * plan.GIB
+    assert "refused" in plan.format_plan(p)

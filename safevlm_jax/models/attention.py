@@ -28,7 +28,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from safevlm_jax import sharding
 from safevlm_jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
@@ -148,7 +147,6 @@ def _cudnn_fits(q: jax.Array) -> bool:
 def _cudnn(q, k, v, valid, *, causal: bool):
     """cuDNN flash attention ([B, T, heads, Dh] layout); padding masked per key and query as
     splash's segments are, so no row is fully masked."""
-    b, _, t, _ = q.shape
     mask = None if valid is None else (valid[:, None, :, None] == valid[:, None, None, :])  # [B, 1, T, T]
     out = jax.nn.dot_product_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), mask=mask,
                                        scale=1.0, is_causal=causal, implementation="cudnn")

@@ -58,6 +58,7 @@ def chunked_lm_nll_sum(hidden: jax.Array, head: Callable[[jax.Array], jax.Array]
     gradient) live at a time: at 7B, batch 8 x 2048 per chip, 2 GiB of f32 logits and 1 GiB of
     their bf16 copy become a quarter of one."""
     b, t, d = hidden.shape
+    chunk = min(chunk, t)
     n = -(-t // chunk)
     targets = jnp.pad(_targets(labels), ((0, 0), (0, n * chunk - t)), constant_values=IGNORE_INDEX)
     hidden = jnp.pad(hidden, ((0, 0), (0, n * chunk - t), (0, 0)))
