@@ -106,8 +106,8 @@ def test_tiny_safevlm_logits_with_splash_equal_xla(tiny_config):
     ids = np.where(mask, batch["input_ids"], mcfg.pad_token_id)
     ids[1, 7:] = batch["input_ids"][1, :-7]
     out = {}
-    for name in ("xla", "splash"):
-        model = SafeVLM(mcfg.replace(attention=name), rngs=nnx.Rngs(0))
+    for name in ("xla", "splash"):  # scanned layers: one layer body to trace and compile
+        model = SafeVLM(mcfg.replace(attention=name, scan_layers=True), rngs=nnx.Rngs(0))
         with pltpu.force_tpu_interpret_mode():
             out[name] = nnx.jit(lambda m, *a: m(*a))(model, ids, batch["pixel_values"], mask)
     keep = mask.astype(bool)
@@ -122,7 +122,7 @@ def test_train_step_with_splash_equals_xla():
     pipeline gives them."""
     results = {}
     for name in ("xla", "splash"):
-        cfg = tiny_train_config(2, **{"model.lora.dropout": 0.0, "model.attention": name})
+        cfg = tiny_train_config(2, **{"model.lora.dropout": 0.0, "model.attention": name, "model.scan_layers": True})
         mcfg = ModelConfig.from_dict(cfg.model)
         optimizer, schedule = sgd(1.0)
         graphdef, state = create_state(SafeVLM(mcfg, rngs=nnx.Rngs(params=0, dropout=1)), cfg, optimizer)
