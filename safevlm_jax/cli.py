@@ -37,10 +37,14 @@ callers) the same parsing and error lines apply in-process, and an error raises 
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
 import sys
 import traceback
 from typing import Any, Callable, Sequence
 
+import jax
 from absl import app, flags, logging
 
 
@@ -114,12 +118,31 @@ def _no_config_field(error: Exception, args: Sequence[str]) -> UsageError:
     return UsageError("; ".join([f"{name}: no such field in the config", *hint]))
 
 
+# device files of a TPU VM's chips (v4, v5e, v6e: /dev/accel*; v5p: /dev/vfio/N) and of NVIDIA GPUs
+TPU_DEVICE_FILES, GPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*"), ("/dev/nvidia[0-9]*",)
+
+
+def skip_tpu_probe_without_tpu() -> bool:
+    """With libtpu installed (the `tpu` or `test` extra) JAX looks for a TPU when it starts,
+    even on a machine that has none (seconds, and error lines on stderr). Where no TPU or GPU
+    device file exists and JAX_PLATFORMS is unset, the command runs on the CPU without asking;
+    returns whether it did so. Call before any JAX computation."""
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return False
+    if any(glob.glob(pattern) for pattern in TPU_DEVICE_FILES + GPU_DEVICE_FILES):
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 def run(command: Callable[[list[str]], Any], flag_values: flags.FlagValues,
         argv: Sequence[str] | None = None, *, positional: bool = False) -> None:
     """Parses the flags, calls `command([program, *positional])` and turns expected errors into
     one `error:` line and exit status 2 (see the module docstring). `argv`: the arguments
-    after the program name; None: sys.argv, under absl.app.run."""
+    after the program name; None: sys.argv, under absl.app.run. On a machine with no
+    accelerator, JAX starts on the CPU without probing for a TPU (`skip_tpu_probe_without_tpu`)."""
     debug = False
+    skip_tpu_probe_without_tpu()
 
     def call(rest: list[str]) -> None:
         if not flags.FLAGS["verbosity"].present:  # app.run's default is INFO: orbax and TFDS log

@@ -126,3 +126,17 @@ def test_in_process_call_parses_afresh_and_exits_2_on_bad_input(tmp_path, capsys
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: Expecting property name")
     with pytest.raises(RuntimeError):  # a bug is not an expected error
         cli.run(lambda argv: (_ for _ in ()).throw(RuntimeError("bug")), fv, [])
+
+
+def test_commands_skip_the_tpu_probe_only_where_no_accelerator_device_exists(monkeypatch):
+    """libtpu is installed here (the test extra): a command on a machine without TPU or GPU
+    device files starts on the CPU without probing; with JAX_PLATFORMS set, or a TPU VM's
+    device files, it leaves JAX's choice alone."""
+    import glob
+
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])
+    assert not cli.skip_tpu_probe_without_tpu()  # JAX_PLATFORMS=cpu (conftest) decides
+    monkeypatch.delenv("JAX_PLATFORMS")
+    assert cli.skip_tpu_probe_without_tpu()
+    monkeypatch.setattr(glob, "glob", lambda pattern: ["/dev/accel0"] if pattern == "/dev/accel*" else [])
+    assert not cli.skip_tpu_probe_without_tpu()
