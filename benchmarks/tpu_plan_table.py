@@ -23,7 +23,10 @@ analytic count, the roofline bound on step time and the MFU it implies) and a la
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,6 +46,10 @@ flags.DEFINE_list("only", "goals,table,batch,length", "case groups to run", flag
 flags.DEFINE_bool("print_only", False, "print the table of the results file, compile nothing", flag_values=FLAGS)
 flags.DEFINE_integer("timeout", 3600, "seconds one compile may take", flag_values=FLAGS)
 flags.DEFINE_string("case", "", "internal: run this one case (JSON) and print its figures", flag_values=FLAGS)
+flags.DEFINE_string("hlo_dir", "/tmp/tpu_plan_table_hlo", "each compiled case's HLO text, gzipped, for --recount",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("recount", False, "recount the FLOPs, bytes and bounds of every case from its stored HLO "
+                  "(after a change to safevlm_jax/plan/hlo_cost.py), compile nothing", flag_values=FLAGS)
 flags.DEFINE_string("dump_dir", "", "write each case's compiled train step and buffer assignment under "
                     "DIR/<case number> (XLA_FLAGS --xla_dump_to)", flag_values=FLAGS)
 
@@ -75,22 +82,66 @@ def groups() -> dict[str, list[dict]]:
     return {"goals": goals, "table": table}
 
 
-def run_case(c: dict) -> dict:
-    """Compiles one case in this process; returns its figures."""
+def case_config(c: dict):
     from configs.train_common import train_config
-    from safevlm_jax import plan
 
-    plan.use_cpu_platform()
     cfg = train_config(c["stage"], c["model"])
     cfg.batch_per_device, cfg.accumulation, cfg.data.max_length = c["batch"], c["accumulation"], c["length"]
     cfg.model.attention, cfg.model.remat_policy = c["attention"], c["remat"]
-    p = plan.make_plan(cfg, plan.get_target(c["target"]), "train")
-    scaled = lambda x, unit: None if x is None else x / unit  # noqa: E731 (refused: no cost figures)
+    return cfg
+
+
+def run_case(c: dict) -> dict:
+    """Compiles one case in this process; returns its figures."""
+    from safevlm_jax import plan
+
+    plan.use_cpu_platform()
+    p = plan.make_plan(case_config(c), plan.get_target(c["target"]), "train")
+    if p.hlo and FLAGS.hlo_dir:
+        os.makedirs(FLAGS.hlo_dir, exist_ok=True)
+        with gzip.open(hlo_path(c), "wt") as f:
+            f.write(p.hlo)
     return dict(c, gib=p.memory["total"] / GIB, temp_gib=p.memory["temporaries"] / GIB,
                 args_gib=p.memory["arguments"] / GIB, host_gib=p.host_bytes / GIB, hbm_gib=p.hbm_gib, fits=p.fits,
-                refused=p.refused, tflops=scaled(p.flops, 1e12), analytic_tflops=p.analytic_flops / 1e12,
-                xla_tflops=scaled(p.xla_flops, 1e12), gbytes=scaled(p.bytes, 1e9), bound_s=p.bound_s, mfu=p.mfu,
-                compile_s=p.compile_s, unknown_loops=p.unknown_loops)
+                refused=p.refused, analytic_tflops=p.analytic_flops / 1e12, model_tflops=p.model_flops / 1e12,
+                xla_tflops=None if p.xla_flops is None else p.xla_flops / 1e12, compile_s=p.compile_s,
+                **cost_fields(p))
+
+
+def cost_fields(p) -> dict:
+    """The figures that come from counting the compiled HLO (None for a refused program)."""
+    scaled = lambda x, unit: None if x is None else x / unit  # noqa: E731
+    return dict(tflops=scaled(p.flops, 1e12), gbytes=scaled(p.bytes, 1e9), bound_s=p.bound_s, mfu=p.mfu,
+                unknown_loops=p.unknown_loops)
+
+
+def hlo_path(c: dict) -> str:
+    return os.path.join(FLAGS.hlo_dir, hashlib.sha1(key(c).encode()).hexdigest()[:16] + ".hlo.gz")
+
+
+def recount(r: dict) -> dict:
+    """Case result `r` with its analytic FLOPs computed again, and its HLO figures counted
+    again from its stored HLO (kept when there is none: a refused program, or a case compiled
+    without --hlo_dir). The table's stage 2 trains the LLM's LoRA factors, stage 1 none of its
+    weights."""
+    from safevlm_jax import plan
+    from safevlm_jax.config import ModelConfig
+    from safevlm_jax.plan import analytic, hlo_cost, targets
+
+    mcfg = ModelConfig.from_dict(case_config(r).model)
+    chips = math.prod(int(n) for n in targets.topology_name(r["target"]).split(":")[1].split("x"))
+    trained = analytic.lora_weights(mcfg) if r["stage"] == 2 else 0
+    rows = r["batch"] * chips * r["accumulation"]
+    r = dict(r, analytic_tflops=analytic.train_step(mcfg, rows, r["length"], trained) / chips / 1e12)
+    if r.get("refused") or "error" in r or not os.path.exists(hlo_path(r)):
+        return r
+    with gzip.open(hlo_path(r), "rt") as f:
+        cost = hlo_cost.cost(f.read())
+    chip = next(c for c in targets.CHIPS.values() if c.name == r["target"].split("-")[0])
+    target = targets.Target(r["target"], targets.topology_name(r["target"]), [None], chip)
+    p = plan.Plan(target, "train", "", {}, "", {}, {}, r["hbm_gib"], cost.flops, cost.bytes, None, None,
+                  r["analytic_tflops"] * 1e12, r["model_tflops"] * 1e12, r["compile_s"], cost.unknown_loops)
+    return dict(r, **cost_fields(p))
 
 
 def load() -> dict[str, dict]:
@@ -110,7 +161,7 @@ def compile_case(c: dict, done: dict[str, dict]) -> dict:
         where = os.path.join(FLAGS.dump_dir, str(len(done)))
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={where} --xla_dump_hlo_module_re=step_under_rules"
     try:
-        out = subprocess.run([sys.executable, __file__, f"--case={json.dumps(c)}"], cwd=ROOT, capture_output=True,
+        out = subprocess.run([sys.executable, __file__, f"--case={json.dumps(c)}", f"--hlo_dir={FLAGS.hlo_dir}"], cwd=ROOT, capture_output=True,
                              text=True, timeout=FLAGS.timeout, env=env)
         lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
         result = json.loads(lines[-1]) if out.returncode == 0 and lines else dict(
@@ -192,7 +243,11 @@ def _main(argv) -> None:
         print(json.dumps(run_case(json.loads(FLAGS.case))))
         return
     done = load()
-    if not FLAGS.print_only:
+    if FLAGS.recount:
+        done = {k: recount(r) for k, r in done.items()}
+        with open(FLAGS.results, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in done.values())
+    elif not FLAGS.print_only:
         cases = groups()
         for g in ("goals", "table"):
             if g in FLAGS.only:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from safevlm_jax import plan, sharding
 from safevlm_jax.kernels import matvec
@@ -86,3 +86,31 @@ def test_loop_corrected_flops_count_every_iteration_of_nested_scans(v5e):
     assert sorted(corrected.trip_counts.values()) == [3, 5]
     assert compiled.cost_analysis()["flops"] == pytest.approx(once.flops, rel=0.01)  # XLA's own rule, loop bodies once
     assert corrected.bytes > 5 * once.bytes  # the weights' slices and the carry, read in every iteration
+
+
+def one_chip(v5e) -> NamedSharding:
+    return NamedSharding(Mesh(np.array(v5e.devices[:1]), ("x",)), P())
+
+
+def test_convolution_flops_count_only_the_window_taps_that_read_the_input(v5e):
+    """A 3x3 'SAME' convolution over 8x8: per spatial dimension, 8 outputs x 3 taps less the 2
+    that read padding = 22 (XLA's own count). XLA:TPU writes some dots as convolutions whose
+    windows lie mostly in padding; counting every tap overcounted a 7B stage-1 step 6x."""
+    x = jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.bfloat16, sharding=one_chip(v5e))
+    w = jax.ShapeDtypeStruct((3, 3, 16, 32), jnp.bfloat16, sharding=one_chip(v5e))
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",  # noqa: E731
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    compiled = jax.jit(conv).lower(x, w).compile()
+    assert "pad=1_1x1_1" in compiled.as_text()
+    assert hlo_cost.cost(compiled.as_text()).flops == 2 * 32 * 16 * 22 * 22 == compiled.cost_analysis()["flops"]
+
+
+def test_hbm_bytes_count_each_array_once_not_its_copy_in_vmem(v5e):
+    """tanh(x @ y) * x, f32 [2048, 2048]: the TPU compiler prefetches y into VMEM (copy-start)
+    and the product reads it there: HBM sees x and y read once and the result written once."""
+    n = 2048
+    x = jax.ShapeDtypeStruct((n, n), jnp.float32, sharding=one_chip(v5e))
+    compiled = jax.jit(lambda x, y: jnp.tanh(x @ y) * x).lower(x, x).compile()
+    text = compiled.as_text()
+    assert "copy-start" in text and "S(1)}" in text  # a copy into memory space 1, VMEM
+    assert hlo_cost.cost(text).bytes == 3 * 4 * n * n

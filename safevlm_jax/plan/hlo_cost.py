@@ -29,11 +29,14 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 from safevlm_jax.models import attention
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*")
-_ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+_ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")  # in a TPU layout: 0 (absent) HBM, 1 VMEM, 5 host, ...
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
              "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 1, "u4": 1,
              "f8e4m3fn": 1, "f8e5m2": 1, "token": 0}
@@ -41,6 +44,8 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "copy-done",
                "all-gather-done", "all-reduce-done", "collective-permute-done", "async-done",
                "send-done", "recv-done"}
+# TPU custom calls that allocate, alias or annotate a buffer without reading or writing it
+_NO_TRAFFIC_TARGETS = {"AllocateBuffer", "ConcatBitcast", "AssumeGatherIndicesInBound"}
 _SPLASH_PRODUCTS = {"fwd": 2, "dq": 3, "dkv": 4}
 
 
@@ -51,10 +56,18 @@ class Instruction:
     opcode: str
     operands: list[str]
     attrs: str
+    spaces: tuple[int, ...] = ()  # memory space of each array of the result (layout's S(n))
+
+    def array_bytes(self, i: int) -> int:
+        """Bytes array `i` of the result occupies in HBM (0 when it lives elsewhere)."""
+        dt, dims = self.shapes[i]
+        in_hbm = i >= len(self.spaces) or self.spaces[i] == 0
+        return _ITEMSIZE.get(dt, 4) * math.prod(dims) if in_hbm else 0
 
     @property
     def bytes(self) -> int:
-        return sum(_ITEMSIZE.get(dt, 4) * math.prod(dims) for dt, dims in self.shapes)
+        """HBM bytes of the result: arrays in another memory space (VMEM, host) move no HBM data."""
+        return sum(self.array_bytes(i) for i in range(len(self.shapes)))
 
 
 @dataclasses.dataclass
@@ -104,12 +117,13 @@ def _parse_instruction(line: str) -> Instruction | None:
     rest = line[m.end():]
     end = _matching(rest, 0) if rest.startswith("(") else rest.index(" ")
     shape_text, rest = rest[:end], rest[end:].lstrip()
-    shapes = [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(
-        re.sub(r"\{[^}]*\}", "", shape_text))]
+    arrays = _ARRAY.findall(shape_text)
+    shapes = [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims, _ in arrays]
+    spaces = tuple(int(s.group(1)) if (s := _MEMORY_SPACE.search(layout)) else 0 for _, _, layout in arrays)
     paren = rest.index("(")
     close = _matching(rest, paren)
     operands = [p.split()[-1].lstrip("%") for p in _split_top(rest[paren + 1:close - 1])]
-    return Instruction(m.group(1), shapes, rest[:paren].strip(), operands, rest[close:])
+    return Instruction(m.group(1), shapes, rest[:paren].strip(), operands, rest[close:], spaces)
 
 
 def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -214,18 +228,44 @@ def _dot_flops(ins: Instruction, shapes: dict[str, Instruction]) -> float:
         k = math.prod(lhs.shapes[0][1][int(d)] for d in dims.group(1).split(",") if d)
         return 2.0 * out * k
     # a convolution: each output element contracts the kernel's input features over the window
-    # taps that land on input elements (an lhs-dilated window, XLA's way of writing a batched
-    # dot, skips the holes: size 64 over lhs_dilate 64 is one tap)
-    kernel = shapes.get(ins.operands[1])
-    labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
-    if kernel is None or not labels:
+    # taps that land on input elements. XLA:TPU writes dots as convolutions whose windows run
+    # mostly over padding (size 32, padded 31 on each side of one element: one tap per output)
+    # or lhs dilation holes (size 64 over lhs_dilate 64: one tap), so only those taps count.
+    lhs, kernel = shapes.get(ins.operands[0]), shapes.get(ins.operands[1])
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+    if lhs is None or kernel is None or not labels:
         return 0.0
-    kdims = kernel.shapes[0][1]
-    size, dilate = (re.search(key + r"=([\dx]+)", ins.attrs) for key in (r"\bsize", "lhs_dilate"))
-    sizes = [int(n) for n in size.group(1).split("x")] if size else []
-    dilates = [int(n) for n in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
-    taps = math.prod(max(1.0, k / d) for k, d in zip(sizes, dilates))
-    return 2.0 * out * kdims[labels.group(1).index("i")] * taps
+    lhs_labels, kernel_labels, out_labels = labels.groups()
+    features = kernel.shapes[0][1][kernel_labels.index("i")]
+    window = _window(ins.attrs)
+    taps = 1.0
+    for d, (size, stride, (lo, _), dilate, rhs_dilate) in enumerate(window):
+        n = lhs.shapes[0][1][lhs_labels.index(str(d))]
+        outputs = ins.shapes[0][1][out_labels.index(str(d))]
+        taps *= _valid_taps(n, outputs, size, stride, lo, dilate, rhs_dilate) / max(outputs, 1)
+    return 2.0 * out * features * taps
+
+
+def _window(attrs: str) -> list[tuple[int, int, tuple[int, int], int, int]]:
+    """A convolution's window per spatial dimension: (size, stride, (pad low, high), lhs
+    dilation, rhs dilation)."""
+    text = re.search(r"window=\{([^}]*)\}", attrs)
+    fields = dict(f.split("=") for f in text.group(1).split()) if text else {}
+    sizes = [int(n) for n in fields.get("size", "").split("x") if n]
+
+    def per_dim(key, default):
+        return [int(n) for n in fields[key].split("x")] if key in fields else [default] * len(sizes)
+
+    pads = [tuple(int(n) for n in p.split("_")) for p in fields["pad"].split("x")] if "pad" in fields else \
+        [(0, 0)] * len(sizes)
+    return list(zip(sizes, per_dim("stride", 1), pads, per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)))
+
+
+def _valid_taps(n: int, outputs: int, size: int, stride: int, pad_lo: int, dilate: int, rhs_dilate: int) -> int:
+    """(output position, window tap) pairs of one spatial dimension that read an input element,
+    not padding or a hole between dilated elements."""
+    at = np.arange(outputs)[:, None] * stride + np.arange(size)[None, :] * rhs_dilate - pad_lo
+    return int(np.count_nonzero((at >= 0) & (at <= (n - 1) * dilate) & (at % dilate == 0)))
 
 
 def _splash_flops(ins: Instruction, shapes: dict[str, Instruction]) -> float:
@@ -268,6 +308,8 @@ def _read(comps, computation: str, index: int, size: int) -> float:
 def _written(comps, ins: Instruction, by_name: dict[str, Instruction]) -> float:
     """Bytes an instruction writes: its result, but only the update of an in-place
     dynamic-update-slice (looking through fusions and tuples)."""
+    if ins.opcode == "copy-start":  # (destination, source, context): a prefetch or an eviction
+        return ins.array_bytes(0)
     if ins.opcode == "dynamic-update-slice":
         update = by_name.get(ins.operands[1])
         return update.bytes if update is not None else ins.bytes
@@ -296,6 +338,13 @@ def _traffic(ins: Instruction, by_name: dict[str, Instruction], comps) -> float:
     return read + _written(comps, ins, by_name)
 
 
+def _moves_data(ins: Instruction) -> bool:
+    if ins.opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
+        return not (target and target.group(1) in _NO_TRAFFIC_TARGETS)
+    return ins.opcode not in _NO_TRAFFIC
+
+
 def cost(hlo_text: str, loop_bodies_once: bool = False) -> Cost:
     """Loop-corrected FLOPs and bytes of one execution of a compiled module (see the module
     docstring); `loop_bodies_once`: every loop body counted once, as XLA's cost analysis does."""
@@ -310,7 +359,7 @@ def cost(hlo_text: str, loop_bodies_once: bool = False) -> Cost:
                 result.flops += times * _dot_flops(ins, by_name)
             elif ins.opcode == "custom-call" and ins.name.startswith("splash_"):
                 result.flops += times * _splash_flops(ins, by_name)
-            if not fused and ins.opcode not in _NO_TRAFFIC:
+            if not fused and _moves_data(ins):
                 result.bytes += times * _traffic(ins, by_name, comps)
             if ins.opcode == "fusion":
                 walk(_attr(ins, "calls"), times, True)
