@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from safevlm_jax import cli
+from safevlm_jax.sharding import parse_mesh
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config FILE.py:PRESET", flag_values=FLAGS)
@@ -27,14 +28,6 @@ _RULES = flags.DEFINE_string("rules", "", "rule set (default: the config's)", fl
 flags.mark_flag_as_required("config", flag_values=FLAGS)
 
 GIB = 2**30
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """'fsdp=64' / 'data=2,fsdp=4' -> {'fsdp': 64} / {'data': 2, 'fsdp': 4}."""
-    try:
-        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part)}
-    except ValueError as e:
-        raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE...]") from e
 
 
 def per_device_bytes(tree) -> int:

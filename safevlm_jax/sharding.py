@@ -38,6 +38,21 @@ RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
         "vocab": ("tensor",),
         "act_heads": ("tensor",),
     },
+    # sampling and serving: weights split over `tensor` (heads, MLP, vocabulary) and `fsdp`
+    # (embed); the KV cache's kv heads over `tensor` and its rows, like the decode batch,
+    # over `data`
+    "inference": {
+        "batch": ("data",),
+        "embed": ("fsdp",),
+        "lora_rank": ("fsdp",),
+        "mlp": ("tensor",),
+        "heads": ("tensor",),
+        "kv": ("tensor",),
+        "vocab": ("tensor",),
+        "act_heads": ("tensor",),
+        "cache_batch": ("data",),
+        "cache_kv": ("tensor",),
+    },
 }
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("safevlm_sharding", default=None)
@@ -50,6 +65,14 @@ def get_rules(rules: str | Mapping[str, Sequence[str]]) -> dict[str, tuple[str, 
             raise ValueError(f"unknown sharding rule set {rules!r}; known: {sorted(RULE_SETS)}")
         return RULE_SETS[rules]
     return {k: tuple([v] if isinstance(v, str) else v) for k, v in rules.items()}
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """A `--mesh` flag: 'fsdp=64' / 'data=2,tensor=4' -> {'fsdp': 64} / {'data': 2, 'tensor': 4}."""
+    try:
+        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part)}
+    except ValueError as e:
+        raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE...]") from e
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
@@ -147,6 +170,15 @@ def state_shardings(tree, mesh: Mesh, rules: str | Mapping[str, Sequence[str]], 
         return x.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def array_shardings(tree, axes, mesh: Mesh, rules: str | Mapping[str, Sequence[str]], what: str = "array"):
+    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) from a tree of the same
+    structure whose leaves are their logical axis names (e.g. `KVCache.logical_axes()`); an
+    axis the mesh cannot divide is an error naming `what`, the axis and the sizes."""
+    rules = get_rules(rules)
+    return jax.tree.map(lambda x, names: NamedSharding(mesh, logical_to_spec(
+        names, rules, mesh, x.shape, what=f"{what} of shape {tuple(x.shape)}")), tree, axes)
 
 
 def data_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:

@@ -105,7 +105,7 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x, rotary, mask, cached=None):
         """x [B, T, D]; rotary: `rope_tables` of the T positions; cached: None, or this
-        layer's cache buffers and the slot to write, (k, v [B' * KVH, S', Dh], index [] or
+        layer's cache buffers and each row's slot to write, (k, v [B', KVH, S', Dh], index
         [B]; B' >= B rows and S' >= S slots: a view reads the first B rows and S slots).
         mask [B, 1, 1, T, K] bool (True = attend) over the keys: these T tokens (K = T,
         causal) without a cache, else the S cache slots once this call's tokens are written
@@ -120,15 +120,15 @@ class LlamaAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
         q = q.reshape(b, t, c.num_key_value_heads, g, c.head_dim).transpose(0, 2, 3, 1, 4)
         q = rope(q, rotary) * jnp.asarray(c.head_dim**-0.5, q.dtype)
-        k = rope(k.transpose(0, 2, 1, 3), rotary).reshape(-1, t, c.head_dim)
-        v = v.transpose(0, 2, 1, 3).reshape(-1, t, c.head_dim)
+        k = rope(k.transpose(0, 2, 1, 3), rotary)  # [B, KVH, T, Dh]
+        v = v.transpose(0, 2, 1, 3)
         written = None
-        if cached is not None:  # write first, then read the buffers: no copy of the cache
+        if cached is None:
+            out = attention(q, k.reshape(-1, t, c.head_dim), v.reshape(-1, t, c.head_dim), mask,
+                            causal_blocks=True)
+        else:  # write first, then read the buffers (a view: the corner its mask covers): no copy
             written = kv_cache.update(cached, k, v)
-            # a view (`KVCache.view`) reads the corner its mask covers; a whole cache, all of it
-            k, v = (buf[:b * c.num_key_value_heads, :mask.shape[-1]] for buf in written)
-        dt = jnp.promote_types(q.dtype, k.dtype)  # a cache wider than the compute dtype sets it
-        out = attention(q.astype(dt), k.astype(dt), v.astype(dt), mask, causal_blocks=cached is None)
+            out = kv_cache.attend(q, *written, mask)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
         out = sharding.constrain(out, ("batch", "length", "act_heads"))
         return self.o_proj(out), written
@@ -225,8 +225,8 @@ class LlamaForCausalLM(nnx.Module):
         row instead ([B, 1, vocab]; the last real token of a right-padded prompt).
 
         Without a cache, attention is causal over these T tokens. With one, the T tokens go to
-        slots `cache.index`.. and attend to every valid slot written before them and to
-        themselves. Returns (logits [B, T, vocab] float32, updated cache or None).
+        each row's slots `cache.index`.. and attend to every valid slot written before them
+        and to themselves; a row's index advances by its real tokens. Returns (logits [B, T, vocab] float32, updated cache or None).
         """
         t = inputs_embeds.shape[1]
         valid = attention_mask.astype(jnp.bool_)
@@ -254,7 +254,7 @@ class LlamaForCausalLM(nnx.Module):
         x = self.model.norm(x)
         logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-        if cache is not None:
+        if cache is not None:  # a row advances by its real tokens: padding and idle rows stay
             cache = KVCache(k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv),
-                            mask=slot_valid, index=cache.index + t)
+                            mask=slot_valid, index=cache.index + valid.sum(-1, dtype=jnp.int32))
         return logits, cache
