@@ -7,6 +7,8 @@ loads neither JAX nor transformers):
     vlm = safevlm_jax.SafeVLMInference.from_checkpoint("ckpt/")
     [result] = vlm.answer([safevlm_jax.Request("cat.jpg", "What is shown here?")])
     result.verdict.line(), result.answer                         # Verdict, text
+    engine = safevlm_jax.Engine.from_checkpoint("ckpt/").start()    # continuous batching (serve)
+    handle = engine.submit(safevlm_jax.EngineRequest(pixel_values, "What is shown here?"))
     guard = safevlm_jax.Guard.from_checkpoint("ckpt/")           # the verdict alone, no LLM
     level_probs, type_probs = guard(pixel_values)                # [B, 4], [B, 7]
     verdicts = safevlm_jax.RiskPolicy().verdicts(level_logits, type_logits)
@@ -31,10 +33,9 @@ _EXPORTS = {
     "SafeVLMInference": "safevlm_jax.inference.pipeline",
     "Request": "safevlm_jax.inference.pipeline",
     "Result": "safevlm_jax.inference.pipeline",
-    "Greedy": "safevlm_jax.inference.sampling",
-    "Temperature": "safevlm_jax.inference.sampling",
-    "TopK": "safevlm_jax.inference.sampling",
-    "TopP": "safevlm_jax.inference.sampling",
+    "SamplingParams": "safevlm_jax.inference.requests",
+    "Engine": "safevlm_jax.inference.engine",
+    "EngineRequest": "safevlm_jax.inference.requests",
     "Guard": "safevlm_jax.guard.model",
     "Verdict": "safevlm_jax.safety.verdict",
     "RiskPolicy": "safevlm_jax.safety.policy",

@@ -142,7 +142,7 @@ def test_non_finite_safety_head_fails_closed_with_the_refusal_hint(files):
     vlm = SafeVLMInference.from_checkpoint(ckpt)
     kernel = vlm.model.safety_head.safety_head.kernel
     kernel[...] = jnp.full(kernel.shape, jnp.nan, kernel.dtype)
-    vlm.decoder = type(vlm.decoder)(vlm.model, eos_id=vlm.decoder.eos_id, pad_id=vlm.decoder.pad_id)
+    vlm = SafeVLMInference(vlm.model, vlm.tokenizer, vlm.images)  # its runner holds the NaN kernel
     [r] = vlm.answer([Request(str(root / "a.png"), "Hi")], max_new_tokens=2)
     assert r.verdict.fail_closed and r.verdict.risk_level == 3 and r.hint_applied
     assert r.to_json()["risk_level_probs"] == [None] * 4 and json.dumps(r.to_json())
@@ -169,7 +169,7 @@ def test_module_runs_as_a_program(files):
 
 
 def test_policy_block_answers_the_refusal_without_generating(files, capsys, tmp_path, monkeypatch):
-    from safevlm_jax.inference.decode import Decoder
+    from safevlm_jax.inference.runner import Runner
     from safevlm_jax.safety.taxonomy import RISK_TYPES
 
     ckpt, root = files
@@ -180,7 +180,7 @@ def test_policy_block_answers_the_refusal_without_generating(files, capsys, tmp_
     def generate(*args, **kwargs):
         raise AssertionError("a blocked request must not run generation")
 
-    monkeypatch.setattr(Decoder, "generate", generate)
+    monkeypatch.setattr(Runner, "prefill", generate)
     code, out, _ = cli(capsys, f"--checkpoint={ckpt}", f"--image={root / 'a.png'}",
                        "--prompt=What is shown here?", f"--policy={policy}", "--json")
     assert code == 0 and json.loads(out)["answer"] == "Blocked by policy."

@@ -42,7 +42,7 @@ def one_slot(random_tiny):
     """A server whose engine has one slot and room for one waiting request."""
     inference = SafeVLMInference.from_checkpoint(random_tiny)
     with live_engine(inference, slots=1, max_queue=1) as engine, \
-            live_server(engine, inference, model_name="random_tiny") as s:
+            live_server(engine, model_name="random_tiny") as s:
         yield s
 
 
@@ -60,7 +60,7 @@ def wait_for(condition, timeout: float = 60, what: str = "condition"):
 
 
 def test_client_disconnecting_mid_stream_frees_its_slot(one_slot):
-    tokens_before = one_slot.engine.stats()["tokens_generated"]
+    tokens_before = one_slot.engine.stats().tokens_generated
     with httpx.stream("POST", f"{one_slot.url}/v1/chat/completions", json=long_body(True), timeout=60) as r:
         assert r.status_code == 200
         texts = []
@@ -71,8 +71,8 @@ def test_client_disconnecting_mid_stream_frees_its_slot(one_slot):
                 break
     wait_for(lambda: metric(one_slot, 'safevlm_finish_reasons_total{reason="cancelled"}') == 1,
              what="the cancelled request")
-    assert one_slot.engine.stats()["active_slots"] == 0
-    assert one_slot.engine.stats()["tokens_generated"] - tokens_before < LONG  # it stopped early
+    assert one_slot.engine.stats().active_slots == 0
+    assert one_slot.engine.stats().tokens_generated - tokens_before < LONG  # it stopped early
     assert metric(one_slot, 'safevlm_requests_total{endpoint="chat",status="499"}') == 1
     # the freed slot serves the next request, to its end
     r = httpx.post(f"{one_slot.url}/v1/chat/completions", json=long_body(False), timeout=60)
@@ -86,7 +86,7 @@ def test_client_leaving_before_a_plain_answer_frees_its_slot(one_slot):
         httpx.post(f"{one_slot.url}/v1/chat/completions", json=long_body(False),
                    timeout=httpx.Timeout(30, read=0.3))
     wait_for(lambda: metric(one_slot, cancelled) == before + 1, what="the cancelled request")
-    assert one_slot.engine.stats()["active_slots"] == 0
+    assert one_slot.engine.stats().active_slots == 0
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_nothing_is_lost(one_slot):
@@ -97,9 +97,9 @@ def test_a_full_queue_answers_503_with_retry_after_and_nothing_is_lost(one_slot)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
     threads[0].start()
-    wait_for(lambda: one_slot.engine.stats()["active_slots"] == 1, what="the first request in its slot")
+    wait_for(lambda: one_slot.engine.stats().active_slots == 1, what="the first request in its slot")
     threads[1].start()
-    wait_for(lambda: one_slot.engine.stats()["queue_depth"] == 1, what="the second request queued")
+    wait_for(lambda: one_slot.engine.stats().queue_depth == 1, what="the second request queued")
     busy = httpx.post(f"{one_slot.url}/v1/chat/completions", json=long_body(False), timeout=60)
     assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
     assert busy.json()["error"]["code"] == "queue_full"
@@ -113,7 +113,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_nothing_is_lost(one_slot)
 
 def test_concurrent_requests_each_get_exactly_one_complete_answer():
     inference = demo_inference()
-    with live_engine(inference, slots=4, max_queue=32) as engine, live_server(engine, inference) as server:
+    with live_engine(inference, slots=4, max_queue=32) as engine, live_server(engine) as server:
         names = ["clean", "low_risk", "medium_risk", "risky"] * 3
         answers = [None] * len(names)
 
@@ -213,12 +213,11 @@ def test_bad_flags_fail_with_one_error_line_and_status_2(tmp_path):
 
 
 def test_warm_up_compiles_what_the_first_requests_need(tmp_path):
-    """After `warm_up`, verdict batches of every size and a first chat (safety on and off)
-    compile nothing. The model has a shape of its own, so no earlier test compiled for it."""
+    """After `Engine.warm_up`, verdict batches of every size and a first chat (safety on and
+    off) compile nothing. The model has a shape of its own, so no earlier test compiled for it."""
     import jax
 
     from configs.model import model_config
-    from safevlm_jax.serve.__main__ import warm_up
 
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -227,8 +226,8 @@ def test_warm_up_compiles_what_the_first_requests_need(tmp_path):
     config = config.replace(vision=dataclasses.replace(config.vision, image_size=35))
     inference = SafeVLMInference.from_checkpoint(random_checkpoint(str(tmp_path / "ckpt"), config=config))
     with live_engine(inference, slots=3, max_queue=8) as engine, \
-            live_server(engine, inference, model_name="ckpt") as server:
-        warm_up(engine)
+            live_server(engine, model_name="ckpt") as server:
+        engine.warm_up()
         assert compiles  # the listener sees compilations
         before = len(compiles)
         image = {"type": "image_url", "image_url": {"url": example_url("clean")}}

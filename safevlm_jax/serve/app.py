@@ -1,6 +1,6 @@
 """The HTTP app: OpenAI's chat and moderation endpoints over a running `Engine`.
 
-    app = create_app(engine, inference, ServeSettings(model_name="demo"))
+    app = create_app(engine, ServeSettings(model_name="demo"))
     uvicorn.run(app, host="127.0.0.1", port=8000)      # or `python -m safevlm_jax.serve`
 
 Each accepted chat request is one `engine.submit`; the engine's events (verdict, text deltas,
@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from safevlm_jax.inference.engine import EngineClosed, EngineRequest, QueueFull
-from safevlm_jax.inference.errors import BadRequest
+from safevlm_jax.inference.errors import CONTEXT_LENGTH, BadRequest
 from safevlm_jax.safety.taxonomy import RISK_LEVELS, RISK_TYPES
 from safevlm_jax.serve import media, responses
 from safevlm_jax.serve.answers import Answer
@@ -57,11 +57,11 @@ class ServeSettings:
     retry_after_s: int = 1
 
 
-def create_app(engine, inference, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """engine: a started `Engine`; inference: its `SafeVLMInference` (for its image settings)."""
+def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """engine: a started `Engine` (its image settings, requests, moderation and counters)."""
     app = FastAPI(title="safevlm_jax", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics(engine.stats)
-    images = dataclasses.replace(inference.images, max_pixels=settings.max_image_pixels)
+    images = dataclasses.replace(engine.images, max_pixels=settings.max_image_pixels)
     app.state.metrics = metrics
     app.add_middleware(_CountRequests, metrics=metrics)
 
@@ -115,7 +115,7 @@ def create_app(engine, inference, settings: ServeSettings = ServeSettings()) -> 
             raise APIError(503, str(e), code="shutting_down",
                            headers={"Retry-After": str(settings.retry_after_s)}) from None
         except BadRequest as e:
-            raise _bad_engine_request(str(e), chat, settings) from None
+            raise _bad_engine_request(e, chat, settings) from None
         if chat.stream:
             # Starlette cancels the stream when the client leaves, but only once it has
             # started; the watcher covers a client that leaves before the first byte.
@@ -135,7 +135,7 @@ def create_app(engine, inference, settings: ServeSettings = ServeSettings()) -> 
         try:
             verdicts = await run_in_threadpool(engine.moderate, pixels)
         except BadRequest as e:  # a checkpoint without safety modules
-            raise bad_request(str(e), None, "no_safety_modules") from None
+            raise bad_request(e.message, e.param, e.code) from None
         for v in verdicts:
             metrics.verdict(v)
         return {"id": responses.new_id("modr"), "model": settings.model_name,
@@ -151,7 +151,7 @@ def create_app(engine, inference, settings: ServeSettings = ServeSettings()) -> 
     async def health():
         return {"status": "ok", "model": settings.model_name, "auth": settings.api_key is not None,
                 "safety_off_allowed": settings.allow_safety_off, "risk_levels": RISK_LEVELS,
-                "risk_types": RISK_TYPES, **engine.stats()}
+                "risk_types": RISK_TYPES, **engine.stats().as_dict()}
 
     @app.get("/metrics")
     async def prometheus():
@@ -173,14 +173,15 @@ def _engine_request(chat: ChatInput, pixels, settings: ServeSettings) -> EngineR
                          safety=chat.safety)
 
 
-def _bad_engine_request(message: str, chat: ChatInput, settings: ServeSettings) -> APIError:
-    """The engine's refusal (its message names the field, or the context length) as a 400."""
-    if "context length" not in message:
-        return bad_request(message, None)
+def _bad_engine_request(e: BadRequest, chat: ChatInput, settings: ServeSettings) -> APIError:
+    """The engine's refusal as a 400, by its code: a prompt that does not fit the context
+    names max_tokens if the request gave it, else the messages and the server's default."""
+    if e.code != CONTEXT_LENGTH:
+        return bad_request(e.message, e.param, e.code)
     if chat.max_tokens is None:
-        message += (f" (max_tokens was not given: the server's default is "
-                    f"{settings.default_max_tokens}; send a smaller max_tokens)")
-    return bad_request(message, "max_tokens" if chat.max_tokens else "messages", "context_length_exceeded")
+        return bad_request(f"{e.message} (max_tokens was not given: the server's default is "
+                           f"{settings.default_max_tokens}; send a smaller max_tokens)", "messages", e.code)
+    return bad_request(e.message, "max_tokens", e.code)
 
 
 async def _read_json(request: Request, limit: int):

@@ -106,8 +106,6 @@ def parse_chat(body: Any) -> ChatInput:
             and chat.max_tokens != chat.max_completion_tokens:
         raise bad_request("give max_tokens or max_completion_tokens, not two different values",
                           "max_completion_tokens")
-    if chat.top_k and chat.top_p not in (None, 1):
-        raise bad_request("choose one of top_k and top_p, not both", "top_k")
     prompt, image = _one_user_turn(chat.messages)
     return ChatInput(model=chat.model, prompt=prompt, image=image,
                      max_tokens=chat.max_tokens or chat.max_completion_tokens,
