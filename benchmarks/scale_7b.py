@@ -296,7 +296,7 @@ def main(argv) -> None:
 
 
 def benchmark(tmp: str, layers: int | None, max_shard: int, seed: int, prompt: str) -> dict:
-    from safevlm_jax.inference.decode import PROMPT_BUCKETS, bucket
+    from safevlm_jax.inference.buckets import PROMPT_BUCKETS, bucket
 
     src, bf16, fp16, exported = (os.path.join(tmp, n) for n in ("hf", "ckpt_bf16", "ckpt_fp16", "export"))
     r: dict = {"layers": layers or 32}

@@ -21,6 +21,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# the tensor-parallel split: attention heads, MLP and vocabulary over `tensor`
+_TENSOR = {"mlp": ("tensor",), "heads": ("tensor",), "kv": ("tensor",), "vocab": ("tensor",),
+           "act_heads": ("tensor",)}
+
 # name -> mesh axes. A logical name missing from a rule set is replicated.
 RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "replicated": {},
@@ -28,31 +32,11 @@ RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     # lora_rank: a LoRA factor's rank axis, so that the factor whose other axis is not
     # `embed` (lora_b of q/k/v/gate/up, lora_a of o/down) is sharded too.
     "fsdp": {"batch": ("data", "fsdp"), "embed": ("fsdp",), "lora_rank": ("fsdp",)},
-    "fsdp_tensor": {
-        "batch": ("data", "fsdp"),
-        "embed": ("fsdp",),
-        "lora_rank": ("fsdp",),
-        "mlp": ("tensor",),
-        "heads": ("tensor",),
-        "kv": ("tensor",),
-        "vocab": ("tensor",),
-        "act_heads": ("tensor",),
-    },
-    # sampling and serving: weights split over `tensor` (heads, MLP, vocabulary) and `fsdp`
-    # (embed); the KV cache's kv heads over `tensor` and its rows, like the decode batch,
-    # over `data`
-    "inference": {
-        "batch": ("data",),
-        "embed": ("fsdp",),
-        "lora_rank": ("fsdp",),
-        "mlp": ("tensor",),
-        "heads": ("tensor",),
-        "kv": ("tensor",),
-        "vocab": ("tensor",),
-        "act_heads": ("tensor",),
-        "cache_batch": ("data",),
-        "cache_kv": ("tensor",),
-    },
+    "fsdp_tensor": {"batch": ("data", "fsdp"), "embed": ("fsdp",), "lora_rank": ("fsdp",), **_TENSOR},
+    # sampling and serving: weights as fsdp_tensor's; the decode batch, and the KV cache's
+    # rows, over `data` only (a prompt's prefill is one row); the cache's kv heads over `tensor`
+    "inference": {"batch": ("data",), "embed": ("fsdp",), "lora_rank": ("fsdp",), **_TENSOR,
+                  "cache_batch": ("data",), "cache_kv": ("tensor",)},
 }
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("safevlm_sharding", default=None)
@@ -73,6 +57,11 @@ def parse_mesh(text: str) -> dict[str, int]:
         return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part)}
     except ValueError as e:
         raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE...]") from e
+
+
+def without(rules: str | Mapping[str, Sequence[str]], names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """A rule set with the logical axes `names` replicated (e.g. a prompt's own batch of one)."""
+    return {k: v for k, v in get_rules(rules).items() if k not in set(names)}
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:

@@ -42,25 +42,10 @@ def prompt(model, n_before: int, n_after: int, seed: int) -> list[int]:
 
 
 def generate(runner, pixels, prompts, max_new=10, sampling=None, stream=False):
-    """Each prompt prefilled (one call, right-padded), inserted into a row, decoded: the
-    generate loop, or (`stream`) the step program looped from Python."""
+    """`Runner.generate`: the decode loop, or (`stream`) the step program looped from Python."""
     features, _, _ = runner.encode(pixels, [1] * len(prompts), False)
-    rows = bucket(len(prompts), runner.batch_buckets)
-    width = bucket(max(len(p) for p in prompts), (32, 64, 128))
-    runner.reset(rows, width + bucket(max_new, (16, 32)))
-    rule = RowSampling.of((sampling or [SamplingParams()] * len(prompts)) + [SamplingParams()] * (rows - len(prompts)))
-    padded = prompts + [prompts[0]] * (rows - len(prompts))
-    first, prefix = runner.prefill(runner.new_prefix(rows, width), padded, [0] * rows, features, rule, False, width)
-    runner.insert(prefix, first, np.arange(rows), rule, [max_new] * rows)
-    if not stream:
-        return [[int(t), *row.tolist()] for t, row in zip(first, runner.generate(16))][:len(prompts)]
-    out, done = [[int(t)] for t in first], np.zeros(rows, bool)
-    while not done.all():
-        tokens, now = runner.step(rows, runner.length)
-        for r in np.flatnonzero(~done):
-            out[r].append(int(tokens[r]))
-        done = now
-    return out[:len(prompts)]
+    sampling = sampling or [SamplingParams()] * len(prompts)
+    return runner.generate(prompts, features, sampling, max_new, False, (lambda *a: None) if stream else None)[0]
 
 
 def test_greedy_ids_equal_hf_llava_generate_with_safety_off(setup):
@@ -110,7 +95,7 @@ def test_a_prompt_prefilled_in_chunks_after_a_reused_prefix_gives_the_whole_pref
     assert done == len(ids) and int(first[0]) == tokens[1][0]
     runner.reset(1, 256)
     runner.insert(prefix, first, [0], rule, [10])
-    assert [int(first[0]), *runner.generate(16)[0].tolist()] == tokens[1]
+    assert [int(first[0]), *runner.decode(16)[0].tolist()] == tokens[1]
 
 
 def test_no_recompile_for_lengths_new_tokens_seeds_or_temperatures_inside_a_bucket(setup):
@@ -156,8 +141,10 @@ def test_each_row_samples_inside_its_own_set_independently_of_the_other_rows():
     params = [SamplingParams(1.0), SamplingParams(1.0, top_k=2), SamplingParams(1.0, top_p=0.7),
               SamplingParams(1.0, top_k=3, top_p=0.5), SamplingParams(1.0, top_k=2, top_p=0.95), SamplingParams()]
     rows = RowSampling.of(params)
-    draw = lambda seed: np.asarray(sample(logits, _with_seed(rows, seed), jnp.zeros(6, jnp.int32)))
-    draws = np.stack([draw(s) for s in range(600)])
+    draw = jax.jit(jax.vmap(lambda seed: sample(logits, RowSampling(rows.temperature, rows.top_k, rows.top_p,
+                                                                     jnp.full(6, seed, jnp.uint32)),
+                                               jnp.zeros(6, jnp.int32))))
+    draws = np.asarray(draw(jnp.arange(600, dtype=jnp.uint32)))
     # top-p 0.7 needs the second token (0.5 < 0.7), not the third; top-k 3 then top-p 0.5:
     # the first alone; top-k 2 and top-p 0.95 together: the first two
     assert [set(draws[:, r]) for r in range(1, 6)] == [{0, 1}, {0, 1}, {0}, {0, 1}, {0}]
@@ -167,10 +154,6 @@ def test_each_row_samples_inside_its_own_set_independently_of_the_other_rows():
     for r in range(6):  # a row draws the same alone: its key is its seed and step
         alone = RowSampling.of([params[r]])
         assert sample(noisy[r:r + 1], alone, jnp.array([r]))[0] == together[r]
-
-
-def _with_seed(rows: RowSampling, seed: int) -> RowSampling:
-    return RowSampling(rows.temperature, rows.top_k, rows.top_p, np.full(len(rows.seed), seed, np.uint32))
 
 
 def test_sampling_params_are_checked_naming_the_field():

@@ -205,7 +205,7 @@ def test_rows_that_finish_normally_are_saved_as_prefixes_with_the_ids_they_hold(
     turn(s)  # 6
     plan, _ = turn(s, done=np.array([True, False, False, False]))  # 6, done
     plan, _ = s.schedule()
-    assert plan.save == [(0, a.prompt_ids + [5, 6], "img")] and a.generated == [5, 6, 6]
+    assert plan.save == [(0, a.prompt_ids + [5, 6], a)] and a.generated == [5, 6, 6]
 
 
 def test_prefix_cache_gives_the_longest_usable_prefix_within_the_image_rule_and_memory_bound():

@@ -49,8 +49,8 @@ class Executor:
         out: Output = []
         if plan.release:
             self.runner.release(plan.release)
-        for row, ids, image in plan.save:
-            self._keep(self.runner.take(row, self.runner.prefix_length(len(ids))), ids, image)
+        for row, ids, seq in plan.save:
+            self._keep(self.runner.take(row, self.runner.prefix_length(len(ids))), ids, seq)
         if plan.verdict:
             out += self._verdicts(plan.verdict)
         for seq in plan.begin:
@@ -69,16 +69,17 @@ class Executor:
     def _verdicts(self, seqs: list[Seq]) -> Output:
         """Features and verdict logits per image (from the cache, else one encode batch for
         the images not in it), then admission."""
-        todo = list({s.image: s for s in seqs if s.image is not None and self.images.get(s.image) is None}.values())
+        known = {s.image: self.images.get(s.image) for s in seqs if s.image is not None}
+        todo = list({s.image: s for s in seqs if s.image is not None and known[s.image] is None}.values())
         try:
             if todo:
                 with self._timed("verdict"):
                     features, level, kind = self.runner.encode(np.stack([s.request.pixel_values for s in todo]),
                                                                [self.gate.query_id] * len(todo), self.use_verdict)
                 for i, seq in enumerate(todo):
-                    logits = None if level is None else (level[i:i + 1], kind[i:i + 1])
-                    self.images.put(seq.image, (features[i], logits), features[i].nbytes)
-            kept = [self.images.get(s.image) if s.image is not None else (None, None) for s in seqs]
+                    known[seq.image] = (features[i], None if level is None else (level[i:i + 1], kind[i:i + 1]))
+                    self.images.put(seq.image, known[seq.image], features[i].nbytes)
+            kept = [known[s.image] if s.image is not None else (None, None) for s in seqs]
             verdicts = [None if logits is None else self.gate.verdicts(*logits)[0] for _, logits in kept]
         except Exception as e:  # these requests only
             _log.exception("verdicts failed")
@@ -93,7 +94,7 @@ class Executor:
         """Its prefix: the longest cached one that fits, copied, or an empty one."""
         length = self.runner.prefix_length(len(seq.prompt_ids))
         try:
-            hit = self.prefixes.lookup(seq.prompt_ids, seq.image)
+            hit = self.prefixes.lookup(seq.prompt_ids, _image_key(seq))
             if hit is None:
                 self._pending[seq.id], reused = self.runner.new_prefix(1, length), 0
             else:
@@ -119,7 +120,7 @@ class Executor:
             with self._timed("prefill", tokens=int(end == len(ids))):
                 tokens, prefix = self.runner.prefill(
                     self._pending.pop(seq.id), [ids[start:end]], [ids[:start].count(self.image_token_id)], [features],
-                    sampling, r.safety and self.use_verdict and seq.image is not None)
+                    sampling, seq.use_safety and self.use_verdict)
                 self._pending[seq.id] = prefix
         except Exception as e:
             _log.exception("prefill of request %d failed", seq.id)
@@ -133,7 +134,7 @@ class Executor:
             self.runner.insert(prefix, tokens, [seq.row], sampling, [r.max_tokens])
         except Exception as e:  # the decode state may be gone with it
             return self._failed_state(e, [seq])
-        self._keep(prefix, ids, seq.image)
+        self._keep(prefix, ids, seq)
         with self.lock:
             return self.scheduler.prefilled(seq, end, int(tokens[0]))
 
@@ -146,8 +147,8 @@ class Executor:
             self.blank = features * 0
         return self.blank
 
-    def _keep(self, prefix, ids: list[int], image: str | None) -> None:
-        self.prefixes.add(ids, image, prefix, sum(b.nbytes for b in (*prefix.k, *prefix.v)))
+    def _keep(self, prefix, ids: list[int], seq: Seq) -> None:
+        self.prefixes.add(ids, _image_key(seq), prefix, sum(b.nbytes for b in (*prefix.k, *prefix.v)))
 
     # Decoding ---------------------------------------------------------------------------
     def _decode(self, rows: int, length: int) -> Output:
@@ -183,6 +184,11 @@ class Executor:
         yield
         with self.lock:  # only programs that ran: a failed one gave no token
             self.scheduler.counters.program(program, time.perf_counter() - start, tokens)
+
+
+def _image_key(seq: Seq) -> str | None:
+    """What a prompt's image positions hold: its image, with or without the safety tokens."""
+    return None if seq.image is None else f"{seq.image}/{'safety' if seq.use_safety else 'plain'}"
 
 
 def _error(e: BaseException) -> str:

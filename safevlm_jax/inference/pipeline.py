@@ -24,12 +24,10 @@ from safevlm_jax.data.errors import BadRecord
 from safevlm_jax.data.images import ImageConfig, load_pixel_values
 from safevlm_jax.data.template import ConversationTemplate, PROMPT_FORMATS
 from safevlm_jax.data.tokenizer import check_matches_model
-from safevlm_jax.inference.buckets import NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, bucket, capped
 from safevlm_jax.inference.detokenize import Detokenizer
 from safevlm_jax.inference.errors import CONTEXT_LENGTH, BadRequest
 from safevlm_jax.inference.runner import Runner
 from safevlm_jax.inference.requests import SamplingParams
-from safevlm_jax.inference.sampling import RowSampling
 from safevlm_jax.safety.gate import Gate, Refusal
 from safevlm_jax.safety.hints import HintConfig
 from safevlm_jax.safety.policy import RiskPolicy
@@ -170,47 +168,16 @@ class SafeVLMInference:
 
     def _generate(self, prompts: list[list[int]], features, sampling: SamplingParams, max_new: int,
                   use_safety: bool, on_text) -> tuple[list[list[int]], dict[str, float]]:
-        """Prefill every prompt, insert each into a row, decode: (ids per prompt, timings)."""
-        longest, n = max(len(p) for p in prompts), len(prompts)
+        """`Runner.generate`, each row's text streamed to `on_text(row, text)` if given."""
+        longest = max(len(p) for p in prompts)
         if longest + max_new > self.runner.max_length:  # the longest request's own fault
             raise BadRequest(f"prompt of {longest} tokens + max_new_tokens={max_new} exceeds the context length "
                              f"{self.runner.max_length}", "max_new_tokens", CONTEXT_LENGTH)
-        rows = bucket(n, self.runner.batch_buckets, "batch")
-        width = bucket(longest, capped(PROMPT_BUCKETS, self.runner.max_length), "prompt length")
-        steps = bucket(max_new, NEW_TOKEN_BUCKETS, "max_new_tokens")
-        self.runner.reset(rows, width + steps)
-        rule = RowSampling.of([sampling] * rows)
-        start = time.perf_counter()
-        prompts = prompts + [prompts[0]] * (rows - n)  # real rows: no all-padding attention
-        first, prefix = self.runner.prefill(self.runner.new_prefix(rows, width), prompts, [0] * rows, features,
-                                            rule, use_safety, width)
-        prefill_s = time.perf_counter() - start
-        self.runner.insert(prefix, first, np.arange(rows), rule, [max_new] * rows)
-        del prefix
+        on_step = None
         if on_text:
-            out = self._stream(first[:n], on_text)
-        else:
-            out = [[int(t), *row.tolist()] for t, row in zip(first[:n], self.runner.generate(steps)[:n])]
-        decode_s = time.perf_counter() - start - prefill_s
-        made = sum(len(o) - 1 for o in out)
-        return out, {"prefill_s": prefill_s, "decode_s": decode_s,
-                     "tokens_per_s": made / decode_s if decode_s > 0 and made else 0.0}
-
-    def _stream(self, first: np.ndarray, on_text: Callable[[int, str], None]) -> list[list[int]]:
-        """The jitted decode step looped from Python, each row's new text to `on_text` until
-        the state says the row is done (EOS or max tokens)."""
-        n = len(first)
-        out, detok = [[int(t)] for t in first], [Detokenizer(self.tokenizer) for _ in range(n)]
-        done = np.asarray(self.runner.state.done[:n])
-        for row, token in enumerate(first):
-            self._say(on_text, row, detok[row], int(token), done[row])
-        while not done.all():
-            tokens, now = self.runner.step(self.runner.rows, self.runner.length)
-            for row in np.flatnonzero(~done):
-                out[row].append(int(tokens[row]))
-                self._say(on_text, row, detok[row], int(tokens[row]), now[row])
-            done = now[:n]
-        return out
+            detok = [Detokenizer(self.tokenizer) for _ in prompts]
+            on_step = lambda row, token, last: self._say(on_text, row, detok[row], token, last)
+        return self.runner.generate(prompts, features, [sampling] * len(prompts), max_new, use_safety, on_step)
 
     def _say(self, on_text, row: int, detok: Detokenizer, token: int, last: bool) -> None:
         text = "" if token == self.tokenizer.eos_token_id else detok.push(token)

@@ -49,8 +49,15 @@ def _merge(graphdef, params, mesh: Mesh | None, decoding: bool = False):
     return decode_mode(model) if decoding and (mesh is None or mesh.size == 1) else model
 
 
-def _rules(mesh: Mesh | None, rules: str):
-    return sharding.use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()
+ROWS = ("batch", "cache_batch")  # the logical axes of rows: a prefix's stay whole (a prompt or a few)
+
+
+def _rules(mesh: Mesh | None, rules: str, rows: bool = True):
+    """Constraints for `mesh` under `rules` (none without a mesh); `rows=False`: the rows of a
+    prefix are replicated, not split over `data` (prefill runs one prompt, or a few)."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return sharding.use_rules(mesh, rules if rows else sharding.without(rules, ROWS))
 
 
 @functools.partial(jax.jit, static_argnames=(*STATIC, "verdict"))
@@ -79,7 +86,7 @@ def prefill_program(graphdef, params, prefix: KVCache, ids, lengths, first, feat
     CLIP features [1, N, C] (`verdict_program`), or None (text only); first [n]: the flat
     index into the rows' image embeddings of each chunk's first image position; sampling
     [n]. Returns (the token sampled after each row's last real token [n], prefix)."""
-    with _rules(mesh, rules):
+    with _rules(mesh, rules, rows=False):
         model = _merge(graphdef, params, mesh)
         t = ids.shape[1]
         mask = jnp.arange(t)[None] < lengths[:, None]
@@ -158,7 +165,7 @@ def release_program(state: DecodeState, rows, *, mesh: Mesh | None = None, rules
 def take_program(cache: KVCache, rows, *, length: int, mesh: Mesh | None = None,
                  rules: str = "inference") -> KVCache:
     """Rows `rows` [n] of a cache and their first `length` slots, as a prefix to reuse."""
-    with _rules(mesh, rules):
+    with _rules(mesh, rules, rows=False):
         return cache.take(rows, length).constrain()
 
 
@@ -167,7 +174,7 @@ def reuse_program(prefix: KVCache, keep, *, length: int, mesh: Mesh | None = Non
                   rules: str = "inference") -> KVCache:
     """A fresh cache of `length` slots holding the first `keep` [n] slots of `prefix` (n
     rows): a cached prefix to prefill the rest of a longer prompt after."""
-    with _rules(mesh, rules):
+    with _rules(mesh, rules, rows=False):
         n, kvh, _, dh = prefix.k[0].shape
         fresh = KVCache.init(len(prefix.k), n, kvh, length, dh, prefix.k[0].dtype)
         return fresh.put(prefix.take(jnp.arange(n), min(length, prefix.max_len)), jnp.arange(n), keep).constrain()

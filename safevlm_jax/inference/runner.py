@@ -8,7 +8,8 @@ state they run on, and the programs of `programs` at shapes rounded up to bucket
     tokens, prefix = runner.prefill(prefix, [chunk_ids], [image_offset], features, sampling, True)
     runner.insert(prefix, tokens, rows=[3], sampling=sampling, limits=[64])
     tokens, done = runner.step(rows=4, length=256)      # [4] next tokens of rows 0..3
-    out = runner.generate(max_steps=64)                 # each row's tokens until it is done
+    out = runner.decode(max_steps=64)                   # each row's tokens until it is done
+    tokens, timings = runner.generate(prompts, features, sampling, max_new=64, use_safety=True)
 
 The caller keeps to the runner's thread (the state is donated at every call) and to
 `max_length`: a prompt and its answer fit one row.
@@ -16,7 +17,8 @@ The caller keeps to the runner's thread (the state is donated at every call) and
 
 from __future__ import annotations
 
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,9 @@ from jax.sharding import Mesh
 
 from safevlm_jax import sharding
 from safevlm_jax.inference import programs
-from safevlm_jax.inference.buckets import BATCH_BUCKETS, DECODE_LENGTH_BUCKETS, bucket, capped, pad_rows
+from safevlm_jax.inference.buckets import (BATCH_BUCKETS, DECODE_LENGTH_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS,
+                                           bucket, capped, pad_rows)
+from safevlm_jax.inference.requests import SamplingParams
 from safevlm_jax.inference.sampling import RowSampling
 from safevlm_jax.inference.state import DecodeState, cache_dtype, empty_cache, new_state, place
 from safevlm_jax.models.kv_cache import KVCache
@@ -99,7 +103,8 @@ class Runner:
 
     def new_prefix(self, rows: int, length: int) -> KVCache:
         """An empty prefix cache: `rows` prompts of up to `length` tokens."""
-        return place(empty_cache(self.config, rows, length), self.mesh, self.rules, self.device)
+        return place(empty_cache(self.config, rows, length), self.mesh,
+                     sharding.without(self.rules, programs.ROWS), self.device)
 
     def reuse(self, prefix: KVCache, keep: int, length: int) -> KVCache:
         """A new one-row prefix of `length` slots holding the first `keep` tokens of `prefix`."""
@@ -145,12 +150,56 @@ class Runner:
                                                          np.int32(self.eos_id), rows=rows, length=length, **self._kw)
         return np.asarray(tokens), np.asarray(done)
 
-    def generate(self, max_steps: int) -> list[np.ndarray]:
+    def decode(self, max_steps: int) -> list[np.ndarray]:
         """Decode steps until every row is done or `max_steps` ran: each row's new tokens."""
         self.state, out = programs.generate_program(self.graphdef, self.params, self.state, np.int32(self.eos_id),
                                                     np.int32(self.pad_id), max_steps=max_steps, **self._kw)
         made = np.asarray(self.state.steps) - 1  # the first token came from the prefill
         return [row[:n] for row, n in zip(np.asarray(out), made)]
+
+    def generate(self, prompts: Sequence[Sequence[int]], features, sampling: Sequence[SamplingParams], max_new: int,
+                 use_safety: bool, on_step: Callable[[int, int, bool], None] | None = None):
+        """A whole batch: every prompt prefilled (one call), inserted into its row of a fresh
+        decode state, then the decode loop (`decode`), or, with `on_step(row, token, last)`
+        for each token as it comes, the step looped from Python. prompts fit `max_length`
+        with `max_new` tokens; features: each prompt's [1, N, C]. Returns (each prompt's
+        tokens, {prefill_s, decode_s, tokens_per_s})."""
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        rows = bucket(n, self.batch_buckets, "batch")
+        width = bucket(longest, capped(PROMPT_BUCKETS, self.max_length), "prompt length")
+        steps = bucket(max_new, NEW_TOKEN_BUCKETS, "max_new_tokens")
+        self.reset(rows, width + steps)
+        rule = RowSampling.of(list(sampling) + [sampling[0]] * (rows - n))
+        start = time.perf_counter()
+        padded = list(prompts) + [prompts[0]] * (rows - n)  # real rows: no all-padding attention
+        first, prefix = self.prefill(self.new_prefix(rows, width), padded, [0] * rows, features, rule, use_safety,
+                                     width)
+        prefill_s = time.perf_counter() - start
+        self.insert(prefix, first, np.arange(rows), rule, [max_new] * rows)
+        del prefix
+        if on_step is None:
+            out = [[int(t), *row.tolist()] for t, row in zip(first[:n], self.decode(steps)[:n])]
+        else:
+            out = self._stream(first[:n], on_step)
+        decode_s = time.perf_counter() - start - prefill_s
+        made = sum(len(o) - 1 for o in out)
+        return out, {"prefill_s": prefill_s, "decode_s": decode_s,
+                     "tokens_per_s": made / decode_s if decode_s > 0 and made else 0.0}
+
+    def _stream(self, first: np.ndarray, on_step: Callable[[int, int, bool], None]) -> list[list[int]]:
+        """The jitted step looped from Python (gemma's `_stream_sample_loop`), until the state
+        says each row is done (EOS or its max tokens)."""
+        n = len(first)
+        out, done = [[int(t)] for t in first], np.asarray(self.state.done[:n])
+        for row, token in enumerate(first):
+            on_step(row, int(token), bool(done[row]))
+        while not done.all():
+            tokens, now = self.step(self.rows, self.length)
+            for row in np.flatnonzero(~done):
+                out[row].append(int(tokens[row]))
+                on_step(int(row), int(tokens[row]), bool(now[row]))
+            done = now[:n]
+        return out
 
     def release(self, rows: Sequence[int]) -> None:
         """Rows done: they stop decoding."""

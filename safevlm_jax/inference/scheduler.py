@@ -63,10 +63,12 @@ class Seq:
     admitted: float | None = None
     first_token: float | None = None
     cancelled: bool = False
+    said_verdict: bool = False
 
     @property
-    def needs_verdict(self) -> bool:
-        return self.image is not None
+    def use_safety(self) -> bool:
+        """Its image positions hold the safety tokens, then the image (else the image alone)."""
+        return self.request.safety and self.image is not None
 
     @property
     def cached(self) -> int:
@@ -77,13 +79,13 @@ class Seq:
 @dataclasses.dataclass
 class Plan:
     """What one turn runs, in this order. release: rows to stop decoding; save: finished
-    rows to keep as prefixes, (row, ids it holds, image hash); verdict: requests whose images
+    rows to keep as prefixes, (row, ids it holds, its request); verdict: requests whose images
     to encode; begin: requests that took a row and start their prefill; prefill: the request
     whose next chunk (at most `budget` tokens) runs; decode: (rows, length) of the decode
     step, or None."""
 
     release: list[int]
-    save: list[tuple[int, list[int], str | None]]
+    save: list[tuple[int, list[int], Seq]]
     verdict: list[Seq]
     begin: list[Seq]
     prefill: Seq | None
@@ -113,7 +115,7 @@ class Scheduler:
         self.accepting = True
         self.counters = Counters()
         self._release: list[int] = []
-        self._save: list[tuple[int, list[int], str | None]] = []
+        self._save: list[tuple[int, list[int], Seq]] = []
 
     # The caller's side ------------------------------------------------------------------
     def add(self, seq: Seq) -> None:
@@ -193,16 +195,21 @@ class Scheduler:
             admitted = self.gate.admit(v, r.conversation, r.prompt_format, safety=r.safety,
                                        image=seq.image is not None)
         except Exception as e:  # this request's prompt only
-            return [(seq, VerdictEvent(v, v and v.action))] + self.finish(seq, FinishReason.ERROR, _error(e))
+            return self._said(seq) + self.finish(seq, FinishReason.ERROR, _error(e))
         if isinstance(admitted, Refusal):
-            return [(seq, VerdictEvent(v, v.action)), (seq, TextEvent(admitted.text))] + self.finish(
-                seq, FinishReason.BLOCKED)
-        seq.prompt_ids, seq.status = admitted, Status.READY
+            return self._said(seq) + [(seq, TextEvent(admitted.text))] + self.finish(seq, FinishReason.BLOCKED)
         if len(admitted) + r.max_tokens > self.max_length:  # cannot happen: submit checks the longest hint
-            return [(seq, VerdictEvent(v, v and v.action))] + self.finish(
+            return self._said(seq) + self.finish(
                 seq, FinishReason.ERROR, f"prompt of {len(admitted)} tokens + max_tokens={r.max_tokens} exceeds "
                                          f"the context length {self.max_length}")
-        return [(seq, VerdictEvent(v, v and v.action, tuple(admitted)))]
+        seq.prompt_ids, seq.status = admitted, Status.READY
+        return self._said(seq)
+
+    def _said(self, seq: Seq) -> Output:
+        """Its VerdictEvent (its verdict, the policy's action, its prompt ids so far)."""
+        seq.said_verdict = True
+        v = seq.verdict if seq.request.safety else None
+        return [(seq, VerdictEvent(v, v and v.action, tuple(seq.prompt_ids)))]
 
     def prefilled(self, seq: Seq, upto: int, token: int | None) -> Output:
         """Its prompt is prefilled up to `upto`; `token`: the first answer token, sampled
@@ -240,9 +247,7 @@ class Scheduler:
         freed (and stopped on the device unless `released`: the device stopped it)."""
         if seq.status is Status.DONE:
             return []
-        out: Output = []
-        if seq.status is Status.WAITING:  # never got its verdict
-            out.append((seq, VerdictEvent(None, None)))
+        out = [] if seq.said_verdict else self._said(seq)  # never got its verdict
         if seq in self.queue:
             self.queue.remove(seq)
         if seq.row is not None:
@@ -250,7 +255,7 @@ class Scheduler:
             if not released:
                 self._release.append(seq.row)
             elif reason in (FinishReason.STOP, FinishReason.LENGTH) and self.save_prefixes:
-                self._save.append((seq.row, seq.prompt_ids + seq.generated[:-1], seq.image))
+                self._save.append((seq.row, seq.prompt_ids + seq.generated[:-1], seq))
         if reason in (FinishReason.STOP, FinishReason.LENGTH):
             tail = seq.detok.flush()
             if tail:

@@ -89,8 +89,9 @@ def new_state(config: ModelConfig, rows: int, length: int, mesh: Mesh | None = N
     return place(state, mesh, rules, device)
 
 
-def place(tree, mesh: Mesh | None, rules: str, device=None):
-    """A DecodeState or KVCache on `mesh` by its logical axes, or on `device`."""
+def place(tree, mesh: Mesh | None, rules, device=None):
+    """A DecodeState or KVCache on `mesh` by its logical axes under `rules` (a name or a
+    mapping), or on `device`."""
     if mesh is not None:
         return jax.device_put(tree, sharding.array_shardings(tree, tree.logical_axes(), mesh, rules,
                                                              type(tree).__name__))
