@@ -44,6 +44,7 @@ flags.DEFINE_integer("requests", 4, "requests each client sends, one after the o
 flags.DEFINE_integer("max_tokens", 64, "max_tokens of every request")
 flags.DEFINE_integer("slots", 8, "the server's --slots")
 flags.DEFINE_integer("max_length", 512, "the server's --max_length (KV cache positions per slot)")
+flags.DEFINE_integer("prefill_chunk", 64, "the server's --prefill_chunk (prompt tokens per decode step)")
 flags.DEFINE_float("time_cap_s", 1500, "hard cap on the whole measurement (seconds)")
 flags.DEFINE_string("workdir", None, "where the random checkpoint is kept (default: a temp dir)")
 flags.DEFINE_bool("distinct_images", False, "every request an image of its own (nothing reused)")
@@ -76,7 +77,8 @@ def image_url(size: int, seed: int = 0) -> str:
 
 def start_server(checkpoint: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "safevlm_jax.serve", "--checkpoint", checkpoint, "--port", "0",
-           "--slots", str(FLAGS.slots), "--max_queue", "256", "--max_length", str(FLAGS.max_length)]
+           "--slots", str(FLAGS.slots), "--max_queue", "256", "--max_length", str(FLAGS.max_length),
+           "--prefill_chunk", str(FLAGS.prefill_chunk)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if line.startswith("serving "):
@@ -193,6 +195,7 @@ def main(argv) -> None:
     gaps = " ".join(f"gap_p99_over_p50_{r['concurrency']}={r['gap_p99_s'] / r['gap_p50_s']:.2f}"
                     for r in rows if r["concurrency"] != 1)
     print(f"config={FLAGS.config} slots={FLAGS.slots} max_tokens={FLAGS.max_tokens} "
+          f"prefill_chunk={FLAGS.prefill_chunk} "
           f"distinct_images={FLAGS.distinct_images} decode_step_ms={stats['decode_step_s'] * 1e3:.1f} "
           f"tokens_per_s_1={base:.1f} {ratios} {gaps} prefix_hits={stats['prefix_hits']} "
           f"verdict_cache_hits={stats['verdict_cache_hits']} errors={errors} server_exit={code}")

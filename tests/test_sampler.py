@@ -191,3 +191,16 @@ def test_buckets_round_up_and_refuse_past_the_largest():
     assert bucket(1, (4, 8)) == 4 and bucket(5, (4, 8)) == 8 and bucket(8, (4, 8)) == 8
     with pytest.raises(ValueError, match="batch 9 exceeds the largest bucket 8"):
         bucket(9, (4, 8), "batch")
+
+
+def test_the_decode_loop_writes_the_cache_in_place_without_copying_it(setup):
+    """The compiled loop holds no copy of a KV cache buffer (XLA:CPU copied each one three
+    times per step when the product's operand was a reshape of the loop's buffer)."""
+    _, _, runner, _ = setup
+    runner.reset(2, 96)
+    buffer = runner.state.cache.k[0]
+    assert runner.state.cache.merged and buffer.shape[0] == 2 * runner.config.text.num_key_value_heads
+    hlo = programs.generate_program.lower(runner.graphdef, runner.params, runner.state, np.int32(EOS), np.int32(PAD),
+                                          max_steps=16).compile().as_text()
+    shape = "f32[" + ",".join(map(str, buffer.shape)) + "]"
+    assert not [line for line in hlo.splitlines() if " copy(" in line and shape in line]

@@ -219,7 +219,8 @@ def test_prefix_cache_gives_the_longest_usable_prefix_within_the_image_rule_and_
     assert hit.length == 3
     assert cache.lookup([9, 1], None) is None
     cache.add([5, 5, 5], None, "C", 40)  # over 100 bytes: the least recently used (A) goes
-    assert len(cache) == 2 and cache.nbytes == 80 and cache.lookup([1, 2, 3, IMAGE, IMAGE, 4, 5, 9], "img-a").value == "B"
+    assert len(cache) == 2 and cache.nbytes == 80
+    assert cache.lookup([1, 2, 3, IMAGE, IMAGE, 4, 5, 9], "img-a").value == "B"
     lru = LRU(max_bytes=10)
     lru.put("big", 1, 11)
     assert lru.get("big") is None and lru.nbytes == 0

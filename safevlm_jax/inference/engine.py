@@ -64,7 +64,8 @@ class Engine:
                  max_length: int | None = None, mesh=None, rules: str = "inference", prefill_chunk: int = 64,
                  prefix_cache_bytes: int | None = None, verdict_cache_bytes: int = 64 << 20):
         if slots < 1 or max_queue < 1 or prefill_chunk < 1:
-            raise ValueError(f"need slots, max_queue and prefill_chunk >= 1, got {slots}, {max_queue}, {prefill_chunk}")
+            raise ValueError(f"need slots, max_queue and prefill_chunk >= 1, got {slots}, {max_queue}, "
+                             f"{prefill_chunk}")
         self.model, self.tokenizer, self.images, self.gate = model, tokenizer, images, gate
         self.config, self.slots = model.config, slots
         self.max_length = max_length or model.config.text.max_position_embeddings
@@ -72,7 +73,8 @@ class Engine:
                              pad_id=tokenizer.pad_token_id, mesh=mesh, rules=rules)
         self.runner.reset(slots, self.max_length)
         self.cache_bytes = self.runner.cache_bytes(slots, self.max_length)
-        _log.info("engine: %d slots x %d positions, KV cache %.2f GiB", slots, self.max_length, self.cache_bytes / 2**30)
+        _log.info("engine: %d slots x %d positions, KV cache %.2f GiB", slots, self.max_length,
+                  self.cache_bytes / 2**30)
         self._cond, self._tokenize = threading.Condition(), threading.Lock()  # HF tokenizers: one thread at a time
         self.scheduler = Scheduler(rows=slots, max_length=self.max_length, max_queue=max_queue, gate=gate,
                                    eos_id=tokenizer.eos_token_id, detokenizer=lambda: Detokenizer(tokenizer),

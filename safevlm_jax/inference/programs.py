@@ -175,6 +175,7 @@ def reuse_program(prefix: KVCache, keep, *, length: int, mesh: Mesh | None = Non
     """A fresh cache of `length` slots holding the first `keep` [n] slots of `prefix` (n
     rows): a cached prefix to prefill the rest of a longer prompt after."""
     with _rules(mesh, rules, rows=False):
-        n, kvh, _, dh = prefix.k[0].shape
-        fresh = KVCache.init(len(prefix.k), n, kvh, length, dh, prefix.k[0].dtype)
+        n, buf = prefix.batch, prefix.k[0]
+        fresh = KVCache.init(len(prefix.k), n, buf.shape[0] // n if prefix.merged else buf.shape[1], length,
+                             buf.shape[-1], buf.dtype, prefix.merged)
         return fresh.put(prefix.take(jnp.arange(n), min(length, prefix.max_len)), jnp.arange(n), keep).constrain()

@@ -103,7 +103,7 @@ class Runner:
 
     def new_prefix(self, rows: int, length: int) -> KVCache:
         """An empty prefix cache: `rows` prompts of up to `length` tokens."""
-        return place(empty_cache(self.config, rows, length), self.mesh,
+        return place(empty_cache(self.config, rows, length, self.mesh is None), self.mesh,
                      sharding.without(self.rules, programs.ROWS), self.device)
 
     def reuse(self, prefix: KVCache, keep: int, length: int) -> KVCache:

@@ -72,18 +72,21 @@ def cache_dtype(config: ModelConfig):
     return jnp.float32 if jax.default_backend() == "cpu" else config.compute_dtype
 
 
-def empty_cache(config: ModelConfig, rows: int, length: int) -> KVCache:
+def empty_cache(config: ModelConfig, rows: int, length: int, merged: bool) -> KVCache:
+    """`merged`: [rows * kv_heads, ...] buffers, for one device (`models.kv_cache`)."""
     t = config.text
-    return KVCache.init(t.num_hidden_layers, rows, t.num_key_value_heads, length, t.head_dim, cache_dtype(config))
+    return KVCache.init(t.num_hidden_layers, rows, t.num_key_value_heads, length, t.head_dim, cache_dtype(config),
+                        merged)
 
 
 def new_state(config: ModelConfig, rows: int, length: int, mesh: Mesh | None = None,
               rules: str = "inference", device=None) -> DecodeState:
     """`rows` free rows of `length` cache slots, placed by `rules` on `mesh` (an axis it
-    cannot divide is an error naming the sizes), else on `device` (the model's: a state the
-    programs hand back is committed there, so a fresh one must be too, or the second call
-    compiles again)."""
-    state = DecodeState(empty_cache(config, rows, length), jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.int32),
+    cannot divide is an error naming the sizes), else, its cache merged, on `device` (the
+    model's: a state the programs hand back is committed there, so a fresh one must be too,
+    or the second call compiles again)."""
+    state = DecodeState(empty_cache(config, rows, length, mesh is None), jnp.zeros(rows, jnp.int32),
+                        jnp.zeros(rows, jnp.int32),
                         jnp.zeros(rows, jnp.int32), jnp.ones(rows, jnp.bool_), jax.tree.map(jnp.asarray,
                                                                                             RowSampling.greedy(rows)))
     return place(state, mesh, rules, device)
