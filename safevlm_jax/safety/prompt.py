@@ -73,4 +73,4 @@ class PromptBuilder:
     @property
     def query_id(self) -> int:
         """The safety head's query token (`query_id`): every prompt built here starts with it."""
-        return self.encoder.bos_ids[0]
+        return query_id(self.tokenizer)
