@@ -64,6 +64,7 @@ import numpy as np
 
 from safevlm_jax.data.records import HUMAN, Turn
 from safevlm_jax.data.template import PROMPT_FORMATS
+from safevlm_jax.data.tokenizer import max_prompt_chars
 from safevlm_jax.inference import slots as programs
 from safevlm_jax.inference.buckets import BATCH_BUCKETS, DECODE_LENGTH_BUCKETS, PROMPT_BUCKETS, bucket, capped
 from safevlm_jax.inference.decode import new_cache
@@ -116,6 +117,7 @@ class Engine:
         self.decoder, self.tokenizer = inference.decoder, inference.tokenizer
         self.config = inference.model.config
         self.max_length = max_length or self.decoder.max_length
+        self.max_prompt_chars = max_prompt_chars(self.tokenizer, self.max_length)  # longer: refused untokenized
         self.prompt_buckets = capped(PROMPT_BUCKETS, self.max_length)
         # a decode step reads the rows and slots that busy requests reach (programs.decode_step)
         self.row_buckets = capped(BATCH_BUCKETS, slots)
@@ -254,7 +256,10 @@ class Engine:
     def _check(self, r: EngineRequest) -> tuple[list[int], np.ndarray | None]:
         """(prompt ids without a hint, pixel_values f32 or None) of a valid request;
         BadRequest naming what is wrong."""
-        r.check()
+        r.check(self.config.text.vocab_size)
+        if len(r.prompt) > self.max_prompt_chars:
+            raise BadRequest(f"prompt of {len(r.prompt)} characters exceeds the context length {self.max_length}: "
+                             f"that many tokens spell at most {self.max_prompt_chars} characters")
         if r.safety and not self.inference.model.has_safety:
             raise BadRequest("this checkpoint has no safety modules; send the request with safety off")
         pixels = None if r.pixel_values is None else self._pixels(r.pixel_values)
@@ -400,39 +405,42 @@ class Engine:
             self._ready.append(row)
 
     def _admit(self) -> None:
-        """Fills free slots from the ready queue, one prefill each."""
+        """Fills free slots from the ready queue, one prefill each; whatever one request's
+        prefill raises ends that request alone."""
         while self._ready and self._busy() < self.slots:
             row = self._ready.popleft()
-            slot = self._rows.index(None)
-            r, n = row.request, len(row.ids)
-            if n + r.max_tokens > self.max_length:  # a hint longer than the room kept for it
-                self._finish(row, "error", f"prompt of {n} tokens with its safety hint + max_tokens="
-                                           f"{r.max_tokens} exceeds the context length {self.max_length}")
-                continue
-            ids = np.full((1, bucket(n, self.prompt_buckets, "prompt length")), self.decoder.pad_id, np.int32)
-            ids[0, :n] = row.ids
-            rule = PerRow(np.float32([r.temperature]), np.int32([r.top_k]), np.float32([r.top_p]))
-            seed = np.uint32([r.seed % 2**32])
-            features = None if row.features is None else row.features[None]
             try:
-                with self._timed("prefill"):
-                    token, self._cache = programs.prefill(
-                        self.decoder.graphdef, self.decoder.state, self._cache, ids, np.int32(n), features,
-                        np.int32(slot), rule, seed, np.zeros(1, np.int32),
-                        use_safety=r.safety and self.inference.model.has_safety)
-                    token = int(token)
+                self._prefill(row, self._rows.index(None))
             except Exception as e:
                 _log.exception("prefill failed")
                 self._finish(row, "error", f"{type(e).__name__}: {e}")
                 self._fresh_cache()
-                continue
-            self._count("prompt_tokens", n)
-            row.slot, row.admitted, self._rows[slot] = slot, time.monotonic(), row
-            self._seeds[slot] = seed[0]
-            for name, value in (("temperature", r.temperature), ("top_k", r.top_k), ("top_p", r.top_p)):
-                self._rule[name][slot] = value
-            self._tokens_out(1)
-            self._take(row, token)
+
+    def _prefill(self, row: _Row, slot: int) -> None:
+        """The row's prompt into `slot` of the cache; its first token."""
+        r, n = row.request, len(row.ids)
+        if n + r.max_tokens > self.max_length:  # a hint longer than the room kept for it
+            self._finish(row, "error", f"prompt of {n} tokens with its safety hint + max_tokens="
+                                       f"{r.max_tokens} exceeds the context length {self.max_length}")
+            return
+        ids = np.full((1, bucket(n, self.prompt_buckets, "prompt length")), self.decoder.pad_id, np.int32)
+        ids[0, :n] = row.ids
+        rule = PerRow(np.float32([r.temperature]), np.int32([r.top_k]), np.float32([r.top_p]))
+        seed = np.uint32([r.seed % 2**32])
+        features = None if row.features is None else row.features[None]
+        with self._timed("prefill"):
+            token, self._cache = programs.prefill(
+                self.decoder.graphdef, self.decoder.state, self._cache, ids, np.int32(n), features,
+                np.int32(slot), rule, seed, np.zeros(1, np.int32),
+                use_safety=r.safety and self.inference.model.has_safety)
+            token = int(token)
+        self._count("prompt_tokens", n)
+        row.slot, row.admitted, self._rows[slot] = slot, time.monotonic(), row
+        self._seeds[slot] = seed[0]
+        for name, value in (("temperature", r.temperature), ("top_k", r.top_k), ("top_p", r.top_p)):
+            self._rule[name][slot] = value
+        self._tokens_out(1)
+        self._take(row, token)
 
     def _compile_idle_steps(self) -> None:
         """Runs the decode step once at every shape `_decode_shape` can choose, with every row
@@ -488,7 +496,11 @@ class Engine:
         self._tokens_out(int(active.sum()), took["s"])
         for slot, row in enumerate(self._rows[:rows]):
             if row is not None:
-                self._take(row, int(tokens[slot]))
+                try:
+                    self._take(row, int(tokens[slot]))
+                except Exception as e:  # e.g. its detokenizer: that request alone ends
+                    _log.exception("request %d's token failed", row.handle.id)
+                    self._finish(row, "error", f"{type(e).__name__}: {e}")
 
     def _take(self, row: _Row, token: int) -> None:
         """A sampled token: text out, or the request's end."""

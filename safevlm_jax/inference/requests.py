@@ -17,6 +17,8 @@ from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.safety.verdict import Verdict
 
 FINISH_REASONS = ("stop", "length", "blocked", "cancelled", "error")
+MAX_TOKENS = 2**31 - 1  # max_tokens and top_k become int32 on the device
+SEEDS = (-2**63, 2**63 - 1)  # int64, as OpenAI's and vLLM's `seed`
 
 
 class QueueFull(RuntimeError):
@@ -43,23 +45,24 @@ class EngineRequest:
     safety: bool = True
     prompt_format: str = "llava"
 
-    def check(self) -> None:
-        """BadRequest naming the first field that is not as documented."""
+    def check(self, vocab_size: int = MAX_TOKENS) -> None:
+        """BadRequest naming the first field that is not as documented; top_k is at most
+        `vocab_size` (the model's logits)."""
         if self.prompt_format not in PROMPT_FORMATS:
             raise BadRequest(f"unknown prompt_format {self.prompt_format!r}; known: {list(PROMPT_FORMATS)}")
         if not isinstance(self.prompt, str):
             raise BadRequest(f"prompt must be a string, got {type(self.prompt).__name__}")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise BadRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not (_is_real(self.temperature) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise BadRequest(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_TOKENS:
+            raise BadRequest(f"max_tokens must be an integer in [1, {MAX_TOKENS}], got {_shown(self.max_tokens)}")
+        if not (_is_finite(self.temperature) and self.temperature >= 0):
+            raise BadRequest(f"temperature must be a number >= 0, got {_shown(self.temperature)}")
         if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
-            raise BadRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise BadRequest(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not _is_int(self.seed):
-            raise BadRequest(f"seed must be an integer, got {self.seed!r}")
+            raise BadRequest(f"top_p must be in (0, 1], got {_shown(self.top_p)}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= vocab_size:
+            raise BadRequest(f"top_k must be an integer in [0, {vocab_size}] (the vocabulary), "
+                             f"got {_shown(self.top_k)}")
+        if not _is_int(self.seed) or not SEEDS[0] <= self.seed <= SEEDS[1]:
+            raise BadRequest(f"seed must be an integer in [-2**63, 2**63 - 1], got {_shown(self.seed)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +114,23 @@ class Handle:
         return self._done.wait(timeout)
 
 
+def _shown(x) -> str:
+    """x for an error message: a huge integer by its size (its digits may be too many for str)."""
+    if _is_int(x) and abs(x) >= 10**20:
+        return f"an integer of {int(x).bit_length()} bits"
+    return f"{x!r:.40}"
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_finite(x) -> bool:
+    try:
+        return _is_real(x) and math.isfinite(x)
+    except OverflowError:  # an integer beyond every float
+        return False
