@@ -100,7 +100,7 @@ def warm_up(engine) -> None:
         engine.submit(EngineRequest(blank, "What is shown?", max_tokens=2, safety=s)).wait()
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket (bound here so that --port 0 can report its port)."""
+    """A bound socket (here, so that --port 0 can report its port)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -153,6 +153,7 @@ def run(argv) -> None:
     # that re-raise returns here, so the engine drains too and the exit status is 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    sock.listen(2048)  # from here a connection waits in the backlog until uvicorn accepts it
     host, port = sock.getsockname()[:2]
     print(f"serving http://{host if ':' not in host else f'[{host}]'}:{port}", file=sys.stderr, flush=True)
     serve(application, sock, engine, FLAGS.drain_timeout_s)

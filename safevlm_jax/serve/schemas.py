@@ -181,11 +181,11 @@ def parse_moderation(body: Any, limits: Limits, max_images: int) -> ModerationIn
     """`input` as content parts (text and image_url) -> ModerationInput; at least one image,
     at most `max_images`."""
     mod = _validate(ModerationBody, body)
-    if isinstance(mod.input, str) or all(isinstance(x, str) for x in mod.input):
+    texts, images = _parts([mod.input] if isinstance(mod.input, str) else mod.input, "input")
+    if not images:
         raise bad_request("the safety head judges images: give input as content parts with at least "
                           "one {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:...\"}}; "
                           "text alone does not change its verdict", "input", "image_required")
-    texts, images = _parts(mod.input, "input")
     _check_text("\n".join(texts), limits, "input")
     if len(images) > max_images:
         raise bad_request(f"at most {max_images} images per moderation request, got {len(images)}",
