@@ -147,6 +147,9 @@ def serve(application, sock: socket.socket, engine, drain_timeout_s: float, grac
 def run(argv) -> None:
     """The command, after flag parsing (ValueError/OSError: one `error:` line, exit 2)."""
     del argv
+    from safevlm_jax.serve import memory
+
+    memory.keep_large_buffers_mapped()
     sock = bind(FLAGS.host, FLAGS.port)
     engine, application, _ = build()
     # uvicorn re-raises the signal that stopped it once it has drained; with these handlers
