@@ -21,6 +21,7 @@ docs/architecture.md says which module does what.
 from __future__ import annotations
 
 import importlib
+import logging
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -49,6 +50,19 @@ _SUBMODULES = ("checkpoint", "config", "data", "eval", "guard", "inference", "ke
                "safety", "sharding", "train")
 
 __all__ = sorted(_EXPORTS)
+
+
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' import-time notice that PyTorch is missing ("Models won't be
+    available"): this package uses its tokenizers and configs alone, which need no PyTorch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found.")
+
+
+# Every command and library module imports this package before transformers (a command's own
+# package first: checkpoints_tools imports it too); the notice is logged on this logger itself.
+logging.getLogger("transformers").addFilter(_NoTorchNotice())
 
 
 def __getattr__(name: str):
