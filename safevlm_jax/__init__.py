@@ -60,8 +60,10 @@ class _NoTorchNotice(logging.Filter):
         return not record.getMessage().startswith("PyTorch was not found.")
 
 
-# Every command and library module imports this package before transformers (a command's own
-# package first: checkpoints_tools imports it too); the notice is logged on this logger itself.
+# Installed before transformers is first imported: `python -m safevlm_jax.…` and every module of
+# the package run this file first, and checkpoints_tools' modules import the package before
+# anything that imports transformers (tests/test_quiet_commands.py). The notice is logged on
+# this logger itself, so a filter here sees it.
 logging.getLogger("transformers").addFilter(_NoTorchNotice())
 
 
