@@ -64,18 +64,24 @@ def assert_same_state(got: dict, want: dict):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def wait_for_a_saved_step(workdir, proc) -> None:
+    deadline = time.time() + 600
+    while not finished_steps(workdir / "checkpoints") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def first_runs(tmp_path_factory):
-    """Two runs started side by side: ((workdir, stdout) of a run of STEPS steps, (workdir,
-    last finished step) of a run killed with SIGKILL once it saved a step)."""
+    """((workdir, stdout) of a run of STEPS steps, (workdir, last finished step) of a run killed
+    with SIGKILL once it saved a step). The second starts once the first saved a step, so it
+    finds the first's compiled programs in the compilation cache, and then runs beside it."""
     full, part = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("killed")
     run = subprocess.Popen(command(full), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
+    wait_for_a_saved_step(full, run)
     victim = subprocess.Popen(command(part), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not finished_steps(part / "checkpoints") and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for_a_saved_step(part, victim)
     assert victim.poll() is None, "the run ended before it could be killed"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
