@@ -23,6 +23,7 @@ docs/architecture.md says which module does what.
 from __future__ import annotations
 
 import importlib
+import logging
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -50,6 +51,21 @@ _SUBMODULES = ("checkpoint", "config", "data", "eval", "guard", "inference", "ke
                "safety", "sharding", "train")
 
 __all__ = sorted(_EXPORTS)
+
+
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' import-time notice that PyTorch is missing ("Models won't be
+    available"): this package uses its tokenizers and configs alone, which need no PyTorch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found.")
+
+
+# Installed before transformers is first imported: `python -m safevlm_jax.…` and every module of
+# the package run this file first, and checkpoints_tools' modules import the package before
+# anything that imports transformers (tests/test_quiet_commands.py). The notice is logged on
+# this logger itself, so a filter here sees it.
+logging.getLogger("transformers").addFilter(_NoTorchNotice())
 
 
 def __getattr__(name: str):

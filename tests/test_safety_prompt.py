@@ -13,7 +13,8 @@ from safevlm_jax.safety.prompt import Conversation, PromptBuilder
 from safevlm_jax.safety.taxonomy import RISK_TYPES
 from safevlm_jax.safety.policy import RiskPolicy
 
-from llava_ref import PSA_HINTED_PROMPT, PSA_PROMPT, expand_image, tokenizer_image_token, vicuna_v1_prompt
+from llava_upstream import expand_image, tokenizer_image_token, vicuna_v1_prompt
+from psa_vlm_prompts import PSA_HINTED_PROMPT, PSA_PROMPT
 from tokenizer_helpers import llama_style_tokenizer, llava_tokenizer
 
 N_IMAGE = 6
@@ -84,7 +85,7 @@ def test_non_finite_head_output_fails_closed_at_level_3(bad):
 def test_v1_prompt_equals_llava_tokenizer_image_token_of_the_same_text(tokenizer, hinted):
     builder = PromptBuilder(tokenizer, N_IMAGE, "llava_v1")
     hint = DEFAULT_HINTS[3, 4] if hinted else None
-    text = vicuna_v1_prompt([(QUESTION + (f" Safe Hint: {hint}" if hinted else ""), None)], answered=False)
+    text = vicuna_v1_prompt([(QUESTION + (f" Safe Hint: {hint}" if hinted else ""), None)])
     assert builder.build(QUESTION, hint) == llava_ids(text, tokenizer, builder.encoder.image_token_id)
 
 

@@ -36,6 +36,7 @@ def files(tmp_path_factory):
     for name, size in (("a.png", (40, 30)), ("b.jpg", (20, 50))):
         Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(root / name)
     (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (root / "drawing.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\n%%EOF\n")  # EPS named .png
     return ckpt, root
 
 
@@ -130,8 +131,9 @@ def test_batch_answers_rows_alone_only_after_a_bad_request_not_after_a_bug(tmp_p
     assert out.getvalue() == "" and vlm.calls == 1
 
 
-@pytest.mark.parametrize("name,message", [("missing.png", "no such file"), ("bad.png", "corrupt_image")])
-def test_missing_or_corrupt_image_is_a_clear_error(files, capsys, name, message):
+@pytest.mark.parametrize("name,message", [("missing.png", "no such file"), ("bad.png", "corrupt_image"),
+                                          ("drawing.png", "unsupported_image_format")])
+def test_missing_corrupt_or_unsupported_image_is_a_clear_error(files, capsys, name, message):
     ckpt, root = files
     code, out, err = cli(capsys, f"--checkpoint={ckpt}", f"--image={root / name}", "--prompt=Hi")
     assert code == 2 and out == "" and name in err and message in err

@@ -126,6 +126,8 @@ def test_prompt_plus_max_tokens_over_the_context_names_the_limit(server):
 
 def test_moderation_without_an_image_is_refused(server):
     expect_error(post(server, {"input": "some text"}, "/v1/moderations"), 400, "image_required", "input")
+    expect_error(post(server, {"input": [{"type": "text", "text": "only text parts"}]}, "/v1/moderations"),
+                 400, "image_required", "input")
     expect_error(post(server, {"input": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
                       "/v1/moderations"), 400, "image_url_not_allowed", "input[0].image_url.url")
 

@@ -3,6 +3,7 @@ requests each get one complete answer, SIGTERM drains the server and it exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -142,11 +143,12 @@ def test_concurrent_requests_each_get_exactly_one_complete_answer():
         assert got == alone[names[i]], names[i]
 
 
-def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_tiny):
+@contextlib.contextmanager
+def serving(checkpoint: str, *flags: str):
+    """`python -m safevlm_jax.serve` on a free port: (process, url), killed if still running."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, "-m", "safevlm_jax.serve", "--checkpoint", random_tiny,
-                             "--port", "0", "--slots", "1", "--max_queue", "4"],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "safevlm_jax.serve", "--checkpoint", checkpoint,
+                             "--port", "0", *flags], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         said = []
         for line in proc.stderr:
@@ -155,19 +157,32 @@ def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_
                 break
         else:
             pytest.fail(f"the server exited with {proc.wait()} before serving:\n{''.join(said)}")
-        url = line.split()[1]
+        yield proc, line.split()[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def send_streams(url: str, bodies: list[dict]) -> tuple[list, list[threading.Thread]]:
+    """Each body streamed on its own thread; results[i] = (status, non-empty lines)."""
+    results = [None] * len(bodies)
+
+    def send(i):
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=bodies[i], timeout=120) as r:
+            results[i] = (r.status_code, [line for line in r.iter_lines() if line])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    return results, threads
+
+
+def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_tiny):
+    with serving(random_tiny, "--slots", "1", "--max_queue", "4") as (proc, url):
         assert url.startswith("http://127.0.0.1:")  # the default bind is loopback only
-        streams = [None] * 3
-
-        def send(i):
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=long_body(True), timeout=120) as r:
-                streams[i] = (r.status_code, [line for line in r.iter_lines() if line])
-
         health = lambda: httpx.get(f"{url}/health").json()
         warm = health()["accepted"]  # the warm-up's requests
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
+        streams, threads = send_streams(url, [long_body(True)] * 3)
         # all three accepted, one decoding and the others waiting for the one slot: then SIGTERM
         # (the first may already be done when the third arrives: a tiny model decodes fast)
         wait_for(lambda: (h := health())["accepted"] == warm + 3 and h["queue_depth"] >= 1,
@@ -177,14 +192,38 @@ def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_
         for t in threads:
             t.join(timeout=120)
         assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     for status, lines in streams:  # each whole: every token, one finish reason, [DONE]
         assert status == 200 and lines[-1] == "data: [DONE]"
         chunks = [json.loads(e[6:]) for e in lines[:-1]]
         assert [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"][0]["finish_reason"]] == ["length"]
         assert chunks[-1]["usage"]["completion_tokens"] == LONG
+
+
+def test_sigterm_cancels_what_outlasts_the_drain_timeout_and_exits_in_time(random_tiny):
+    """More work than --drain_timeout_s allows: what is unfinished at the deadline is
+    cancelled, each client gets one answer (whole, or its error), and the process exits."""
+    drain = 2.0
+    with serving(random_tiny, "--slots", "1", "--max_queue", "8", "--drain_timeout_s", str(drain)) as (proc, url):
+        health = lambda: httpx.get(f"{url}/health").json()
+        warm = health()["accepted"]
+        streams, threads = send_streams(url, [long_body(True)] * 6)  # ~6 x 300 tokens on one slot
+        wait_for(lambda: (h := health())["accepted"] == warm + 6, what="six accepted requests")
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        took = time.monotonic() - signalled
+        for t in threads:
+            t.join(timeout=60)
+    assert took < drain + 8, took  # the deadline, uvicorn's grace and the interpreter's exit
+    ends = []
+    for status, lines in streams:  # one end each: a finish reason or the cancellation's error
+        assert status == 200 and lines[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in lines[:-1]]
+        end = [c["error"]["code"] if "error" in c else c["choices"][0]["finish_reason"]
+               for c in chunks if "error" in c or (c["choices"] and c["choices"][0]["finish_reason"])]
+        assert len(end) == 1, end
+        ends += end
+    assert "generation_cancelled" in ends and set(ends) <= {"generation_cancelled", "length"}, ends
 
 
 def _refused(url: str) -> bool:

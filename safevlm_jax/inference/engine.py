@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from safevlm_jax.data.images import ImageConfig
+from safevlm_jax.data.tokenizer import max_prompt_chars
 from safevlm_jax.inference.buckets import bucket
 from safevlm_jax.inference.detokenize import Detokenizer
 from safevlm_jax.inference.errors import CONTEXT_LENGTH, NO_SAFETY, BadRequest
@@ -69,6 +70,7 @@ class Engine:
         self.model, self.tokenizer, self.images, self.gate = model, tokenizer, images, gate
         self.config, self.slots = model.config, slots
         self.max_length = max_length or model.config.text.max_position_embeddings
+        self.max_prompt_chars = max_prompt_chars(tokenizer, self.max_length)  # longer: refused untokenized
         self.runner = Runner(model, max_length=self.max_length, eos_id=tokenizer.eos_token_id,
                              pad_id=tokenizer.pad_token_id, mesh=mesh, rules=rules)
         self.runner.reset(slots, self.max_length)
@@ -121,6 +123,10 @@ class Engine:
         if request.safety and not self.model.has_safety:
             raise BadRequest("this checkpoint has no safety modules; send the request with safety off", "safety",
                              NO_SAFETY)
+        chars = sum(len(t.value) for t in request.conversation.turns) + len(request.conversation.system or "")
+        if chars > self.max_prompt_chars:
+            raise BadRequest(f"prompt of {chars} characters exceeds the context length {self.max_length}: that many "
+                             f"tokens spell at most {self.max_prompt_chars} characters", "prompt", CONTEXT_LENGTH)
         pixels = None if request.pixel_values is None else self._pixels(request.pixel_values)
         with self._tokenize:
             try:

@@ -11,6 +11,7 @@ ValueError, so code that treats every bad input alike (the CLIs' one-line errors
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -37,3 +38,11 @@ def is_int(x) -> bool:
 def is_real(x) -> bool:
     """A real number, not a bool."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def is_finite(x) -> bool:
+    """A finite real number (an integer beyond every float is not)."""
+    try:
+        return is_real(x) and math.isfinite(x)
+    except OverflowError:
+        return False

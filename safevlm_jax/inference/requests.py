@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import threading
 from typing import Callable, ClassVar, Union
 
 import numpy as np
 
 from safevlm_jax.data.template import PROMPT_FORMATS
-from safevlm_jax.inference.errors import BadRequest, is_int, is_real
+from safevlm_jax.inference.errors import BadRequest, is_finite, is_int, is_real
 from safevlm_jax.safety.prompt import Conversation
 from safevlm_jax.safety.verdict import Verdict
 
@@ -29,32 +28,41 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # something failed for this request (DoneEvent.error says what)
 
 
-SEED_RANGE = (-2**63, 2**64)  # accepted seeds; a row's key uses seed mod 2**32
+MAX_TOKENS = 2**31 - 1  # max_tokens and top_k become int32 on the device
+SEEDS = (-2**63, 2**63 - 1)  # int64, as OpenAI's and vLLM's `seed`; a row's key uses seed mod 2**32
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """One request's sampling rule (vLLM's name): temperature >= 0 (0 = greedy), top_k >= 0
-    (0 = off), top_p in (0, 1] (1 = off), seed (an integer in `SEED_RANGE`)."""
+    (0 = off), top_p in (0, 1] (1 = off), seed (an integer in `SEEDS`)."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
 
-    def check(self, vocab_size: int | None = None) -> "SamplingParams":
-        """Itself, or BadRequest naming the field out of range (top_k <= vocab_size if given)."""
+    def check(self, vocab_size: int = MAX_TOKENS) -> "SamplingParams":
+        """Itself, or BadRequest naming the field out of range (top_k is at most `vocab_size`,
+        the model's logits)."""
         t, k, p, s = self.temperature, self.top_k, self.top_p, self.seed
-        if not (is_real(t) and math.isfinite(t) and t >= 0):
-            raise BadRequest(f"temperature must be a finite number >= 0, got {t!r}", "temperature")
-        if not (is_int(k) and 0 <= k <= (vocab_size or k)):
-            limit = f" and <= the vocabulary ({vocab_size})" if vocab_size else ""
-            raise BadRequest(f"top_k must be an integer >= 0{limit}, got {k!r}", "top_k")
+        if not (is_finite(t) and t >= 0):
+            raise BadRequest(f"temperature must be a finite number >= 0, got {_shown(t)}", "temperature")
+        if not (is_int(k) and 0 <= k <= vocab_size):
+            raise BadRequest(f"top_k must be an integer in [0, {vocab_size}] (the vocabulary), got {_shown(k)}",
+                             "top_k")
         if not (is_real(p) and 0 < p <= 1):
-            raise BadRequest(f"top_p must be in (0, 1], got {p!r}", "top_p")
-        if not (is_int(s) and SEED_RANGE[0] <= s < SEED_RANGE[1]):
-            raise BadRequest(f"seed must be an integer in [-2**63, 2**64), got {s!r:.40}", "seed")
+            raise BadRequest(f"top_p must be in (0, 1], got {_shown(p)}", "top_p")
+        if not (is_int(s) and SEEDS[0] <= s <= SEEDS[1]):
+            raise BadRequest(f"seed must be an integer in [-2**63, 2**63 - 1], got {_shown(s)}", "seed")
         return self
+
+
+def _shown(x) -> str:
+    """x for an error message: a huge integer by its size (its digits may be too many for str)."""
+    if is_int(x) and abs(x) >= 10**20:
+        return f"an integer of {int(x).bit_length()} bits"
+    return f"{x!r:.40}"
 
 
 class QueueFull(RuntimeError):
@@ -90,7 +98,7 @@ class EngineRequest:
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
 
-    def check(self, vocab_size: int | None = None) -> None:
+    def check(self, vocab_size: int = MAX_TOKENS) -> None:
         """BadRequest naming the first field that is not as documented."""
         if self.prompt_format not in PROMPT_FORMATS:
             raise BadRequest(f"unknown prompt_format {self.prompt_format!r}; known: {list(PROMPT_FORMATS)}",
@@ -98,8 +106,9 @@ class EngineRequest:
         if not isinstance(self.prompt, (str, Conversation)):
             raise BadRequest(f"prompt must be a string or a Conversation, got {type(self.prompt).__name__}",
                              "prompt")
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise BadRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        if not is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_TOKENS:
+            raise BadRequest(f"max_tokens must be an integer in [1, {MAX_TOKENS}], got {_shown(self.max_tokens)}",
+                             "max_tokens")
         self.sampling.check(vocab_size)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import logging
 import time
 from typing import Any, Callable
 
@@ -32,6 +33,8 @@ from safevlm_jax.inference.requests import (DoneEvent, EngineClosed, EngineEvent
 from safevlm_jax.inference.stats import Counters
 from safevlm_jax.safety.gate import Gate, Refusal
 from safevlm_jax.safety.verdict import Verdict
+
+_log = logging.getLogger(__name__)
 
 
 class Status(enum.Enum):
@@ -226,7 +229,11 @@ class Scheduler:
         """A decode step's tokens [rows] and done flags [rows] (EOS or max_tokens reached)."""
         out: Output = []
         for seq in [s for s in self.busy if s.status is Status.DECODE and s.row < len(tokens)]:
-            out += self._take(seq, int(tokens[seq.row]), bool(done[seq.row]))
+            try:
+                out += self._take(seq, int(tokens[seq.row]), bool(done[seq.row]))
+            except Exception as e:  # e.g. its detokenizer: that request alone ends
+                _log.exception("request %d's token failed", seq.id)
+                out += self.finish(seq, FinishReason.ERROR, _error(e), released=bool(done[seq.row]))
         return out
 
     def _take(self, seq: Seq, token: int, done: bool) -> Output:
