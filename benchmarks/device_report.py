@@ -17,7 +17,7 @@ import pathlib
 import re
 import sys
 
-MODULES = ("configs.model", "configs.stage2", "checkpoints_tools.keymap", "safevlm_jax.inference.decode",
+MODULES = ("configs.model", "configs.stage2", "checkpoints_tools.keymap", "safevlm_jax.inference.programs",
            "safevlm_jax.train.step", "safevlm_jax.train.optimizer", "safevlm_jax.data.pipeline", "grain",
            "tensorflow_datasets", "tensorboardX", "peft")
 VERSIONS = ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "numpy", "torch", "transformers", "peft")

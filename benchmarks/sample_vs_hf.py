@@ -43,7 +43,8 @@ from safevlm_jax.checkpoint.format import abstract_model  # noqa: E402
 from safevlm_jax.checkpoint.io import path_str  # noqa: E402
 from safevlm_jax.config import ModelConfig, SafetyConfig, TextConfig, VisionConfig  # noqa: E402
 from safevlm_jax.inference.buckets import NEW_TOKEN_BUCKETS  # noqa: E402
-from safevlm_jax.inference.decode import Decoder  # noqa: E402
+from safevlm_jax.inference.requests import SamplingParams  # noqa: E402
+from safevlm_jax.inference.runner import Runner  # noqa: E402
 from safevlm_jax.models.safevlm import SafeVLM  # noqa: E402
 
 flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
@@ -137,17 +138,23 @@ class _FirstToken(transformers.generation.streamers.BaseStreamer):
         pass
 
 
-def run_ours(decoder: Decoder, ids, pixels, new_tokens: int) -> tuple[float, list[list[int]]]:
+def generate(runner: Runner, ids, pixels, new_tokens: int, use_safety: bool = False) -> list[list[int]]:
+    """The sampler's path (`Runner.encode`, then `Runner.generate`: prefill, insert, the
+    decode loop), greedy."""
+    features, _, _ = runner.encode(pixels, [p[0] for p in ids], use_safety)
+    return runner.generate(ids, features, [SamplingParams()] * len(ids), new_tokens, use_safety)[0]
+
+
+def run_ours(runner: Runner, ids, pixels, new_tokens: int) -> tuple[float, list[list[int]]]:
     """Decode tokens/s (prefill excluded) and the generated ids. Two runs of the same compiled
-    program (same new-token bucket), `short` and `new_tokens` steps, without per-step host
-    callbacks: decode rate = extra tokens / extra time."""
-    features, _, _ = decoder.encode(pixels, [p[0] for p in ids], use_safety=False)
+    programs (same new-token bucket), `short` and `new_tokens` steps, without per-step host
+    work: decode rate = extra tokens / extra time."""
     short = max([b for b in NEW_TOKEN_BUCKETS if b < new_tokens], default=0) + 1
 
     def seconds(n):
         start = time.perf_counter()
-        gen = decoder.generate(ids, features, max_new_tokens=n, use_safety=False)
-        return time.perf_counter() - start, gen.tokens
+        tokens = generate(runner, ids, pixels, n)
+        return time.perf_counter() - start, tokens
 
     (t_short, _), (t_long, tokens) = seconds(short), seconds(new_tokens)
     if t_long <= t_short:  # noise larger than the extra steps (a tiny model on a busy host)
@@ -155,12 +162,11 @@ def run_ours(decoder: Decoder, ids, pixels, new_tokens: int) -> tuple[float, lis
     return len(ids) * (new_tokens - short) / (t_long - t_short), tokens
 
 
-def prefill_ours(decoder: Decoder, ids, pixels, use_safety: bool = False) -> float:
+def prefill_ours(runner: Runner, ids, pixels, use_safety: bool = False) -> float:
     """Seconds from pixels and ids to the first generated token (vision tower included; with
     `use_safety` the verdict as well, which runs first)."""
     start = time.perf_counter()
-    features, _, _ = decoder.encode(pixels, [p[0] for p in ids], use_safety=use_safety)
-    decoder.generate(ids, features, max_new_tokens=1, use_safety=use_safety)
+    generate(runner, ids, pixels, 1, use_safety)
     return time.perf_counter() - start
 
 
@@ -227,14 +233,14 @@ def main(argv) -> None:
         hf, ours = build_pair(plain, device)
         n_params = sum(p.numel() for p in hf.parameters())
         floor_ms = decode_bytes(ours) / rate * 1e3
-        decoder = Decoder(ours, eos_id=-1, pad_id=0)
+        runner = Runner(ours, max_length=config.text.max_position_embeddings, eos_id=-1, pad_id=0)
         for batch in map(int, FLAGS.batches):
             ids, pixels = prompts(plain, batch)
             n = FLAGS.new_tokens
             start = time.perf_counter()
-            run_ours(decoder, ids, pixels, n)  # compiles the programs it times
+            run_ours(runner, ids, pixels, n)  # compiles the programs it times
             warm_s = time.perf_counter() - start
-            ours_tps, ours_ids = best(functools.partial(run_ours, decoder, ids, pixels, n), FLAGS.repeats)
+            ours_tps, ours_ids = best(functools.partial(run_ours, runner, ids, pixels, n), FLAGS.repeats)
             run_hf(hf, ids, pixels, 2)
             hf_tps, hf_ids = best(functools.partial(run_hf, hf, ids, pixels, n), FLAGS.repeats)
             same, floor = ours_ids == hf_ids, floor_ms * ours_tps / batch / 1e3
@@ -249,15 +255,16 @@ def main(argv) -> None:
                 out[f"ratio_{case}"] = ours_tps / hf_tps
             print(figures(out), flush=True)  # so far: a run stopped at a time limit keeps them
         ids, pixels = prompts(plain, 1, FLAGS.prefill_text)
-        for _ in range(2):  # the second call compiles again: a fresh KV cache is an uncommitted
-            prefill_ours(decoder, ids, pixels)  # array, the one donated back a committed one
+        for _ in range(2):  # compiles, then runs once more
+            prefill_ours(runner, ids, pixels)
         run_hf(hf, ids, pixels, 2)
-        ours_s = min(prefill_ours(decoder, ids, pixels) for _ in range(FLAGS.repeats))
+        ours_s = min(prefill_ours(runner, ids, pixels) for _ in range(FLAGS.repeats))
         hf_s = min(run_hf(hf, ids, pixels, 2)[2] for _ in range(FLAGS.repeats))
-        del hf, decoder
+        del hf, runner
         gc.collect()
         devices.release(device)
-        safe = Decoder(with_verdict(ours, config), eos_id=-1, pad_id=0)
+        safe = Runner(with_verdict(ours, config), max_length=config.text.max_position_embeddings, eos_id=-1,
+                      pad_id=0)
         safe_ids, _ = prompts(config, 1, FLAGS.prefill_text)
         for _ in range(2):
             prefill_ours(safe, safe_ids, pixels, use_safety=True)

@@ -7,7 +7,7 @@ Writes a random HF LLaVA directory with the published `llava-hf/llava-1.5-7b-hf`
 (`benchmarks/llava-1.5-7b-hf/`, `--layers` overriding only the LLM's depth): fp16 tensors under
 the published key names (`language_model.model.*`, `language_model.lm_head.*`,
 `vision_tower.vision_model.*`, `multi_modal_projector.*`) in `--max_shard_size` shards plus
-the index, the real LLaMA tokenizer of `../shared/llama_tokenizer` with `<image>` = 32000 and
+the index, the real LLaMA tokenizer of `tests/data/llama_tokenizer` with `<image>` = 32000 and
 `<pad>` = 32001 added as llava-hf does, and its preprocessor config. Weights are uniform with
 std 0.02 (norm scales 1 ± that), so every tensor's bytes differ.
 
@@ -57,7 +57,7 @@ flags.DEFINE_string("prompt", "Describe this image in detail.", "the question sa
                     flag_values=FLAGS)
 
 PUBLISHED = os.path.join(HERE, "llava-1.5-7b-hf")  # config.json, preprocessor_config.json
-TOKENIZER = os.path.join(ROOT, "..", "shared", "llama_tokenizer")
+TOKENIZER = os.path.join(ROOT, "tests", "data", "llama_tokenizer")  # committed with the tests
 # transformers 5's in-memory names -> the names of llava-hf's published files
 PUBLISHED_PREFIXES = (("model.vision_tower.", "vision_tower.vision_model."),
                       ("model.multi_modal_projector.", "multi_modal_projector."),
@@ -128,7 +128,7 @@ def write_tokenizer(out: str) -> None:
 
     if not os.path.isfile(os.path.join(TOKENIZER, "tokenizer.model")):
         raise FileNotFoundError(f"{TOKENIZER}/tokenizer.model is missing: it is the real LLaMA "
-                                f"tokenizer every checkout has at ../shared/llama_tokenizer")
+                                f"tokenizer committed with the tests (tests/data/llama_tokenizer/README.md)")
     tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
     tok.add_tokens([transformers.AddedToken("<image>", special=True, normalized=False)],
                    special_tokens=True)
@@ -296,7 +296,7 @@ def main(argv) -> None:
 
 
 def benchmark(tmp: str, layers: int | None, max_shard: int, seed: int, prompt: str) -> dict:
-    from safevlm_jax.inference.decode import PROMPT_BUCKETS, bucket
+    from safevlm_jax.inference.buckets import PROMPT_BUCKETS, bucket
 
     src, bf16, fp16, exported = (os.path.join(tmp, n) for n in ("hf", "ckpt_bf16", "ckpt_fp16", "export"))
     r: dict = {"layers": layers or 32}

@@ -4,7 +4,7 @@
 
 Per config (random weights; only speed is measured), on the default device:
   scan         `guard.Guard`: CLIP to the feature layer + safety projector + head
-  generate@1   the sampler's path (`sampler.Decoder.encode` then `.generate`) with
+  generate@1   the sampler's path (`Runner.encode` then `Runner.generate`) with
                max_new_tokens=1: CLIP + head + the LLM prefill of the whole prompt
   generate@32  the same with 32 new tokens (EOS disabled, so all 32 are decoded)
 Pixels are made once and reused: image decoding is the same host cost on both sides and is
@@ -29,7 +29,8 @@ from configs.model import model_config  # noqa: E402
 from safevlm_jax import cli  # noqa: E402
 from safevlm_jax.config import ModelConfig, SafetyConfig, TextConfig, VisionConfig  # noqa: E402
 from safevlm_jax.guard.model import Guard  # noqa: E402
-from safevlm_jax.inference.decode import Decoder  # noqa: E402
+from safevlm_jax.inference.requests import SamplingParams  # noqa: E402
+from safevlm_jax.inference.runner import Runner  # noqa: E402
 from safevlm_jax.models.safevlm import SafeVLM  # noqa: E402
 
 QUESTION_TOKENS = 40  # system text + question + "ASSISTANT:" after the image, LLaVA-like
@@ -82,15 +83,15 @@ def bench(name: str, batch: int, reps: int) -> dict[str, float]:
     bos = 1
     prompt = ([bos] + [config.image_token_index] * model.num_image_tokens()
               + rng.integers(3, 300, QUESTION_TOKENS).tolist())
-    guard = Guard(model, bos_id=bos)
-    decoder = Decoder(model, eos_id=-1, pad_id=config.pad_token_id)
+    guard = Guard(model, query_id=bos)
+    runner = Runner(model, max_length=config.text.max_position_embeddings, eos_id=-1, pad_id=config.pad_token_id)
 
     def scan():
         guard(pixels)
 
     def sample(new_tokens: int):
-        features, _, _ = decoder.encode(pixels, [bos] * batch)
-        decoder.generate([prompt] * batch, features, max_new_tokens=new_tokens)
+        features, _, _ = runner.encode(pixels, [bos] * batch, True)
+        runner.generate([prompt] * batch, features, [SamplingParams()] * batch, new_tokens, True)
 
     rates = {"scan": images_per_s(scan, batch, reps),
              "generate@1": images_per_s(lambda: sample(1), batch, reps),

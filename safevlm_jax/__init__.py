@@ -7,6 +7,8 @@ loads neither JAX nor transformers):
     vlm = safevlm_jax.SafeVLMInference.from_checkpoint("ckpt/")
     [result] = vlm.answer([safevlm_jax.Request("cat.jpg", "What is shown here?")])
     result.verdict.line(), result.answer                         # Verdict, text
+    engine = safevlm_jax.Engine.from_checkpoint("ckpt/").start()    # continuous batching (serve)
+    handle = engine.submit(safevlm_jax.EngineRequest(pixel_values, "What is shown here?"))
     guard = safevlm_jax.Guard.from_checkpoint("ckpt/")           # the verdict alone, no LLM
     level_probs, type_probs = guard(pixel_values)                # [B, 4], [B, 7]
     verdicts = safevlm_jax.RiskPolicy().verdicts(level_logits, type_logits)
@@ -21,6 +23,7 @@ docs/architecture.md says which module does what.
 from __future__ import annotations
 
 import importlib
+import logging
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -31,10 +34,9 @@ _EXPORTS = {
     "SafeVLMInference": "safevlm_jax.inference.pipeline",
     "Request": "safevlm_jax.inference.pipeline",
     "Result": "safevlm_jax.inference.pipeline",
-    "Greedy": "safevlm_jax.inference.sampling",
-    "Temperature": "safevlm_jax.inference.sampling",
-    "TopK": "safevlm_jax.inference.sampling",
-    "TopP": "safevlm_jax.inference.sampling",
+    "SamplingParams": "safevlm_jax.inference.requests",
+    "Engine": "safevlm_jax.inference.engine",
+    "EngineRequest": "safevlm_jax.inference.requests",
     "Guard": "safevlm_jax.guard.model",
     "Verdict": "safevlm_jax.safety.verdict",
     "RiskPolicy": "safevlm_jax.safety.policy",
@@ -49,6 +51,21 @@ _SUBMODULES = ("checkpoint", "config", "data", "eval", "guard", "inference", "ke
                "safety", "sharding", "train")
 
 __all__ = sorted(_EXPORTS)
+
+
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' import-time notice that PyTorch is missing ("Models won't be
+    available"): this package uses its tokenizers and configs alone, which need no PyTorch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found.")
+
+
+# Installed before transformers is first imported: `python -m safevlm_jax.…` and every module of
+# the package run this file first, and checkpoints_tools' modules import the package before
+# anything that imports transformers (tests/test_quiet_commands.py). The notice is logged on
+# this logger itself, so a filter here sees it.
+logging.getLogger("transformers").addFilter(_NoTorchNotice())
 
 
 def __getattr__(name: str):

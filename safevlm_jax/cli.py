@@ -174,3 +174,28 @@ def run(command: Callable[[list[str]], Any], flag_values: flags.FlagValues,
         return rest
 
     app.run(call, argv=sys.argv, flags_parser=parse_all)
+
+
+def define_mesh_flag(flag_values: flags.FlagValues) -> None:
+    """`--mesh`: the devices a command's model runs on (`mesh_flag` reads it)."""
+    flags.DEFINE_string("mesh", None, "run sharded over the first N devices, e.g. tensor=4 or data=2,tensor=4 "
+                        "(axes data, fsdp, tensor; sharding.RULE_SETS['inference']); default: one device",
+                        flag_values=flag_values)
+
+
+def mesh_flag(flag_values: flags.FlagValues):
+    """The `--mesh` flag as a jax Mesh over the first devices it needs, or None when not given;
+    ValueError naming the sizes when there are not enough devices."""
+    if not flag_values.mesh:
+        return None
+    import jax
+
+    from safevlm_jax import sharding
+
+    shape = sharding.parse_mesh(flag_values.mesh)
+    needed = 1
+    for size in shape.values():
+        needed *= size
+    if needed < 1 or needed > jax.device_count():
+        raise ValueError(f"--mesh {flag_values.mesh}: needs {needed} devices, {jax.device_count()} available")
+    return sharding.make_mesh(shape, jax.devices()[:needed])

@@ -4,6 +4,7 @@
     python -m safevlm_jax.sample --image cat.jpg --prompt "..." --json
     python -m safevlm_jax.sample --batch_file requests.jsonl > answers.jsonl
     python -m safevlm_jax.sample --checkpoint CKPT --image cat.jpg --prompt "..." --prompt_format hf --safety off --json
+    python -m safevlm_jax.sample --checkpoint CKPT --image cat.jpg --prompt "..." --mesh tensor=4   # sharded
 
 `--json` prints the answer, the verdict and `prompt_token_ids` (the exact ids fed to the model,
 each image expanded to its positions). `--prompt_format hf` gives the prompt ids HF's
@@ -29,7 +30,7 @@ from safevlm_jax.checkpoint.demo import resolve_checkpoint
 from safevlm_jax.data.template import PROMPT_FORMATS
 from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.pipeline import Request, SafeVLMInference
-from safevlm_jax.inference.sampling import make_sampler
+from safevlm_jax.inference.requests import SamplingParams
 from safevlm_jax.safety.hints import HintConfig, load_hints
 from safevlm_jax.safety.policy import RiskPolicy, load_policy
 from safevlm_jax.safety.prompt import TEMPLATES
@@ -43,7 +44,8 @@ flags.DEFINE_string("batch_file", None, "JSONL file of {\"image\", \"prompt\"}; 
 flags.DEFINE_integer("batch_size", 8, "rows per generate call with --batch_file", flag_values=FLAGS)
 flags.DEFINE_integer("max_new_tokens", 128, "most tokens to generate", flag_values=FLAGS)
 flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=FLAGS)
-flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = off)", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = off; with --top_p: both)",
+                     flag_values=FLAGS)
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
 flags.DEFINE_enum("safety", "on", ["on", "off"], "off: plain LLaVA (no head, hint or safety tokens)",
@@ -58,6 +60,7 @@ flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (see saf
 flags.DEFINE_string("policy", None, "risk policy JSON/YAML file (see safevlm_jax.safety.policy; default: the "
                     "paper's rules)", flag_values=FLAGS)
 flags.DEFINE_bool("json", False, "print one JSON object instead of streaming text", flag_values=FLAGS)
+cli.define_mesh_flag(FLAGS)
 
 
 def _read_batch(path: str) -> list[dict]:
@@ -107,14 +110,13 @@ def run(argv) -> None:
         raise cli.UsageError("give --image and --prompt, or --batch_file")
     hints = load_hints(FLAGS.hints) if FLAGS.hints else HintConfig()
     policy = load_policy(FLAGS.policy) if FLAGS.policy else RiskPolicy()
-    sampler = make_sampler(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed).check()
     if FLAGS.image and not FLAGS.batch_file and not os.path.isfile(FLAGS.image):
         raise ValueError(f"cannot read image {FLAGS.image}: no such file")
     vlm = SafeVLMInference.from_checkpoint(resolve_checkpoint(FLAGS.checkpoint),
-                                           template=FLAGS.template, hints=hints,
-                                           policy=policy, prompt_format=FLAGS.prompt_format)
-    kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampler=sampler, seed=FLAGS.seed,
-              safety=FLAGS.safety == "on")
+                                           template=FLAGS.template, hints=hints, policy=policy,
+                                           prompt_format=FLAGS.prompt_format, mesh=cli.mesh_flag(FLAGS))
+    kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, safety=FLAGS.safety == "on")
     if FLAGS.batch_file:
         return run_batch(vlm, FLAGS.batch_file, sys.stdout, FLAGS.batch_size, **kw)
     request = [Request(FLAGS.image, FLAGS.prompt)]

@@ -1,7 +1,7 @@
 """Scan an image collection with SafeVLM's safety head alone (guard mode).
 
     python -m safevlm_jax.scan --checkpoint CKPT --images DIR_OR_GLOB_OR_TFDS --out OUT \
-        [--batch_size 64] [--policy policy.json] [--no_blur] [--distributed]
+        [--batch_size 64] [--policy policy.json] [--no_blur] [--distributed] [--mesh tensor=4]
 
 `--images` is a folder (walked recursively), a glob (`**` allowed) or a dataset directory
 built by `safevlm_jax.data.build` (every split; keys `split[index]`). Writes:
@@ -35,6 +35,7 @@ flags.DEFINE_integer("batch_size", 64, "images per step (all local devices)", lo
 flags.DEFINE_string("policy", None, "risk policy file (JSON/YAML; default: the paper's rules)", flag_values=FLAGS)
 flags.DEFINE_bool("no_blur", False, "do not blur the contact sheet thumbnails", flag_values=FLAGS)
 flags.DEFINE_bool("no_progress", False, "no tqdm bar", flag_values=FLAGS)
+cli.define_mesh_flag(FLAGS)
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host; settings from the "
                   "environment)", flag_values=FLAGS)
 
@@ -47,7 +48,7 @@ def _main(argv) -> None:
 
         jax.distributed.initialize()
     counts = scan(FLAGS.checkpoint, FLAGS.images, FLAGS.out, batch_size=FLAGS.batch_size, policy=policy,
-                  blur=not FLAGS.no_blur, progress=not FLAGS.no_progress)
+                  blur=not FLAGS.no_blur, progress=not FLAGS.no_progress, mesh=cli.mesh_flag(FLAGS))
     print(" ".join(f"{k}={v}" for k, v in counts.items()) + f" out={FLAGS.out}")
 
 

@@ -21,6 +21,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# the tensor-parallel split: attention heads, MLP and vocabulary over `tensor`
+_TENSOR = {"mlp": ("tensor",), "heads": ("tensor",), "kv": ("tensor",), "vocab": ("tensor",),
+           "act_heads": ("tensor",)}
+
 # name -> mesh axes. A logical name missing from a rule set is replicated.
 RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "replicated": {},
@@ -28,19 +32,11 @@ RULE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     # lora_rank: a LoRA factor's rank axis, so that the factor whose other axis is not
     # `embed` (lora_b of q/k/v/gate/up, lora_a of o/down) is sharded too.
     "fsdp": {"batch": ("data", "fsdp"), "embed": ("fsdp",), "lora_rank": ("fsdp",)},
-    "fsdp_tensor": {
-        "batch": ("data", "fsdp"),
-        "embed": ("fsdp",),
-        "lora_rank": ("fsdp",),
-        "mlp": ("tensor",),
-        "heads": ("tensor",),
-        "kv": ("tensor",),
-        "vocab": ("tensor",),
-        "act_heads": ("tensor",),
-    },
-    # serving: weights split by heads and MLP (Megatron-style), activations whole on every chip
-    "tensor": {"mlp": ("tensor",), "heads": ("tensor",), "kv": ("tensor",), "vocab": ("tensor",),
-               "act_heads": ("tensor",)},
+    "fsdp_tensor": {"batch": ("data", "fsdp"), "embed": ("fsdp",), "lora_rank": ("fsdp",), **_TENSOR},
+    # sampling and serving: weights as fsdp_tensor's; the decode batch, and the KV cache's
+    # rows, over `data` only (a prompt's prefill is one row); the cache's kv heads over `tensor`
+    "inference": {"batch": ("data",), "embed": ("fsdp",), "lora_rank": ("fsdp",), **_TENSOR,
+                  "cache_batch": ("data",), "cache_kv": ("tensor",)},
 }
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("safevlm_sharding", default=None)
@@ -53,6 +49,19 @@ def get_rules(rules: str | Mapping[str, Sequence[str]]) -> dict[str, tuple[str, 
             raise ValueError(f"unknown sharding rule set {rules!r}; known: {sorted(RULE_SETS)}")
         return RULE_SETS[rules]
     return {k: tuple([v] if isinstance(v, str) else v) for k, v in rules.items()}
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """A `--mesh` flag: 'fsdp=64' / 'data=2,tensor=4' -> {'fsdp': 64} / {'data': 2, 'tensor': 4}."""
+    try:
+        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part)}
+    except ValueError as e:
+        raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE...]") from e
+
+
+def without(rules: str | Mapping[str, Sequence[str]], names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """A rule set with the logical axes `names` replicated (e.g. a prompt's own batch of one)."""
+    return {k: v for k, v in get_rules(rules).items() if k not in set(names)}
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
@@ -174,6 +183,15 @@ def state_shardings(tree, mesh: Mesh, rules: str | Mapping[str, Sequence[str]], 
         return x.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def array_shardings(tree, axes, mesh: Mesh, rules: str | Mapping[str, Sequence[str]], what: str = "array"):
+    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) from a tree of the same
+    structure whose leaves are their logical axis names (e.g. `KVCache.logical_axes()`); an
+    axis the mesh cannot divide is an error naming `what`, the axis and the sizes."""
+    rules = get_rules(rules)
+    return jax.tree.map(lambda x, names: NamedSharding(mesh, logical_to_spec(
+        names, rules, mesh, x.shape, what=f"{what} of shape {tuple(x.shape)}")), tree, axes)
 
 
 def data_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:

@@ -50,11 +50,11 @@ def chat_body(image: str | None = None, question: str = QUESTION, **kw) -> dict:
 
 
 class LiveServer:
-    """`create_app(engine, inference, settings)` served by uvicorn in a daemon thread."""
+    """`create_app(engine, settings)` served by uvicorn in a daemon thread."""
 
-    def __init__(self, engine, inference, settings: ServeSettings):
+    def __init__(self, engine, settings: ServeSettings):
         self.engine = engine
-        self.app = create_app(engine, inference, settings)
+        self.app = create_app(engine, settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0,
                                                     log_level="warning", access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -76,7 +76,7 @@ class LiveServer:
 def live_engine(inference, **kw):
     from safevlm_jax.inference.engine import Engine
 
-    engine = Engine(inference, **kw)
+    engine = Engine.from_inference(inference, **kw)
     engine.start()
     try:
         yield engine
@@ -85,8 +85,8 @@ def live_engine(inference, **kw):
 
 
 @contextlib.contextmanager
-def live_server(engine, inference, **settings):
-    server = LiveServer(engine, inference, ServeSettings(**{"model_name": "demo", **settings}))
+def live_server(engine, **settings):
+    server = LiveServer(engine, ServeSettings(**{"model_name": "demo", **settings}))
     try:
         yield server
     finally:
@@ -97,5 +97,5 @@ def live_server(engine, inference, **settings):
 def demo_server(**engine_kw):
     """A LiveServer (model id "demo") over a new Engine of the demo model."""
     inference = demo_inference()
-    with live_engine(inference, **engine_kw) as engine, live_server(engine, inference) as server:
+    with live_engine(inference, **engine_kw) as engine, live_server(engine) as server:
         yield server

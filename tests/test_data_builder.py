@@ -83,9 +83,11 @@ def bad_set(tmp_path):
     root = tmp_path / "images"
     root.mkdir()
     (root / "good.png").write_bytes(png_bytes())
-    (root / "garbage.png").write_bytes(b"\x89PNG not really")
+    (root / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # the signature, then junk
     (root / "truncated.png").write_bytes(png_bytes(64, 64)[:60])
     (root / "bomb.png").write_bytes(bomb_png(100_000))
+    (root / "drawing.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\n%%EOF\n")  # EPS named .png
+    (root / "strip.png").write_bytes(png_bytes(2050, 10))
     (tmp_path / "outside.png").write_bytes(png_bytes())
     os.symlink(tmp_path / "outside.png", root / "link.png")
     records = [
@@ -97,6 +99,8 @@ def bad_set(tmp_path):
         record("absolute_image_path", image=str(tmp_path / "outside.png")),
         record("image_symlink_escapes_root", image="link.png"),
         record("image_too_large", image="bomb.png"),
+        record("unsupported_image_format", image="drawing.png"),
+        record("aspect_ratio_too_large", image="strip.png"),
         record("safe_level_out_of_range", level=4),
         record("safe_level_wrong_type", level="2"),
         record("safe_type_out_of_range", type_=-1),
@@ -122,7 +126,7 @@ def test_each_bad_record_is_skipped_with_its_reason(bad_set, tmp_path):
                                    if not rid.startswith("good"))
     expected["duplicate_id"] = 1
     assert saved["skipped"] == dict(expected)
-    assert saved["total"] == 19 and sum(saved["kept"].values()) == 2
+    assert saved["total"] == 21 and sum(saved["kept"].values()) == 2
     by_record = {(s["record"], s["reason"]) for s in saved["skipped_records"]}
     assert ("good-1", "duplicate_id") in by_record and ("corrupt_image#2", "corrupt_image") in by_record
     splits = [name for name, n in saved["kept"].items() if n]  # an empty split is not written

@@ -10,7 +10,7 @@ from PIL import Image
 from checkpoints_tools.import_hf import import_hf
 from safevlm_jax.checkpoint.format import load_config
 from safevlm_jax.data import inspect
-from llava_ref import expand_image, preprocess_v1
+from llava_upstream import expand_image, preprocess_v1
 from tests.cli_helpers import run_main
 from tests.hf_llava import LLAVA_VOCAB, TINY_SAFETY, save_tiny_llava
 from tokenizer_helpers import llava_tokenizer, write_llava_tokenizer

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from safevlm_jax.data import synthetic
+from safevlm_jax.data.synthetic.__main__ import main
 from safevlm_jax.data.records import load_json, parse_record
 from safevlm_jax.safety.taxonomy import RISK_TYPES
 
@@ -22,9 +23,9 @@ def files(directory):
 
 
 def test_same_seed_gives_identical_files_and_other_seeds_disjoint_ids(tmp_path):
-    synthetic.main(["--out", str(tmp_path / "a"), "--n", "12", "--seed", "1"])
-    synthetic.main(["--out", str(tmp_path / "b"), "--n", "12", "--seed", "1"])
-    synthetic.main(["--out", str(tmp_path / "c"), "--n", "12", "--seed", "11"])
+    main(["--out", str(tmp_path / "a"), "--n", "12", "--seed", "1"])
+    main(["--out", str(tmp_path / "b"), "--n", "12", "--seed", "1"])
+    main(["--out", str(tmp_path / "c"), "--n", "12", "--seed", "11"])
     assert files(tmp_path / "a") == files(tmp_path / "b")
     ids = {d: {r["id"] for r in load_json(tmp_path / d / "data.json")} for d in "ac"}
     assert len(ids["a"]) == len(ids["c"]) == 12 and not ids["a"] & ids["c"]

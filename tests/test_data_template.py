@@ -13,7 +13,8 @@ from safevlm_jax.data.records import GPT, HUMAN, Turn
 from safevlm_jax.data.synthetic import QUESTIONS, answer
 from safevlm_jax.data.template import IGNORE_INDEX, VICUNA_SYSTEM, TextEncoder
 from safevlm_jax.data.tokenizer import train_tokenizer
-from llava_ref import PSA_PROMPT, expand_image, preprocess_v1, tokenizer_image_token
+from llava_upstream import expand_image, preprocess_v1, tokenizer_image_token
+from psa_vlm_prompts import PSA_PROMPT
 from tokenizer_helpers import REAL_LAYOUTS, llama_style_tokenizer, llava_tokenizer
 
 CONVERSATIONS = [
@@ -30,11 +31,11 @@ CONVERSATIONS = [
 def tokenizer(request):
     corpus = [VICUNA_SYSTEM, "USER: ASSISTANT:"] + list(QUESTIONS) + [answer(lv, ty, "circle")
                                                                        for lv in range(4) for ty in range(7)]
-    if request.param == "llama_style":
-        return llama_style_tokenizer(corpus * 3)
     if request.param in REAL_LAYOUTS:
         return llava_tokenizer(request.param)
-    return train_tokenizer(corpus * 3, vocab_size=500)
+    tok = llama_style_tokenizer(corpus * 3) if request.param == "llama_style" else train_tokenizer(corpus * 3, 500)
+    tok.legacy = True  # as LLaVA's preprocess_v1 reads it: the text after </s> tokenizes as on its own
+    return tok
 
 
 def turns_of(rounds):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from safevlm_jax.guard.model import Guard, VerdictModel, load_verdict_model, verdict_program
+from safevlm_jax.guard.model import Guard, VerdictModel, load_verdict_model
+from safevlm_jax.inference.programs import verdict_program
 from safevlm_jax.models import llama
 from safevlm_jax.models.safevlm import SafeVLM
 from tests.guard_helpers import LLM_MLP, tiny_checkpoint, tiny_model
@@ -20,7 +21,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def guard(model):
-    return Guard(model, bos_id=1)
+    return Guard(model, query_id=1)
 
 
 def inputs(model, batch=3, seed=0):
@@ -44,16 +45,16 @@ def full_model_probs(model, pixels, ids, mask):
 
 
 def test_verdict_only_probabilities_equal_full_model_head_output(model, guard):
+    """The full model reads whole left-padded prompts; the guard only BOS, the head's query."""
     pixels, ids, mask = inputs(model)
     want_level, want_type = full_model_probs(model, pixels, ids, mask)
     assert guard.batch_multiple == jax.local_device_count()  # data-parallel over all devices
-    level, kind = guard(pixels, ids, mask)
+    level, kind = guard(pixels)
     np.testing.assert_allclose(level, want_level, atol=1e-6)
     np.testing.assert_allclose(kind, want_type, atol=1e-6)
-    # Default prompt (BOS alone): the same verdict, since the head reads only the first token.
-    level_bos, kind_bos = guard(pixels, pad_to=8)
-    np.testing.assert_allclose(level_bos, want_level, atol=1e-6)
-    np.testing.assert_allclose(kind_bos, want_type, atol=1e-6)
+    level_8, kind_8 = guard(pixels, pad_to=8)
+    np.testing.assert_allclose(level_8, want_level, atol=1e-6)
+    np.testing.assert_allclose(kind_8, want_type, atol=1e-6)
 
 
 def test_verdict_program_contains_no_decoder_layer(model, monkeypatch):
@@ -63,8 +64,9 @@ def test_verdict_program_contains_no_decoder_layer(model, monkeypatch):
     monkeypatch.setattr(llama.LlamaDecoderLayer, "__call__", forbidden)
     monkeypatch.setattr(llama.LlamaForCausalLM, "__call__", forbidden)
     graphdef, state = nnx.split(VerdictModel(model))
-    pixels, ids, mask = inputs(model, batch=2)
-    jaxpr = jax.make_jaxpr(verdict_program, static_argnums=0)(graphdef, state, pixels, ids, mask)
+    pixels, _, _ = inputs(model, batch=2)
+    jaxpr = jax.make_jaxpr(lambda s, p, q: verdict_program(graphdef, s, p, q, verdict=True))(
+        state, pixels, np.ones(2, np.int32))
     shapes = [tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in list(eqn.invars) + eqn.outvars
               if hasattr(v, "aval")]
     assert shapes and not [s for s in shapes if LLM_MLP in s]
@@ -80,7 +82,7 @@ def test_guard_from_checkpoint_loads_only_verdict_parts_and_agrees(model):
     assert not any(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(params))
     pixels, ids, mask = inputs(model, seed=1)
     want_level, want_type = full_model_probs(model, pixels, ids, mask)
-    level, kind = Guard(verdict, bos_id=1)(pixels, pad_to=8)
+    level, kind = Guard(verdict, query_id=1)(pixels, pad_to=8)
     np.testing.assert_allclose(level, want_level, atol=1e-6)
     np.testing.assert_allclose(kind, want_type, atol=1e-6)
 
@@ -89,4 +91,4 @@ def test_guard_refuses_a_model_without_safety_modules(tiny_config):
     config = tiny_config.replace(safety=dataclasses.replace(tiny_config.safety, enabled=False))
     model = nnx.eval_shape(lambda: SafeVLM(config, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="no safety modules"):
-        Guard(model, bos_id=1)
+        Guard(model, query_id=1)

@@ -1,10 +1,11 @@
 """The public API (`safevlm_jax.__init__`) and the import structure of the package.
 
 Every exported name resolves, lazily (`import safevlm_jax` alone loads nothing heavy); every
-module of the package imports; no library module imports a command-line module or
-`checkpoints_tools` (which stands on the library), neither at import time (checked in one
-subprocess through `sys.modules`) nor inside a function (checked on the source); the
-module-level imports have no cycle, so each module imports alone whatever was imported before.
+module of the package imports; only command-line modules define command-line flags, and no
+library module imports a command-line module or `checkpoints_tools` (which stands on the
+library), neither at import time (checked in one subprocess through `sys.modules`) nor inside a
+function (checked on the source); the module-level imports have no cycle, so each module
+imports alone whatever was imported before.
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ import safevlm_jax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "safevlm_jax"
-# Library modules that also have a `main` for `python -m`: the training loop builds demo data
-# with `synthetic.generate`; its command line parses its arguments inside `main` only.
-LIBRARY_WITH_MAIN = {"safevlm_jax.data.synthetic"}
-
 
 def _module_name(path: pathlib.Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
@@ -42,9 +39,26 @@ def _is_main_guard(node: ast.stmt) -> bool:
             and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators))
 
 
-CLI_MODULES = {name for name, tree in TREES.items()
-               if (name.endswith(".__main__") or any(map(_is_main_guard, tree.body)))
-               and name not in LIBRARY_WITH_MAIN}
+def _defines_flags(tree: ast.Module) -> bool:
+    """Code run at import (not inside a def or class) that defines command-line flags: absl's
+    or ml_collections' `DEFINE_*`, or a command's own `FlagValues()` (filled by a helper)."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name.startswith("DEFINE_") or name == "FlagValues":
+                return True
+        todo.extend(ast.iter_child_nodes(node))
+    return False
+
+
+COMMANDS = {name for name, tree in TREES.items()
+            if name.endswith(".__main__") or any(map(_is_main_guard, tree.body))}
+FLAG_MODULES = {name for name, tree in TREES.items() if _defines_flags(tree)}
+CLI_MODULES = COMMANDS | FLAG_MODULES
 LIBRARY_MODULES = sorted(set(MODULES) - CLI_MODULES)
 
 
@@ -144,6 +158,13 @@ def test_importing_the_package_loads_no_module_until_a_name_is_used(probe):
 def test_every_module_of_the_package_imports(probe):
     assert len(LIBRARY_MODULES) > 40 and {"safevlm_jax.sample", "safevlm_jax.scan"} <= CLI_MODULES
     assert probe["errors"] == {}
+
+
+def test_only_command_line_modules_define_command_line_flags():
+    assert {"safevlm_jax.sample", "safevlm_jax.eval.head", "safevlm_jax.train.__main__",
+            "safevlm_jax.data.synthetic.__main__"} <= FLAG_MODULES  # DEFINE_*, FlagValues + helper
+    assert FLAG_MODULES <= COMMANDS
+    assert "safevlm_jax.data.synthetic" in LIBRARY_MODULES  # the generator the training data uses
 
 
 def test_importing_library_modules_pulls_in_no_cli_module(probe):

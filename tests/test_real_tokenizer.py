@@ -1,4 +1,4 @@
-"""The real LLaMA/Vicuna tokenizer of LLaVA-1.5 (../shared/llama_tokenizer, each layout of
+"""The real LLaMA/Vicuna tokenizer of LLaVA-1.5 (tests/data/llama_tokenizer, each layout of
 tokenizer_helpers): the ids LLaVA's own code gives, conversions that keep the tokenizer's ids,
 and `--prompt_format hf` equal to HF's LlavaProcessor and greedy tokens equal to HF generate."""
 
@@ -21,14 +21,13 @@ from safevlm_jax.data.records import GPT, HUMAN, Turn
 from safevlm_jax.data.template import VICUNA_SYSTEM, TextEncoder
 from safevlm_jax.data.tokenizer import train_tokenizer
 from safevlm_jax.inference.pipeline import load_image
-from llava_ref import expand_image, tokenizer_image_token, vicuna_v1_prompt
+from llava_upstream import expand_image, tokenizer_image_token, vicuna_v1_prompt
 from tests.cli_helpers import run_main
 from tests.hf_llava import LLAVA_VOCAB, TINY_SAFETY, save_tiny_llava
 from tokenizer_helpers import REAL_LAYOUTS, llama_style_tokenizer, llava_tokenizer, write_llava_tokenizer
 
 QUESTION = "What is shown in this image?"
-PROBES = [vicuna_v1_prompt([(QUESTION, "It is a cat."), ("And the colour?", None)], answered=False),
-          "</s>USER: hi", "  two leading spaces", "\nA newline first", "日本語 émigré", "<pad><unk> x"]
+OTHER_PROBES = ["</s>USER: hi", "  two leading spaces", "\nA newline first", "日本語 émigré", "<pad><unk> x"]
 N_IMAGE = 16  # the tiny LLaVA's (28 / 7)^2 patches, safety off
 
 
@@ -79,7 +78,7 @@ def test_hf_prompt_format_equals_llava_processor_and_llava_format_equals_tokeniz
     turns = [Turn(HUMAN, QUESTION)]
     ours_hf = TextEncoder(tok, N_IMAGE, 1024, prompt_format="hf").encode_prompt(turns).tolist()
     ours_llava = TextEncoder(tok, N_IMAGE, 1024).encode_prompt(turns).tolist()
-    llava = tokenizer_image_token(vicuna_v1_prompt([(QUESTION, None)], answered=False), tok)
+    llava = tokenizer_image_token(vicuna_v1_prompt([(QUESTION, None)]), tok)
     assert ours_hf == hf
     assert ours_llava == expand_image(llava, llava, 32000, N_IMAGE)[0]
     after = hf.index(32000) + N_IMAGE  # the newline after the image: "▁" "<0x0A>" in LLaVA's
@@ -116,7 +115,7 @@ def test_import_and_export_keep_the_source_tokenizers_ids(converted, name):
     for other in (transformers.AutoTokenizer.from_pretrained(ckpt),  # what the library loads
                   transformers.AutoTokenizer.from_pretrained(out),
                   transformers.LlavaProcessor.from_pretrained(src).tokenizer):
-        for text in PROBES:
+        for text in [vicuna_v1_prompt([(QUESTION, "It is a cat."), ("And the colour?", None)]), *OTHER_PROBES]:
             assert ids(other, text) == ids(source, text), (name, text)
     with open(os.path.join(src, "tokenizer_config.json")) as f, open(os.path.join(out, "tokenizer_config.json")) as g:
         declared, exported = json.load(f), json.load(g)
@@ -167,6 +166,6 @@ def test_sample_hf_format_gives_llava_processor_ids_and_hf_generate_greedy_token
                           eos_token_id=2, pad_token_id=32001)
     assert got["token_ids"] == out[0, want.shape[1]:].tolist()
     llava = run_sample(capsys, *args)  # the default: LLaVA's own prompt (tokenizer_image_token)
-    ref = tokenizer_image_token(vicuna_v1_prompt([(QUESTION, None)], answered=False),
+    ref = tokenizer_image_token(vicuna_v1_prompt([(QUESTION, None)]),
                                 transformers.AutoTokenizer.from_pretrained(src))
     assert llava["prompt_token_ids"] == expand_image(ref, ref, 32000, N_IMAGE)[0] != got["prompt_token_ids"]

@@ -1,4 +1,5 @@
-"""Conditional safety prompt: verdicts, hint texts, token-level insertion, injection safety."""
+"""Conditional safety prompt: verdicts, hint texts, token-level insertion, injection safety, and
+the gate (admission, refusal, the exact longest prompt)."""
 
 import json
 
@@ -7,11 +8,13 @@ import pytest
 
 from safevlm_jax.data.tokenizer import train_tokenizer
 from safevlm_jax.safety.hints import DEFAULT_FAIL_CLOSED, DEFAULT_HINTS, HintConfig, load_hints
-from safevlm_jax.safety.prompt import PromptBuilder
+from safevlm_jax.safety.gate import Gate, Refusal
+from safevlm_jax.safety.prompt import Conversation, PromptBuilder
 from safevlm_jax.safety.taxonomy import RISK_TYPES
 from safevlm_jax.safety.policy import RiskPolicy
 
-from llava_ref import PSA_HINTED_PROMPT, PSA_PROMPT, expand_image, tokenizer_image_token, vicuna_v1_prompt
+from llava_upstream import expand_image, tokenizer_image_token, vicuna_v1_prompt
+from psa_vlm_prompts import PSA_HINTED_PROMPT, PSA_PROMPT
 from tokenizer_helpers import llama_style_tokenizer, llava_tokenizer
 
 N_IMAGE = 6
@@ -82,7 +85,7 @@ def test_non_finite_head_output_fails_closed_at_level_3(bad):
 def test_v1_prompt_equals_llava_tokenizer_image_token_of_the_same_text(tokenizer, hinted):
     builder = PromptBuilder(tokenizer, N_IMAGE, "llava_v1")
     hint = DEFAULT_HINTS[3, 4] if hinted else None
-    text = vicuna_v1_prompt([(QUESTION + (f" Safe Hint: {hint}" if hinted else ""), None)], answered=False)
+    text = vicuna_v1_prompt([(QUESTION + (f" Safe Hint: {hint}" if hinted else ""), None)])
     assert builder.build(QUESTION, hint) == llava_ids(text, tokenizer, builder.encoder.image_token_id)
 
 
@@ -147,3 +150,33 @@ def test_hint_config_must_be_complete_and_templates_known(tokenizer):
         HintConfig({k: v for k, v in DEFAULT_HINTS.items() if k != (1, 0)})
     with pytest.raises(ValueError, match="unknown conversation template 'chatml'"):
         PromptBuilder(tokenizer, N_IMAGE, "chatml")
+
+
+def test_gate_admits_with_the_verdicts_hint_blocks_with_the_refusal_and_queries_bos(tokenizer):
+    policy = RiskPolicy(rules={**RiskPolicy().rules, 1: {"block": 3, "caution": 1}}, refusal="No.")
+    builder = PromptBuilder(tokenizer, N_IMAGE, "llava_v1")
+    gate = Gate(policy, HintConfig(), {(True, "llava"): builder,
+                                       (False, "llava"): PromptBuilder(tokenizer, N_IMAGE - 2, "llava_v1")})
+    conversation = Conversation.of(QUESTION)
+    [hinted, blocked, clean] = gate.verdicts([logits(2, 4), logits(3, 4), logits(0, 4)],
+                                             [logits(4, 7), logits(1, 7), logits(6, 7)])
+    assert gate.admit(hinted, conversation) == builder.build(QUESTION, DEFAULT_HINTS[2, 4])
+    assert gate.admit(blocked, conversation) == Refusal("No.")
+    assert gate.admit(clean, conversation) == gate.admit(None, conversation) == builder.build(QUESTION)
+    plain = gate.admit(None, conversation, safety=False)
+    assert plain.count(builder.encoder.image_token_id) == N_IMAGE - 2
+    assert gate.query_id == plain[0] == tokenizer("", add_special_tokens=True)["input_ids"][0]
+
+
+@pytest.mark.parametrize("rules", [None, {4: {"caution": 1}}, {t: {} for t in range(6)}])
+def test_gate_max_prompt_len_is_the_longest_prompt_any_verdict_can_give(tokenizer, rules):
+    """Exact: every (level, type) verdict and the fail-closed one admit at most that many ids,
+    and one of them exactly that many (no margin guessed)."""
+    policy = RiskPolicy() if rules is None else RiskPolicy(rules={**RiskPolicy().rules, **rules})
+    gate = Gate(policy, HintConfig(), {(True, "llava"): PromptBuilder(tokenizer, N_IMAGE, "llava_v1")})
+    conversation = Conversation.of("Describe it, please.")
+    verdicts = gate.verdicts([logits(lv, 4) for lv in range(4) for _ in range(7)] + [[np.nan] * 4],
+                             [logits(ty, 7) for _ in range(4) for ty in range(7)] + [[0.0] * 7])
+    lengths = [len(gate.admit(v, conversation)) for v in verdicts]
+    assert max(lengths) == gate.max_prompt_len(conversation)
+    assert gate.max_prompt_len(conversation, image=False) == len(gate.admit(None, conversation, image=False))

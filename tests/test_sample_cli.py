@@ -36,6 +36,7 @@ def files(tmp_path_factory):
     for name, size in (("a.png", (40, 30)), ("b.jpg", (20, 50))):
         Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(root / name)
     (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (root / "drawing.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\n%%EOF\n")  # EPS named .png
     return ckpt, root
 
 
@@ -130,8 +131,9 @@ def test_batch_answers_rows_alone_only_after_a_bad_request_not_after_a_bug(tmp_p
     assert out.getvalue() == "" and vlm.calls == 1
 
 
-@pytest.mark.parametrize("name,message", [("missing.png", "no such file"), ("bad.png", "corrupt_image")])
-def test_missing_or_corrupt_image_is_a_clear_error(files, capsys, name, message):
+@pytest.mark.parametrize("name,message", [("missing.png", "no such file"), ("bad.png", "corrupt_image"),
+                                          ("drawing.png", "unsupported_image_format")])
+def test_missing_corrupt_or_unsupported_image_is_a_clear_error(files, capsys, name, message):
     ckpt, root = files
     code, out, err = cli(capsys, f"--checkpoint={ckpt}", f"--image={root / name}", "--prompt=Hi")
     assert code == 2 and out == "" and name in err and message in err
@@ -142,7 +144,7 @@ def test_non_finite_safety_head_fails_closed_with_the_refusal_hint(files):
     vlm = SafeVLMInference.from_checkpoint(ckpt)
     kernel = vlm.model.safety_head.safety_head.kernel
     kernel[...] = jnp.full(kernel.shape, jnp.nan, kernel.dtype)
-    vlm.decoder = type(vlm.decoder)(vlm.model, eos_id=vlm.decoder.eos_id, pad_id=vlm.decoder.pad_id)
+    vlm = SafeVLMInference(vlm.model, vlm.tokenizer, vlm.images)  # its runner holds the NaN kernel
     [r] = vlm.answer([Request(str(root / "a.png"), "Hi")], max_new_tokens=2)
     assert r.verdict.fail_closed and r.verdict.risk_level == 3 and r.hint_applied
     assert r.to_json()["risk_level_probs"] == [None] * 4 and json.dumps(r.to_json())
@@ -169,7 +171,7 @@ def test_module_runs_as_a_program(files):
 
 
 def test_policy_block_answers_the_refusal_without_generating(files, capsys, tmp_path, monkeypatch):
-    from safevlm_jax.inference.decode import Decoder
+    from safevlm_jax.inference.runner import Runner
     from safevlm_jax.safety.taxonomy import RISK_TYPES
 
     ckpt, root = files
@@ -180,7 +182,7 @@ def test_policy_block_answers_the_refusal_without_generating(files, capsys, tmp_
     def generate(*args, **kwargs):
         raise AssertionError("a blocked request must not run generation")
 
-    monkeypatch.setattr(Decoder, "generate", generate)
+    monkeypatch.setattr(Runner, "prefill", generate)
     code, out, _ = cli(capsys, f"--checkpoint={ckpt}", f"--image={root / 'a.png'}",
                        "--prompt=What is shown here?", f"--policy={policy}", "--json")
     assert code == 0 and json.loads(out)["answer"] == "Blocked by policy."

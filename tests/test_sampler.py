@@ -1,4 +1,5 @@
-"""The jitted sampler: HF parity, batching, buckets (no recompiles), EOS, samplers, limits."""
+"""The generation path (prefill -> insert -> decode steps over one DecodeState): HF parity,
+batching, chunked and reused prefills, buckets (no recompiles), EOS, the sampling family."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,12 @@ import torch
 
 from checkpoints_tools.import_hf import import_hf
 from safevlm_jax.checkpoint.format import load_checkpoint
+from safevlm_jax.inference import programs
 from safevlm_jax.inference.buckets import bucket
-from safevlm_jax.inference.decode import Decoder
-from safevlm_jax.inference.sampling import Greedy, PerRow, Temperature, TopK, TopP, make_sampler
+from safevlm_jax.inference.errors import BadRequest
+from safevlm_jax.inference.requests import SamplingParams
+from safevlm_jax.inference.runner import Runner
+from safevlm_jax.inference.sampling import RowSampling, sample
 from tests.hf_llava import TINY_SAFETY, save_tiny_llava
 
 EOS, PAD = 2, 501
@@ -27,7 +31,7 @@ def setup(tmp_path_factory):
     import_hf(str(root / "hf"), str(root / "ckpt"), safety=TINY_SAFETY, log=lambda *a: None)
     config, model = load_checkpoint(str(root / "ckpt"))
     pixels = np.random.default_rng(0).normal(size=(3, 28, 28, 3)).astype(np.float32)
-    return hf, model, Decoder(model, eos_id=EOS, pad_id=PAD), pixels
+    return hf, model, Runner(model, max_length=512, eos_id=EOS, pad_id=PAD), pixels
 
 
 def prompt(model, n_before: int, n_after: int, seed: int) -> list[int]:
@@ -37,16 +41,18 @@ def prompt(model, n_before: int, n_after: int, seed: int) -> list[int]:
     return [1] + ids[:n_before] + image + ids[n_before:]
 
 
-def run(decoder, pixels, prompts, use_safety=False, **kw):
-    features, _, _ = decoder.encode(pixels, [p[0] for p in prompts], use_safety)
-    return decoder.generate(prompts, features, use_safety=use_safety, **kw).tokens
+def generate(runner, pixels, prompts, max_new=10, sampling=None, stream=False):
+    """`Runner.generate`: the decode loop, or (`stream`) the step program looped from Python."""
+    features, _, _ = runner.encode(pixels, [1] * len(prompts), False)
+    sampling = sampling or [SamplingParams()] * len(prompts)
+    return runner.generate(prompts, features, sampling, max_new, False, (lambda *a: None) if stream else None)[0]
 
 
 def test_greedy_ids_equal_hf_llava_generate_with_safety_off(setup):
-    hf, model, decoder, pixels = setup
+    hf, model, runner, pixels = setup
     for i, (before, after) in enumerate([(3, 6), (8, 2)]):
         ids = prompt(model, before, after, seed=i)
-        ours = run(decoder, pixels[i:i + 1], [ids], max_new_tokens=12)[0]
+        ours = generate(runner, pixels[i:i + 1], [ids], max_new=12)[0]
         with torch.no_grad():
             out = hf.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                               pixel_values=torch.from_numpy(pixels[i:i + 1].transpose(0, 3, 1, 2)),
@@ -57,28 +63,49 @@ def test_greedy_ids_equal_hf_llava_generate_with_safety_off(setup):
 @pytest.fixture(scope="module")
 def batch(setup):
     """Three prompts of different lengths (batch bucket 4) and their greedy batch output."""
-    _, model, decoder, pixels = setup
+    _, model, runner, pixels = setup
     prompts = [prompt(model, 2, 3, 10), prompt(model, 7, 5, 11), prompt(model, 1, 11, 12)]
-    return prompts, run(decoder, pixels, prompts, max_new_tokens=10)
+    return prompts, generate(runner, pixels, prompts)
 
 
-def test_batch_of_different_lengths_equals_each_row_alone(setup, batch):
-    _, _, decoder, pixels = setup
+def test_batch_of_different_lengths_equals_each_row_alone_and_the_streamed_step_loop(setup, batch):
+    _, _, runner, pixels = setup
     prompts, tokens = batch
-    assert tokens == [run(decoder, pixels[i:i + 1], [p], max_new_tokens=10)[0]
-                      for i, p in enumerate(prompts)]
+    assert tokens == [generate(runner, pixels[i:i + 1], [p])[0] for i, p in enumerate(prompts)]
+    assert generate(runner, pixels, prompts, stream=True) == tokens
+
+
+def test_a_prompt_prefilled_in_chunks_after_a_reused_prefix_gives_the_whole_prefill_tokens(setup, batch):
+    """The first 12 tokens copied (`reuse`) from the prefix of another prompt that shares 20,
+    then chunks that start inside the image: the same first token and the same decode as one
+    whole prefill. The prompt: BOS, 7 text tokens, 16 image positions (8..23), 5 text tokens."""
+    _, model, runner, pixels = setup
+    prompts, tokens = batch
+    ids = prompts[1]
+    [features], _, _ = runner.encode(pixels[1:2], [1], False)
+    rule = RowSampling.of([SamplingParams()])
+    other = ids[:20] + [5, 6, 7]
+    _, cached = runner.prefill(runner.new_prefix(1, 128), [other], [0], [features], rule, False)
+    prefix, done = runner.reuse(cached, 12, 128), 12
+    for chunk in (5, 100):  # 12 -> 17 (inside the image) -> 29 (the rest)
+        part = ids[done:done + chunk]
+        first, prefix = runner.prefill(prefix, [part], [ids[:done].count(model.config.image_token_index)],
+                                       [features], rule, False)
+        done += len(part)
+    assert done == len(ids) and int(first[0]) == tokens[1][0]
+    runner.reset(1, 256)
+    runner.insert(prefix, first, [0], rule, [10])
+    assert [int(first[0]), *runner.decode(16)[0].tolist()] == tokens[1]
 
 
 def test_no_recompile_for_lengths_new_tokens_seeds_or_temperatures_inside_a_bucket(setup):
-    _, model, decoder, pixels = setup
-    features, _, _ = decoder.encode(pixels[:1], [1], False)
-    decoder.generate([prompt(model, 2, 2, 0)], features[:1], max_new_tokens=3, use_safety=False,
-                     sampler=Temperature(0.7))
+    _, model, runner, pixels = setup
+    generate(runner, pixels[:1], [prompt(model, 2, 2, 0)], max_new=3, sampling=[SamplingParams(0.7)])
     before = len(_COMPILES)
     for n, (length, new, temp) in enumerate([(1, 16, 0.3), (9, 9, 1.5), (4, 5, 1.0)]):
-        out = decoder.generate([prompt(model, length, 2, n)], features[:1], max_new_tokens=new, use_safety=False,
-                               sampler=Temperature(temp), seed=n)
-        assert len(out.tokens[0]) <= new
+        out = generate(runner, pixels[:1], [prompt(model, length, 2, n)], max_new=new,
+                       sampling=[SamplingParams(temp, seed=n)])
+        assert len(out[0]) <= new
     assert len(_COMPILES) == before
 
 
@@ -86,75 +113,57 @@ def test_each_row_stops_at_its_own_eos(setup, batch):
     _, model, _, pixels = setup
     prompts, free = batch
     stop = free[0][3]  # the 4th token of row 0 becomes EOS (the EOS id is traced: no recompile)
-    got = run(Decoder(model, eos_id=stop, pad_id=PAD), pixels, prompts, max_new_tokens=10)
+    got = generate(Runner(model, max_length=512, eos_id=stop, pad_id=PAD), pixels, prompts)
     for row, tokens in zip(free, got):
         assert tokens == (row[:row.index(stop) + 1] if stop in row else row)
     assert got[0][-1] == stop and len(got[0]) <= 4
 
 
-def test_prompt_plus_new_tokens_beyond_context_is_an_error(setup):
-    _, model, decoder, _ = setup
-    limit = model.config.text.max_position_embeddings
-    with pytest.raises(ValueError, match=f"exceeds the context length {limit}"):
-        decoder.generate([[1] * (limit - 10)], None, max_new_tokens=11)
-    with pytest.raises(ValueError, match="context length 40"):
-        Decoder(model, eos_id=EOS, pad_id=PAD, max_length=40).generate([[1] * 30], None, max_new_tokens=11)
+def test_a_new_shape_compiles_once_not_again_on_its_second_call(setup):
+    """A fresh state and prefix are committed to the model's device, as those a program hands
+    back are: otherwise the second call compiled the same program again."""
+    _, model, runner, pixels = setup
+    before = programs.generate_program._cache_size()
+    for n in range(3):  # a state length no other test uses
+        generate(runner, pixels[:1], [prompt(model, 3, 2, n)], max_new=30)
+    assert programs.generate_program._cache_size() - before == 1
 
 
-def test_buckets_round_up_and_refuse_past_the_largest():
-    assert bucket(1, (4, 8)) == 4 and bucket(5, (4, 8)) == 8 and bucket(8, (4, 8)) == 8
-    with pytest.raises(ValueError, match="batch 9 exceeds the largest bucket 8"):
-        bucket(9, (4, 8), "batch")
+def test_top_k_1_top_p_tiny_and_cold_temperature_are_greedy_row_by_row():
+    logits = 3 * jax.random.normal(jax.random.key(0), (5, 50))
+    rows = RowSampling.of([SamplingParams(), SamplingParams(1e-4), SamplingParams(0.8, top_k=1),
+                           SamplingParams(0.8, top_p=1e-6), SamplingParams(0.8, top_k=3, top_p=1e-6)])
+    assert (sample(logits, rows, jnp.zeros(5, jnp.int32)) == jnp.argmax(logits, -1)).all()
 
 
-def test_top_k_1_top_p_tiny_and_cold_temperature_are_greedy():
-    logits = jax.random.normal(jax.random.key(0), (16, 50))
-    want = Greedy()(logits, None)
-    key = jax.random.key(1)
-    for sampler in (TopK(1, 1.0), TopP(1e-6, 1.0), Temperature(1e-4)):
-        assert (sampler(logits, key) == want).all()
+def test_each_row_samples_inside_its_own_set_independently_of_the_other_rows():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 6))
+    params = [SamplingParams(1.0), SamplingParams(1.0, top_k=2), SamplingParams(1.0, top_p=0.7),
+              SamplingParams(1.0, top_k=3, top_p=0.5), SamplingParams(1.0, top_k=2, top_p=0.95), SamplingParams()]
+    rows = RowSampling.of(params)
+    draw = jax.jit(jax.vmap(lambda seed: sample(logits, RowSampling(rows.temperature, rows.top_k, rows.top_p,
+                                                                     jnp.full(6, seed, jnp.uint32)),
+                                               jnp.zeros(6, jnp.int32))))
+    draws = np.asarray(draw(jnp.arange(600, dtype=jnp.uint32)))
+    # top-p 0.7 needs the second token (0.5 < 0.7), not the third; top-k 3 then top-p 0.5:
+    # the first alone; top-k 2 and top-p 0.95 together: the first two
+    assert [set(draws[:, r]) for r in range(1, 6)] == [{0, 1}, {0, 1}, {0}, {0, 1}, {0}]
+    np.testing.assert_allclose(np.bincount(draws[:, 0], minlength=4) / 600, [0.5, 0.3, 0.15, 0.05], atol=0.06)
+    noisy = jax.random.normal(jax.random.key(2), (6, 50))
+    together = sample(noisy, rows, jnp.arange(6))
+    for r in range(6):  # a row draws the same alone: its key is its seed and step
+        alone = RowSampling.of([params[r]])
+        assert sample(noisy[r:r + 1], alone, jnp.array([r]))[0] == together[r]
 
 
-def test_top_p_and_top_k_sample_only_inside_their_set():
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    keys = jax.random.split(jax.random.key(0), 1000)
-    draw = lambda s: np.asarray(jax.vmap(lambda k: s(logits, k)[0])(keys))
-    assert set(draw(TopP(0.7))) == {0, 1}  # 0.5 < 0.7 needs the second token, not the third
-    assert set(draw(TopP(0.5))) == {0}
-    assert set(draw(TopK(3))) == {0, 1, 2}
-    counts = np.bincount(draw(Temperature(1.0)), minlength=4) / len(keys)
-    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.05)
-
-
-def test_per_row_rule_greedy_cold_top_k_1_and_tiny_top_p_rows_are_greedy():
-    logits = 3 * jax.random.normal(jax.random.key(0), (4, 50))
-    rule = PerRow(jnp.array([0.0, 1e-4, 0.8, 0.8]), jnp.array([0, 0, 1, 0]), jnp.array([1.0, 1.0, 1.0, 1e-6]))
-    assert (rule(logits, jax.random.split(jax.random.key(1), 4)) == Greedy()(logits, None)).all()
-
-
-def test_per_row_rule_samples_inside_each_rows_set_independently_of_the_other_rows():
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 5))
-    rule = PerRow(jnp.array([1.0, 1.0, 1.0, 1.0, 0.0]), jnp.array([0, 2, 0, 3, 0]),
-                  jnp.array([1.0, 1.0, 0.7, 0.5, 1.0]))
-    draws = np.asarray(jax.vmap(lambda k: rule(logits, k))(jax.random.split(jax.random.key(0), (1000, 5))))
-    assert [set(draws[:, r]) for r in range(1, 5)] == [{0, 1}, {0, 1}, {0}, {0}]
-    np.testing.assert_allclose(np.bincount(draws[:, 0], minlength=4) / 1000, [0.5, 0.3, 0.15, 0.05], atol=0.05)
-    noisy = jax.random.normal(jax.random.key(2), (5, 50))
-    keys = jax.random.split(jax.random.key(3), 5)
-    together = rule(noisy, keys)
-    for r in range(5):
-        alone = PerRow(*(a[r:r + 1] for a in (rule.temperature, rule.top_k, rule.top_p)))
-        assert alone(noisy[r:r + 1], keys[r:r + 1])[0] == together[r]
-
-
-def test_make_sampler_maps_cli_numbers():
-    assert make_sampler() == Greedy()
-    assert make_sampler(0.7) == Temperature(0.7)
-    assert make_sampler(0.7, top_k=5) == TopK(5, 0.7)
-    assert make_sampler(0.7, top_p=0.9) == TopP(0.9, 0.7)
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(temperature=1, top_k=3, top_p=0.5)):
-        with pytest.raises(ValueError):
-            make_sampler(**bad)
+def test_sampling_params_are_checked_naming_the_field():
+    assert SamplingParams(0.7, top_k=5, top_p=0.9).check(vocab_size=10).top_k == 5
+    for bad, field in ((dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+                       (dict(top_p=0), "top_p"), (dict(top_k=-1), "top_k"), (dict(top_k=11), "top_k"),
+                       (dict(top_k=True), "top_k"), (dict(seed=2**64), "seed"), (dict(seed=1.5), "seed")):
+        with pytest.raises(BadRequest) as e:
+            SamplingParams(**bad).check(vocab_size=10)
+        assert e.value.param == field and e.value.code == "invalid_value"
 
 
 def test_model_with_lora_dropout_samples_deterministically(setup, tmp_path, monkeypatch):
@@ -172,20 +181,26 @@ def test_model_with_lora_dropout_samples_deterministically(setup, tmp_path, monk
     save_checkpoint(str(tmp_path / "lora"), nnx.state(SafeVLM(config, rngs=nnx.Rngs(0)), nnx.Param), config)
     monkeypatch.chdir(tmp_path)
     _, lora_model = load_checkpoint("lora")
-    decoder = Decoder(lora_model, eos_id=EOS, pad_id=PAD)
+    runner = Runner(lora_model, max_length=512, eos_id=EOS, pad_id=PAD)
     ids = prompt(lora_model, 2, 3, 20)
-    first = run(decoder, pixels[:1], [ids], max_new_tokens=4)
-    assert run(decoder, pixels[:1], [ids], max_new_tokens=4) == first
+    first = generate(runner, pixels[:1], [ids], max_new=4)
+    assert generate(runner, pixels[:1], [ids], max_new=4) == first
 
 
-def test_a_new_shape_compiles_once_not_again_on_its_second_call(setup):
-    """The fresh cache of a new shape is committed to the model's device, as the cache the
-    program hands back is: otherwise the second call compiled the same program again."""
-    _, model, decoder, pixels = setup
-    from safevlm_jax.inference.decode import _generate
+def test_buckets_round_up_and_refuse_past_the_largest():
+    assert bucket(1, (4, 8)) == 4 and bucket(5, (4, 8)) == 8 and bucket(8, (4, 8)) == 8
+    with pytest.raises(ValueError, match="batch 9 exceeds the largest bucket 8"):
+        bucket(9, (4, 8), "batch")
 
-    features, _, _ = decoder.encode(pixels[:1], [1], False)
-    before = _generate._cache_size()
-    for n in range(3):  # 300 new tokens: a bucket no other test uses
-        decoder.generate([prompt(model, 3, 2, n)], features[:1], max_new_tokens=300, use_safety=False)
-    assert _generate._cache_size() - before == 1
+
+def test_the_decode_loop_writes_the_cache_in_place_without_copying_it(setup):
+    """The compiled loop holds no copy of a KV cache buffer (XLA:CPU copied each one three
+    times per step when the product's operand was a reshape of the loop's buffer)."""
+    _, _, runner, _ = setup
+    runner.reset(2, 96)
+    buffer = runner.state.cache.k[0]
+    assert runner.state.cache.merged and buffer.shape[0] == 2 * runner.config.text.num_key_value_heads
+    hlo = programs.generate_program.lower(runner.graphdef, runner.params, runner.state, np.int32(EOS), np.int32(PAD),
+                                          max_steps=16).compile().as_text()
+    shape = "f32[" + ",".join(map(str, buffer.shape)) + "]"
+    assert not [line for line in hlo.splitlines() if " copy(" in line and shape in line]

@@ -32,6 +32,7 @@ def tree(tmp_path):
         Image.fromarray(rng.integers(0, 255, (30 + i, 40, 3), np.uint8)).save(folder / f"img{i}.png")
     (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (root / "bomb.bmp").write_bytes(bomb_bmp())
+    (root / "drawing.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\n%%EOF\n")  # EPS named .png: never opened as EPS
     (root / "notes.txt").write_text("not an image file name: never listed")
     return root
 
@@ -54,17 +55,19 @@ def test_scan_cli_writes_verdicts_and_report_and_counts_bad_images(tree, tmp_pat
     out = tmp_path / "out"
     scan_cli.main(["--checkpoint", tiny_checkpoint(), "--images", str(tree), "--out", str(out),
                "--batch_size", "4", "--no_progress"])
-    assert capsys.readouterr().out.startswith("total=8 already_done=0 scored=6 skipped=2")
+    assert capsys.readouterr().out.startswith("total=9 already_done=0 scored=6 skipped=3")
     rows = list(scan.read_jsonl(out / "verdicts.jsonl"))
     assert len(rows) == 6 and all(set(r) == FIELDS for r in rows)
     for r in rows:
         assert abs(sum(r["risk_level_probs"]) - 1) < 1e-4 and abs(sum(r["risk_type_probs"]) - 1) < 1e-4
         assert r["risk_level"] == int(np.argmax(r["risk_level_probs"]))
     skipped = {r["path"].split("/")[-1]: r["reason"] for r in scan.read_jsonl(out / "skipped.jsonl")}
-    assert skipped == {"corrupt.jpg": "corrupt_image", "bomb.bmp": "image_too_large"}
+    assert skipped == {"corrupt.jpg": "corrupt_image", "bomb.bmp": "image_too_large",
+                       "drawing.png": "unsupported_image_format"}
     summary = (out / "summary.md").read_text()
-    assert "Images scored: **6**; skipped (unreadable): **2**" in summary
+    assert "Images scored: **6**; skipped (unreadable): **3**" in summary
     assert "corrupt_image: 1" in summary and "image_too_large: 1" in summary
+    assert "unsupported_image_format: 1" in summary
     assert Image.open(out / "histogram.png").size[0] > 0
     assert sum(guard_calls) == 6  # bad images never reach the model
 
@@ -76,13 +79,13 @@ def test_scan_resume_skips_done_images_and_repairs_a_torn_line(tree, tmp_path, g
     with open(out / "verdicts.jsonl", "a") as f:
         f.write('{"path": "half a line from a cras')  # killed mid-write
     second = scan.scan(ckpt, str(tree), str(out), batch_size=8, progress=False)
-    assert (second["already_done"], second["scored"], second["skipped"]) == (3, 3, 2)
+    assert (second["already_done"], second["scored"], second["skipped"]) == (3, 3, 3)
     assert sum(guard_calls) == 6
     paths = [r["path"] for r in scan.read_jsonl(out / "verdicts.jsonl")]
     assert len(paths) == len(set(paths)) == 6
     assert (out / "verdicts.jsonl").read_text().count("\n") == 6  # the torn line is gone
     third = scan.scan(ckpt, str(tree), str(out), batch_size=8, progress=False)
-    assert (third["already_done"], third["scored"], third["skipped"]) == (8, 0, 0)
+    assert (third["already_done"], third["scored"], third["skipped"]) == (9, 0, 0)
     assert sum(guard_calls) == 6  # nothing left: the model was not called again
 
 

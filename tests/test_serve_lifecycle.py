@@ -3,6 +3,7 @@ requests each get one complete answer, SIGTERM drains the server and it exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -42,7 +43,7 @@ def one_slot(random_tiny):
     """A server whose engine has one slot and room for one waiting request."""
     inference = SafeVLMInference.from_checkpoint(random_tiny)
     with live_engine(inference, slots=1, max_queue=1) as engine, \
-            live_server(engine, inference, model_name="random_tiny") as s:
+            live_server(engine, model_name="random_tiny") as s:
         yield s
 
 
@@ -60,7 +61,7 @@ def wait_for(condition, timeout: float = 60, what: str = "condition"):
 
 
 def test_client_disconnecting_mid_stream_frees_its_slot(one_slot):
-    tokens_before = one_slot.engine.stats()["tokens_generated"]
+    tokens_before = one_slot.engine.stats().tokens_generated
     with httpx.stream("POST", f"{one_slot.url}/v1/chat/completions", json=long_body(True), timeout=60) as r:
         assert r.status_code == 200
         texts = []
@@ -71,8 +72,8 @@ def test_client_disconnecting_mid_stream_frees_its_slot(one_slot):
                 break
     wait_for(lambda: metric(one_slot, 'safevlm_finish_reasons_total{reason="cancelled"}') == 1,
              what="the cancelled request")
-    assert one_slot.engine.stats()["active_slots"] == 0
-    assert one_slot.engine.stats()["tokens_generated"] - tokens_before < LONG  # it stopped early
+    assert one_slot.engine.stats().active_slots == 0
+    assert one_slot.engine.stats().tokens_generated - tokens_before < LONG  # it stopped early
     assert metric(one_slot, 'safevlm_requests_total{endpoint="chat",status="499"}') == 1
     # the freed slot serves the next request, to its end
     r = httpx.post(f"{one_slot.url}/v1/chat/completions", json=long_body(False), timeout=60)
@@ -86,7 +87,7 @@ def test_client_leaving_before_a_plain_answer_frees_its_slot(one_slot):
         httpx.post(f"{one_slot.url}/v1/chat/completions", json=long_body(False),
                    timeout=httpx.Timeout(30, read=0.3))
     wait_for(lambda: metric(one_slot, cancelled) == before + 1, what="the cancelled request")
-    assert one_slot.engine.stats()["active_slots"] == 0
+    assert one_slot.engine.stats().active_slots == 0
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_nothing_is_lost(one_slot):
@@ -97,9 +98,9 @@ def test_a_full_queue_answers_503_with_retry_after_and_nothing_is_lost(one_slot)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
     threads[0].start()
-    wait_for(lambda: one_slot.engine.stats()["active_slots"] == 1, what="the first request in its slot")
+    wait_for(lambda: one_slot.engine.stats().active_slots == 1, what="the first request in its slot")
     threads[1].start()
-    wait_for(lambda: one_slot.engine.stats()["queue_depth"] == 1, what="the second request queued")
+    wait_for(lambda: one_slot.engine.stats().queue_depth == 1, what="the second request queued")
     busy = httpx.post(f"{one_slot.url}/v1/chat/completions", json=long_body(False), timeout=60)
     assert busy.status_code == 503 and busy.headers["retry-after"].isdigit()
     assert busy.json()["error"]["code"] == "queue_full"
@@ -113,7 +114,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_nothing_is_lost(one_slot)
 
 def test_concurrent_requests_each_get_exactly_one_complete_answer():
     inference = demo_inference()
-    with live_engine(inference, slots=4, max_queue=32) as engine, live_server(engine, inference) as server:
+    with live_engine(inference, slots=4, max_queue=32) as engine, live_server(engine) as server:
         names = ["clean", "low_risk", "medium_risk", "risky"] * 3
         answers = [None] * len(names)
 
@@ -142,11 +143,12 @@ def test_concurrent_requests_each_get_exactly_one_complete_answer():
         assert got == alone[names[i]], names[i]
 
 
-def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_tiny):
+@contextlib.contextmanager
+def serving(checkpoint: str, *flags: str):
+    """`python -m safevlm_jax.serve` on a free port: (process, url), killed if still running."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, "-m", "safevlm_jax.serve", "--checkpoint", random_tiny,
-                             "--port", "0", "--slots", "1", "--max_queue", "4"],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "safevlm_jax.serve", "--checkpoint", checkpoint,
+                             "--port", "0", *flags], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         said = []
         for line in proc.stderr:
@@ -155,19 +157,32 @@ def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_
                 break
         else:
             pytest.fail(f"the server exited with {proc.wait()} before serving:\n{''.join(said)}")
-        url = line.split()[1]
+        yield proc, line.split()[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def send_streams(url: str, bodies: list[dict]) -> tuple[list, list[threading.Thread]]:
+    """Each body streamed on its own thread; results[i] = (status, non-empty lines)."""
+    results = [None] * len(bodies)
+
+    def send(i):
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=bodies[i], timeout=120) as r:
+            results[i] = (r.status_code, [line for line in r.iter_lines() if line])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    return results, threads
+
+
+def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_tiny):
+    with serving(random_tiny, "--slots", "1", "--max_queue", "4") as (proc, url):
         assert url.startswith("http://127.0.0.1:")  # the default bind is loopback only
-        streams = [None] * 3
-
-        def send(i):
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=long_body(True), timeout=120) as r:
-                streams[i] = (r.status_code, [line for line in r.iter_lines() if line])
-
         health = lambda: httpx.get(f"{url}/health").json()
         warm = health()["accepted"]  # the warm-up's requests
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
+        streams, threads = send_streams(url, [long_body(True)] * 3)
         # all three accepted, one decoding and the others waiting for the one slot: then SIGTERM
         # (the first may already be done when the third arrives: a tiny model decodes fast)
         wait_for(lambda: (h := health())["accepted"] == warm + 3 and h["queue_depth"] >= 1,
@@ -177,14 +192,38 @@ def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_
         for t in threads:
             t.join(timeout=120)
         assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     for status, lines in streams:  # each whole: every token, one finish reason, [DONE]
         assert status == 200 and lines[-1] == "data: [DONE]"
         chunks = [json.loads(e[6:]) for e in lines[:-1]]
         assert [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"][0]["finish_reason"]] == ["length"]
         assert chunks[-1]["usage"]["completion_tokens"] == LONG
+
+
+def test_sigterm_cancels_what_outlasts_the_drain_timeout_and_exits_in_time(random_tiny):
+    """More work than --drain_timeout_s allows: what is unfinished at the deadline is
+    cancelled, each client gets one answer (whole, or its error), and the process exits."""
+    drain = 2.0
+    with serving(random_tiny, "--slots", "1", "--max_queue", "8", "--drain_timeout_s", str(drain)) as (proc, url):
+        health = lambda: httpx.get(f"{url}/health").json()
+        warm = health()["accepted"]
+        streams, threads = send_streams(url, [long_body(True)] * 6)  # ~6 x 300 tokens on one slot
+        wait_for(lambda: (h := health())["accepted"] == warm + 6, what="six accepted requests")
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        took = time.monotonic() - signalled
+        for t in threads:
+            t.join(timeout=60)
+    assert took < drain + 8, took  # the deadline, uvicorn's grace and the interpreter's exit
+    ends = []
+    for status, lines in streams:  # one end each: a finish reason or the cancellation's error
+        assert status == 200 and lines[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in lines[:-1]]
+        end = [c["error"]["code"] if "error" in c else c["choices"][0]["finish_reason"]
+               for c in chunks if "error" in c or (c["choices"] and c["choices"][0]["finish_reason"])]
+        assert len(end) == 1, end
+        ends += end
+    assert "generation_cancelled" in ends and set(ends) <= {"generation_cancelled", "length"}, ends
 
 
 def _refused(url: str) -> bool:
@@ -213,12 +252,11 @@ def test_bad_flags_fail_with_one_error_line_and_status_2(tmp_path):
 
 
 def test_warm_up_compiles_what_the_first_requests_need(tmp_path):
-    """After `warm_up`, verdict batches of every size and a first chat (safety on and off)
-    compile nothing. The model has a shape of its own, so no earlier test compiled for it."""
+    """After `Engine.warm_up`, verdict batches of every size and a first chat (safety on and
+    off) compile nothing. The model has a shape of its own, so no earlier test compiled for it."""
     import jax
 
     from configs.model import model_config
-    from safevlm_jax.serve.__main__ import warm_up
 
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -227,8 +265,8 @@ def test_warm_up_compiles_what_the_first_requests_need(tmp_path):
     config = config.replace(vision=dataclasses.replace(config.vision, image_size=35))
     inference = SafeVLMInference.from_checkpoint(random_checkpoint(str(tmp_path / "ckpt"), config=config))
     with live_engine(inference, slots=3, max_queue=8) as engine, \
-            live_server(engine, inference, model_name="ckpt") as server:
-        warm_up(engine)
+            live_server(engine, model_name="ckpt") as server:
+        engine.warm_up()
         assert compiles  # the listener sees compilations
         before = len(compiles)
         image = {"type": "image_url", "image_url": {"url": example_url("clean")}}

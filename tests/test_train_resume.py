@@ -1,8 +1,14 @@
-"""Checkpoints: a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted
-run; a checkpoint restores onto another device count; steps store no frozen params, and a
-resume over other frozen params is refused; stage 2 starts from a stage-1 export."""
+"""Checkpoints: two runs of the same seed in separate processes, each building its own data,
+save bit-identical states; a run killed with SIGKILL and resumed ends bit-identical to an
+uninterrupted run; a checkpoint restores onto another device count; steps store no frozen
+params, and a resume over other frozen params is refused; stage 2 starts from a stage-1 export.
 
+The training runs (real `python -m safevlm_jax.train` processes) are module fixtures shared by
+the tests: one uninterrupted run, one killed run, and one resume per resume property."""
+
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +25,7 @@ from safevlm_jax import sharding
 from safevlm_jax.checkpoint.io import path_str
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.train.checkpointing import Checkpointer, frozen_fingerprint, split_frozen
-from safevlm_jax.train.data import prepare_synthetic
+from safevlm_jax.train.data import READY
 from safevlm_jax.train.init import initial_state, load_params
 from safevlm_jax.train.loop import model_factory
 from safevlm_jax.train.optimizer import make_optimizer
@@ -28,21 +34,15 @@ from safevlm_jax.train.state import abstract_state, with_shardings
 from train_helpers import read_state, tiny_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 10
+STEPS = 6  # saved: steps 1 (the first), 2, 4, 6
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    cfg = tiny_train_config(1)
-    return prepare_synthetic(str(tmp_path_factory.mktemp("data")), 32, 0, ModelConfig.from_dict(cfg.model))
-
-
-def command(workdir, dataset, *extra):
-    dataset_dir, tokenizer = dataset
+def command(workdir, *extra):
+    """The training command: stage 1, tiny, a checkpoint every 2 steps, synthetic data built
+    from the seed under WORKDIR/synthetic unless `extra` names a dataset."""
     return [sys.executable, "-m", "safevlm_jax.train", "--config", "configs/stage1.py:tiny",
-            "--workdir", str(workdir), f"--config.total_steps={STEPS}",
-            "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10",
-            f"--config.data.dataset_dir={dataset_dir}", f"--config.data.tokenizer={tokenizer}", *extra]
+            "--workdir", str(workdir), f"--config.total_steps={STEPS}", "--config.data.synthetic_examples=32",
+            "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10", *extra]
 
 
 def env():
@@ -58,44 +58,151 @@ def saved_state(workdir, step):
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, dataset):
-    workdir = tmp_path_factory.mktemp("full")
-    subprocess.run(command(workdir, dataset), cwd=ROOT, env=env(), check=True, timeout=600)
-    return workdir
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(tmp_path, dataset, uninterrupted):
-    proc = subprocess.Popen(command(tmp_path, dataset), cwd=ROOT, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not finished_steps(tmp_path / "checkpoints") and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(finished_steps(tmp_path / "checkpoints"))
-    assert killed_at < STEPS
-    subprocess.run(command(tmp_path, dataset), cwd=ROOT, env=env(), check=True, timeout=600)
-    want, got = saved_state(uninterrupted, STEPS), saved_state(tmp_path, STEPS)
+def assert_same_state(got: dict, want: dict):
     assert want.keys() == got.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-def test_restore_onto_a_different_device_count(uninterrupted):
+def wait_for_a_saved_step(workdir, proc) -> None:
+    deadline = time.time() + 600
+    while not finished_steps(workdir / "checkpoints") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def first_runs(tmp_path_factory):
+    """((workdir, stdout) of a run of STEPS steps, (workdir, last finished step) of a run killed
+    with SIGKILL once it saved a step). The second starts once the first saved a step, so it
+    finds the first's compiled programs in the compilation cache, and then runs beside it."""
+    full, part = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("killed")
+    run = subprocess.Popen(command(full), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    wait_for_a_saved_step(full, run)
+    victim = subprocess.Popen(command(part), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    wait_for_a_saved_step(part, victim)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = max(finished_steps(part / "checkpoints"))
+    assert killed_at < STEPS
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+    return (full, stdout), (part, killed_at)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(first_runs):
+    return first_runs[0]
+
+
+@pytest.fixture(scope="module")
+def killed(first_runs):
+    return first_runs[1]
+
+
+def same_data(workdir) -> list[str]:
+    """Flags that point a run at the synthetic data (and tokenizer) built in `workdir`."""
+    with open(workdir / "synthetic" / READY) as f:
+        dataset_dir = f.read().strip()
+    tokenizer = workdir / "synthetic" / "tokenizer"
+    return [f"--config.data.dataset_dir={dataset_dir}", f"--config.data.tokenizer={tokenizer}"]
+
+
+def _truncate_array_files(step_dir):
+    """Cuts every array data file of a saved step in half (as a full disk would)."""
+    for d, _, files in os.walk(os.path.join(step_dir, "state")):
+        if os.path.basename(d) == "d":
+            for name in files:
+                with open(os.path.join(d, name), "r+b") as f:
+                    f.truncate(os.path.getsize(os.path.join(d, name)) // 2)
+
+
+@pytest.fixture(scope="module")
+def resumed(first_runs, tmp_path_factory):
+    """One resume per property, run side by side: {scenario: (workdir, exit status, stderr)}.
+    killed: the killed run, as it was left; latest_damaged: the uninterrupted run's steps as
+    if it had stopped after step STEPS - 2, whose array files were then cut; all_damaged: every
+    step's array files cut."""
+    (full, _), (killed_dir, _) = first_runs
+    latest, every = tmp_path_factory.mktemp("latest_damaged"), tmp_path_factory.mktemp("all_damaged")
+    for workdir in (latest, every):
+        shutil.copytree(full / "checkpoints", workdir / "checkpoints")
+    shutil.rmtree(latest / "checkpoints" / str(STEPS))
+    _truncate_array_files(latest / "checkpoints" / str(STEPS - 2))
+    for step in finished_steps(every / "checkpoints"):
+        _truncate_array_files(every / "checkpoints" / str(step))
+    runs = {"killed": (killed_dir, []), "latest_damaged": (latest, same_data(full)),
+            "all_damaged": (every, same_data(full))}
+    logs = tmp_path_factory.mktemp("resume_logs")  # files, not pipes: nothing waits on a full pipe
+    procs = {}
+    for name, (workdir, extra) in runs.items():
+        with open(logs / name, "w") as stderr:
+            procs[name] = subprocess.Popen(command(workdir, *extra), cwd=ROOT, env=env(),
+                                           stdout=subprocess.DEVNULL, stderr=stderr)
+    for proc in procs.values():
+        proc.wait(timeout=600)
+    return {name: (runs[name][0], proc.returncode, (logs / name).read_text()) for name, proc in procs.items()}
+
+
+def test_train_command_prints_only_the_final_metrics(uninterrupted):
+    _, stdout = uninterrupted
+    [line] = stdout.splitlines()
+    assert json.loads(line)["loss"] > 0
+
+
+def test_same_seed_in_separate_processes_saves_bit_identical_states(uninterrupted, killed):
+    """Each run built its own synthetic data and tokenizer from the seed and its own init."""
+    (full, _), (other, step) = uninterrupted, killed
+    assert_same_state(saved_state(other, step), saved_state(full, step))
+
+
+def test_sigkill_then_resume_is_bit_identical(uninterrupted, resumed):
+    full, _ = uninterrupted
+    workdir, code, stderr = resumed["killed"]
+    assert code == 0, stderr[-3000:]
+    assert_same_state(saved_state(workdir, STEPS), saved_state(full, STEPS))
+
+
+def test_resume_over_a_damaged_latest_step_falls_back_and_ends_bit_identical(uninterrupted, resumed):
+    full, _ = uninterrupted
+    workdir, code, stderr = resumed["latest_damaged"]
+    assert code == 0, stderr[-3000:]
+    assert f"checkpoint step {STEPS - 2} in" in stderr and "damaged" in stderr
+    assert f"resuming from step {STEPS - 4}" in stderr
+    assert (workdir / "checkpoints.damaged" / str(STEPS - 2)).is_dir()
+    assert_same_state(saved_state(workdir, STEPS), saved_state(full, STEPS))
+
+
+def test_resume_with_every_step_damaged_is_one_error_line(resumed):
+    _, code, stderr = resumed["all_damaged"]
+    assert code == 2, stderr[-3000:]
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: every checkpoint step in") and "damaged" in last, stderr[-3000:]
+    assert "Traceback" not in stderr
+
+
+@pytest.fixture(scope="module")
+def restorable():
+    """(config, abstract state, 8-device shardings, a fresh state in them) to restore into."""
     cfg = tiny_train_config(1)
     mcfg = ModelConfig.from_dict(cfg.model)
     optimizer, _ = make_optimizer(cfg.optimizer, STEPS)
     _, abstract = abstract_state(model_factory(mcfg, cfg.seed), cfg, optimizer)
-    ckpt = Checkpointer(str(uninterrupted / "checkpoints"), keep=10, every_steps=2, async_save=False)
+    shardings = sharding.state_shardings(abstract, sharding.make_mesh({"fsdp": 8}), "fsdp")
+    return cfg, abstract, shardings, initial_state(model_factory(mcfg, cfg.seed), cfg, optimizer, shardings)
+
+
+def test_restore_onto_a_different_device_count(uninterrupted, restorable):
+    workdir, _ = uninterrupted
+    _, abstract, eight, initial = restorable
+    two = sharding.state_shardings(abstract, sharding.make_mesh({"fsdp": 2}, jax.devices()[:2]), "fsdp")
+    ckpt = Checkpointer(str(workdir / "checkpoints"), keep=10, every_steps=2, async_save=False)
     values = []
-    for n, shape in ((8, {"fsdp": 8}), (2, {"fsdp": 2})):
-        mesh = sharding.make_mesh(shape, jax.devices()[:n])
-        shardings = sharding.state_shardings(abstract, mesh, "fsdp")
-        initial = initial_state(model_factory(mcfg, cfg.seed), cfg, optimizer, shardings)
-        state = ckpt.restore(with_shardings(abstract, shardings), initial, step=STEPS)
+    for n, shardings in ((8, eight), (2, two)):
+        fresh = jax.device_put(initial, shardings)  # the fresh state, laid out on n devices
+        state = ckpt.restore(with_shardings(abstract, shardings), fresh, step=STEPS)
         assert int(state.step) == STEPS
         leaf = jax.tree.leaves(state.trainable)[0]
         assert len(leaf.sharding.device_set) == n
@@ -105,7 +212,8 @@ def test_restore_onto_a_different_device_count(uninterrupted):
 
 
 def test_stage2_starts_from_the_stage1_export(uninterrupted):
-    export = str(uninterrupted / "export")
+    workdir, _ = uninterrupted
+    export = str(workdir / "export")
     cfg = tiny_train_config(2)
     mcfg = ModelConfig.from_dict(cfg.model)
     optimizer, _ = make_optimizer(cfg.optimizer, STEPS)
@@ -115,19 +223,18 @@ def test_stage2_starts_from_the_stage1_export(uninterrupted):
                           sharding.state_shardings(abstract, mesh, cfg.rules))
     fresh_lora = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(fresh.trainable)}
     state = load_params(fresh, export, mesh, cfg.rules)
-    stage1 = saved_state(uninterrupted, STEPS)  # safety tokens are trained (stored) in stage 1
+    stage1 = saved_state(workdir, STEPS)  # safety tokens are trained (stored) in stage 1
     tokens = np.asarray(nnx.to_flat_state(state.frozen).to_nested_state()["safety_tokens_llm"].get_value())
     assert any(np.array_equal(tokens, v) for k, v in stage1.items() if "safety_tokens_llm" in k)
     for p, v in nnx.to_flat_state(state.trainable):  # LoRA is not in a stage-1 export: kept
         np.testing.assert_array_equal(np.asarray(v.get_value()), fresh_lora[path_str(p)])
 
 
-def test_checkpoints_store_trained_state_but_no_frozen_params(uninterrupted):
-    cfg = tiny_train_config(1)
-    optimizer, _ = make_optimizer(cfg.optimizer, STEPS)
-    _, abstract = abstract_state(model_factory(ModelConfig.from_dict(cfg.model), cfg.seed), cfg, optimizer)
+def test_checkpoints_store_trained_state_but_no_frozen_params(uninterrupted, restorable):
+    workdir, _ = uninterrupted
+    _, abstract, _, _ = restorable
     frozen_params = split_frozen(abstract.frozen)[0]
-    saved = saved_state(uninterrupted, STEPS)
+    saved = saved_state(workdir, STEPS)
     assert saved["['frozen_fingerprint']"].shape == (len(jax.tree.leaves(frozen_params)),)
     assert not [k for k in saved if k.startswith("['train']['frozen']")]  # tiny has no RNG streams
     trained = sum(x.size for x in jax.tree.leaves((abstract.trainable, abstract.opt_state)))
@@ -135,20 +242,16 @@ def test_checkpoints_store_trained_state_but_no_frozen_params(uninterrupted):
     assert sum(v.size for v in saved.values()) == trained + hashes + rng + step
 
 
-def test_resume_refuses_other_frozen_params(uninterrupted):
-    cfg = tiny_train_config(1)
-    mcfg = ModelConfig.from_dict(cfg.model)
-    optimizer, _ = make_optimizer(cfg.optimizer, STEPS)
-    _, abstract = abstract_state(model_factory(mcfg, cfg.seed), cfg, optimizer)
-    shardings = sharding.state_shardings(abstract, sharding.make_mesh({"fsdp": 8}), "fsdp")
-    initial = initial_state(model_factory(mcfg, cfg.seed), cfg, optimizer, shardings)
-    ckpt = Checkpointer(str(uninterrupted / "checkpoints"), keep=10, every_steps=2, async_save=False)
-    flat = nnx.to_flat_state(initial.frozen)
-    path, var = next((p, v) for p, v in flat if "vision_tower" in path_str(p))
-    var.set_value(var.get_value().at[0].add(1e-3))  # e.g. another --config.init_from
+def test_resume_refuses_other_frozen_params(uninterrupted, restorable):
+    workdir, _ = uninterrupted
+    _, abstract, shardings, initial = restorable
+    ckpt = Checkpointer(str(workdir / "checkpoints"), keep=10, every_steps=2, async_save=False)
+    flat = list(nnx.to_flat_state(initial.frozen))  # new variables: `initial` is shared
+    i, (path, var) = next((i, pv) for i, pv in enumerate(flat) if "vision_tower" in path_str(pv[0]))
+    flat[i] = (path, var.replace(var.get_value().at[0].add(1e-3)))  # e.g. another --config.init_from
+    other = nnx.FlatState(flat, sort=False).to_nested_state()
     with pytest.raises(ValueError, match="frozen parameters differ.*" + path_str(path)):
-        ckpt.restore(with_shardings(abstract, shardings), initial._replace(frozen=flat.to_nested_state()),
-                     step=STEPS)
+        ckpt.restore(with_shardings(abstract, shardings), initial._replace(frozen=other), step=STEPS)
 
 
 def test_resume_refuses_the_older_layout_by_name(tmp_path):
@@ -172,49 +275,6 @@ def test_frozen_fingerprint_ignores_sharding_and_sees_every_element(dtype):
     lowest_bit = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")) ^ 1
     flipped = jax.lax.bitcast_convert_type(lowest_bit, x.dtype)
     assert not np.array_equal(np.asarray(frozen_fingerprint({"w": flipped}, one)), want)
-
-
-def _truncate_array_files(step_dir):
-    """Cuts every array data file of a saved step in half (as a full disk would)."""
-    for d, _, files in os.walk(os.path.join(step_dir, "state")):
-        if os.path.basename(d) == "d":
-            for name in files:
-                with open(os.path.join(d, name), "r+b") as f:
-                    f.truncate(os.path.getsize(os.path.join(d, name)) // 2)
-
-
-@pytest.mark.slow
-def test_resume_over_a_damaged_latest_step_falls_back_and_ends_bit_identical(tmp_path, dataset, uninterrupted):
-    import shutil
-
-    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
-    for step in (STEPS, STEPS - 2):  # as if the run had stopped after step 8, whose file was then cut
-        shutil.rmtree(tmp_path / "checkpoints" / str(step))
-    _truncate_array_files(tmp_path / "checkpoints" / str(STEPS - 4))
-    run = subprocess.run(command(tmp_path, dataset), cwd=ROOT, env=env(), timeout=600,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert f"checkpoint step {STEPS - 4} in" in run.stderr and "damaged" in run.stderr
-    assert f"resuming from step {STEPS - 6}" in run.stderr
-    assert (tmp_path / "checkpoints.damaged" / str(STEPS - 4)).is_dir()
-    want, got = saved_state(uninterrupted, STEPS), saved_state(tmp_path, STEPS)
-    assert want.keys() == got.keys()
-    for k in want:
-        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-
-
-def test_resume_with_every_step_damaged_is_one_error_line(tmp_path, dataset, uninterrupted):
-    import shutil
-
-    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
-    for step in finished_steps(tmp_path / "checkpoints"):
-        _truncate_array_files(tmp_path / "checkpoints" / str(step))
-    run = subprocess.run(command(tmp_path, dataset), cwd=ROOT, env=env(), timeout=600,
-                         capture_output=True, text=True)
-    assert run.returncode == 2, run.stderr[-3000:]
-    last = [line for line in run.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("error: every checkpoint step in") and "damaged" in last, run.stderr[-3000:]
-    assert "Traceback" not in run.stderr
 
 
 def test_unretrieved_read_errors_of_a_damaged_step_go_to_the_debug_log(caplog):

@@ -1,9 +1,9 @@
 """Tokenizers for tests: one laid out as LLaMA's (SentencePiece-style) trained in-process, and
 the real LLaMA/Vicuna tokenizer of LLaVA-1.5 in the layouts found in the wild.
 
-The real one is read from `../shared/llama_tokenizer/tokenizer.model` (relative to the
-repository root; every developer checkout and CI has `../shared`): the LLaMA-2 SentencePiece
-model (32000 pieces) that Vicuna-1.5 and LLaVA-1.5 use. Converting it takes seconds, so it is
+The real one is `tests/data/llama_tokenizer/tokenizer.model` (its README says where it comes
+from and its license): the LLaMA-2 SentencePiece model (32000 pieces) that Vicuna-1.5 and
+LLaVA-1.5 use. Converting it takes seconds, so it is
 converted once per test session and every layout is derived from that conversion.
 """
 
@@ -20,8 +20,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 
 from safevlm_jax.data.tokenizer import bpe_merges
 
-SHARED_LLAMA_TOKENIZER = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                                       "llama_tokenizer"))
+LLAMA_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "llama_tokenizer")
 # How transformers 5 (and 4) lays out the real tokenizer, as llava-hf ships it plus `<image>`
 # = 32000 and `<pad>` = 32001:
 #   non_legacy:       tokenizer.json with Metaspace(prepend_scheme="first"), config legacy: false
@@ -81,20 +80,19 @@ def llava_tokenizer(layout: str = "non_legacy"):
 @functools.cache
 def _layouts_dir() -> str:
     """Converts tokenizer.model once (transformers 5, non-legacy) and derives every layout."""
-    model = os.path.join(SHARED_LLAMA_TOKENIZER, "tokenizer.model")
+    model = os.path.join(LLAMA_TOKENIZER, "tokenizer.model")
     if not os.path.isfile(model):
         pytest.fail(f"{model} is missing: the real LLaMA/Vicuna tokenizer (LLaMA-2's SentencePiece model, "
-                    f"md5 eeec4125e9c7560836b4873b6f8e3025, committed in the public karpathy/llama2.c "
-                    f"repository) must be at ../shared/llama_tokenizer/ next to this checkout, as in CI "
-                    f"(see ../shared/llama_tokenizer/README.md)", pytrace=False)
+                    f"md5 eeec4125e9c7560836b4873b6f8e3025) is committed with the tests "
+                    f"(see tests/data/llama_tokenizer/README.md)", pytrace=False)
     root = tempfile.mkdtemp(prefix="llava_tokenizer_")
     atexit.register(shutil.rmtree, root, True)
-    tok = transformers.AutoTokenizer.from_pretrained(SHARED_LLAMA_TOKENIZER, legacy=False)
+    tok = transformers.AutoTokenizer.from_pretrained(LLAMA_TOKENIZER, legacy=False)
     # as llava-hf's conversion script adds them
     tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
     tok.add_special_tokens({"pad_token": "<pad>"})
     base = json.loads(tok.backend_tokenizer.to_str())
-    with open(os.path.join(SHARED_LLAMA_TOKENIZER, "tokenizer_config.json")) as f:
+    with open(os.path.join(LLAMA_TOKENIZER, "tokenizer_config.json")) as f:
         config = json.load(f)
     config.update(pad_token="<pad>", added_tokens_decoder={
         str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}

@@ -5,6 +5,12 @@
 bicubic with PIL, center crop, rescale by 1/255, normalize) but returns channels last,
 `[image_size, image_size, 3]` float32, the layout the model takes. `aspect_mode="pad"` first
 pads to a square filled with the mean colour, as LLaVA-1.5's training recipe does.
+
+Bounded work for any input: `decode_image` opens only `FORMATS`, chosen by the bytes' content
+(never by a file name or a declared type), and refuses more than `max_pixels` before decoding;
+refuses aspect ratios beyond `MAX_ASPECT`; `preprocess` pads to a square only images up to
+`MAX_SIDE` on their long side (every ordinary photo: exactly LLaVA's result) and shrinks longer
+ones first. One image then costs at most ~10 bytes per pixel (decoding RGBA, then RGB).
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ from safevlm_jax.data.errors import BadRecord
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8k x 8k; anything bigger is treated as a decompression bomb
+# PIL's names of the formats read (a GIF, WebP or TIFF gives its first frame); every other
+# PIL plugin (EPS runs Ghostscript, PSD, ICO, ...) is never tried
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+MAX_ASPECT = 200  # long side / short side, as Qwen2-VL's processor: PIL's per-row cost stays small
+MAX_SIDE = 4096  # a longer image is shrunk to this before LLaVA's padding, which squares it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,27 +81,37 @@ def resolve_image_path(image_root: str | os.PathLike, relative: str) -> str:
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Encoded bytes -> fully loaded RGB PIL image.
+    """Encoded bytes (one of `FORMATS`, recognised by content) -> fully loaded RGB PIL image.
 
     The size is read from the header and checked against `max_pixels` before any pixel is
     decoded, so a small file claiming huge dimensions costs nothing.
 
     Raises:
-      BadRecord: image_too_large, corrupt_image (unreadable, truncated).
+      BadRecord: unsupported_image_format (no format of `FORMATS`), image_too_large,
+        aspect_ratio_too_large, corrupt_image (unreadable, truncated).
     """
     try:
         with warnings.catch_warnings():  # we apply our own, lower, limit just below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:  # PIL's own hard limit, above ours
         raise BadRecord("image_too_large", str(e)) from e
-    except (OSError, ValueError) as e:
+    except Image.UnidentifiedImageError as e:
+        if not any(Image.OPEN[f][1](data[:16]) for f in FORMATS):  # no signature we read
+            raise BadRecord("unsupported_image_format",
+                            f"the data is not {', '.join(FORMATS[:-1])} or {FORMATS[-1]} "
+                            f"(starts with {data[:8]!r})") from e
+        raise BadRecord("corrupt_image", f"cannot open image ({e})") from e
+    except (OSError, ValueError, SyntaxError) as e:
         raise BadRecord("corrupt_image", f"cannot open image ({e})") from e
     width, height = image.size
     if width * height > max_pixels:
         raise BadRecord("image_too_large", f"{width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
     if width == 0 or height == 0:
         raise BadRecord("corrupt_image", f"image has size {width}x{height}")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise BadRecord("aspect_ratio_too_large", f"{width}x{height}: one side is more than {MAX_ASPECT} "
+                                                  f"times the other")
     try:
         image.load()
         return image.convert("RGB")
@@ -119,18 +140,21 @@ def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.I
 
 def preprocess(image: Image.Image, config: ImageConfig) -> np.ndarray:
     """RGB PIL image -> pixel_values `[image_size, image_size, 3]` float32, channels last."""
-    if config.aspect_mode == "pad":
-        image = expand_to_square(image, config.pad_color)
     size = config.image_size
+    if config.aspect_mode == "pad":
+        if max(image.size) > MAX_SIDE:  # the square would be huge: shrink first (not LLaVA's exact result)
+            scale = MAX_SIDE / max(image.size)
+            image = image.resize(tuple(max(1, round(n * scale)) for n in image.size), Image.Resampling.BICUBIC)
+        image = expand_to_square(image, config.pad_color)
     width, height = image.size
     # transformers' get_resize_output_image_size: short side -> size, long side truncated.
     if width <= height:
         new_w, new_h = size, int(size * height / width)
     else:
         new_w, new_h = int(size * width / height), size
-    image = image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    pixels = np.asarray(image, dtype=np.float32)[top:top + size, left:left + size]
+    image = image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32)
     pixels = pixels * np.float32(1 / 255)
     return (pixels - np.asarray(config.mean, np.float32)) / np.asarray(config.std, np.float32)
 

@@ -172,17 +172,23 @@ class TextEncoder:
             ids, labels = ids[:self.max_len], labels[:self.max_len]
         return ids, labels
 
-    def encode_prompt(self, turns: Sequence[Turn], image: bool = True, hint: str | None = None) -> np.ndarray:
+    def encode_prompt(self, turns: Sequence[Turn], image: bool = True, hint: str | None = None,
+                      system: str | None = None) -> np.ndarray:
         """A prompt for generation (turns end with a human turn) -> input_ids [T] int32, ending
         as the template's turn does ("ASSISTANT:", LLaVA's `conv.get_prompt()`). `hint`: the
-        safety hint text for a one-question prompt (`hinted_turn`). Not truncated."""
+        safety hint text for a one-question prompt (`hinted_turn`); `system`: the system text
+        instead of the template's (which must have a place for it). Not truncated."""
         _check_roles(turns, generation=True)
         if hint is not None and len(turns) != 1:
             raise ValueError(f"a hint goes into a one-question prompt, got {len(turns)} turns")
-        return self._encode(turns, image, hint)[0]
+        if system is not None and "{system}" not in (self.template.hinted_turn if hint is not None
+                                                     else self.template.first_turn):
+            raise ValueError(f"template {self.template.name!r} has no system text to replace")
+        return self._encode(turns, image, hint, system)[0]
 
     # ------------------------------------------------------------------------------------
-    def _encode(self, turns, image: bool, hint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _encode(self, turns, image: bool, hint: str | None = None,
+                system: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         t = self.template
         parts: list = []  # (str, is_answer), (eos id, supervised) or _IMAGE
         for i, turn in enumerate(turns):
@@ -190,7 +196,7 @@ class TextEncoder:
                 parts += [(" " + turn.value, True), (self.eos_token_id, True)]
                 continue
             fmt = t.hinted_turn if hint is not None else t.first_turn if i == 0 else t.next_turn
-            values = {"system": t.system, "question": turn.value, "hint": hint}
+            values = {"system": t.system if system is None else system, "question": turn.value, "hint": hint}
             for literal, field, _, _ in string.Formatter().parse(fmt):
                 before, slot, after = literal.partition(IMAGE_SLOT) if i == 0 else (literal, "", "")
                 parts.append((before, False))

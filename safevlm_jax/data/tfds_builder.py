@@ -84,6 +84,14 @@ class SafeVlmData(tfds.core.GeneratorBasedBuilder):
             }),
         )
 
+    # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared" to
+    # stdout; nothing is downloaded here, and `build_dataset`'s callers report the build.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _split_generators(self, dl_manager):
         split = self._valid_records()
         if not any(split.values()):

@@ -64,6 +64,16 @@ def bpe_merges(tok: Tokenizer) -> list[tuple[str, str]]:
             for m in json.loads(tok.to_str())["model"]["merges"]]
 
 
+def max_prompt_chars(tokenizer, max_tokens: int) -> int:
+    """The most characters a text of `max_tokens` tokens can spell, so a longer one is refused
+    before it is tokenized: each token spells at most its vocabulary entry's characters (a
+    byte-level or "▁" entry spells no more than its length), times 4 when a normalizer might
+    compose several characters into one (NFC/NFKC)."""
+    longest = max(map(len, tokenizer.get_vocab()))
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", "unknown")
+    return max_tokens * longest * (1 if normalizer is None else 4)
+
+
 def image_token_id(tokenizer, image_token: str = IMAGE) -> int:
     """The id of `image_token` in `tokenizer`; an error if the tokenizer lacks it."""
     idx = tokenizer.convert_tokens_to_ids(image_token)

@@ -1,7 +1,7 @@
 """Answers to RTVLM-style questions for an external judge, and refusal rates per category.
 
     python -m safevlm_jax.eval.generate --checkpoint CKPT --questions FILE.jsonl \
-        --out answers.jsonl [--safety on|off|both]
+        --out answers.jsonl [--safety on|off|both] [--mesh tensor=4]
 
 Each question line is `{"id", "image", "question", "category"}` (image relative to the file's
 directory, or `--image_root`). Every usable question is answered in batches by
@@ -40,7 +40,7 @@ from safevlm_jax.safety.prompt import TEMPLATES
 def answer_questions(vlm, questions: Sequence[Question], settings: Sequence[str], detector: RefusalDetector, *,
                      batch_size: int = 8, progress: bool = True, **generate_kw) -> list[dict]:
     """One answer row per (question, setting); `generate_kw` go to `SafeVLMInference.answer`
-    (max_new_tokens, sampler, seed)."""
+    (max_new_tokens, sampling)."""
     from safevlm_jax.inference.pipeline import Request
 
     rows = []
@@ -68,18 +68,19 @@ def _prefix(out: str) -> str:
 def run(checkpoint: str, questions: str, out: str, *, safety: str = "both", image_root: str | None = None,
         detector: RefusalDetector = RefusalDetector(), batch_size: int = 8, max_new_tokens: int = 128,
         seed: int = 0, strict: bool = False, progress: bool = True, template: str | None = None,
-        prompt_format: str = "llava") -> dict:
+        prompt_format: str = "llava", mesh=None) -> dict:
     """Answers `questions` and writes `out` and the refusal report beside it; returns the report.
-    `template` (None: the checkpoint's) and `prompt_format` ("llava" or "hf") as for
+    `template` (None: the checkpoint's), `prompt_format` ("llava" or "hf") and `mesh` as for
     `SafeVLMInference`."""
     from safevlm_jax.inference.pipeline import SafeVLMInference
+    from safevlm_jax.inference.requests import SamplingParams
 
-    vlm = SafeVLMInference.from_checkpoint(checkpoint, template=template, prompt_format=prompt_format)
+    vlm = SafeVLMInference.from_checkpoint(checkpoint, template=template, prompt_format=prompt_format, mesh=mesh)
     items, skipped = load_questions(questions, image_root, max_pixels=vlm.images.max_pixels, strict=strict)
     warn_skipped(skipped, "questions")
     settings = SETTINGS if safety == "both" else (safety,)
     rows = answer_questions(vlm, items, settings, detector, batch_size=batch_size, progress=progress,
-                            max_new_tokens=max_new_tokens, seed=seed)
+                            max_new_tokens=max_new_tokens, sampling=SamplingParams(seed=seed))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -126,6 +127,7 @@ flags.DEFINE_enum("template", None, sorted(TEMPLATES), "conversation template (d
                   flag_values=FLAGS)
 flags.DEFINE_enum("prompt_format", "llava", list(PROMPT_FORMATS), "prompt ids: llava (LLaVA's "
                   "tokenizer_image_token) or hf (HF's LlavaProcessor)", flag_values=FLAGS)
+cli.define_mesh_flag(FLAGS)
 
 
 def _main(argv) -> None:
@@ -140,7 +142,7 @@ def _main(argv) -> None:
                      image_root=FLAGS.image_root, detector=detector, batch_size=FLAGS.batch_size,
                      max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed, strict=FLAGS.strict,
                      progress=not FLAGS.no_progress, template=FLAGS.template,
-                     prompt_format=FLAGS.prompt_format)
+                     prompt_format=FLAGS.prompt_format, mesh=cli.mesh_flag(FLAGS))
     rates = ", ".join(f"safety {s}: {report['all'][s]['rate']:.3f}" for s in report["settings"])
     print(f"refusal rate {rates}; wrote {FLAGS.out} and {_prefix(FLAGS.out)}_refusal.md")
 

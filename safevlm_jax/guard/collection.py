@@ -179,9 +179,10 @@ def merge_parts(out: str) -> None:
 
 
 def scan(checkpoint: str, images: str, out: str, *, batch_size: int = 64,
-         policy: RiskPolicy = RiskPolicy(), blur: bool = True, progress: bool = True) -> dict:
-    """Scans `images` into `out` (see the module docstring) on this process's devices and
-    slice; returns this process's counts {"total", "already_done", "scored", "skipped"}."""
+         policy: RiskPolicy = RiskPolicy(), blur: bool = True, progress: bool = True, mesh=None) -> dict:
+    """Scans `images` into `out` (see the module docstring) on this process's devices (data
+    parallel; or `mesh`, sharded by the "inference" rules) and slice; returns this process's
+    counts {"total", "already_done", "scored", "skipped"}."""
     import jax
 
     from safevlm_jax.checkpoint.assets import image_config
@@ -199,7 +200,7 @@ def scan(checkpoint: str, images: str, out: str, *, batch_size: int = 64,
         paths = [os.path.join(out, PARTS, n.replace(".jsonl", f"-{tag}")) for n in (VERDICTS, SKIPPED)]
     else:
         paths = [os.path.join(out, VERDICTS), os.path.join(out, SKIPPED)]
-    guard = Guard.from_checkpoint(checkpoint)
+    guard = Guard.from_checkpoint(checkpoint, mesh=mesh, rules="inference" if mesh is not None else "data")
     batch_size = -(-batch_size // guard.batch_multiple) * guard.batch_multiple
     cfg = image_config(checkpoint, guard.config)
     counts["scored"], counts["skipped"] = scan_keys(guard, source, mine, cfg, policy, *paths,

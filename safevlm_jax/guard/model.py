@@ -10,7 +10,8 @@ position; its output at one query position depends only on that query. So the ve
 of the image and of the first token's embedding (BOS) — not of the rest of the prompt, not of
 any LLM layer. `VerdictModel` holds just those parts (CLIP up to its feature layer, the
 safety projector, the head's safety tokens, the safety head, the token embedding table) and
-computes with SafeVLM's own methods, so it cannot drift from the full model.
+computes with SafeVLM's own methods, so it cannot drift from the full model; its program is
+the one every path's verdict runs (`inference.programs.verdict_program`).
 
 The program is data-parallel: parameters are replicated (rule set "data") over a mesh of
 the local devices and the batch is split over them; on several hosts each host runs its own
@@ -18,8 +19,6 @@ mesh on its own slice of the inputs.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import numpy as np
@@ -29,7 +28,10 @@ from jax.sharding import Mesh
 from safevlm_jax import sharding
 from safevlm_jax.checkpoint.io import path_str
 from safevlm_jax.inference.buckets import pad_rows
+from safevlm_jax.inference.programs import verdict_program
 from safevlm_jax.models.safevlm import SafetyVerdict, SafeVLM
+from safevlm_jax.safety.prompt import query_id
+from safevlm_jax.safety.verdict import softmax
 
 VERDICT_PARTS = ("vision_tower", "safety_projector", "safety_tokens_head", "safety_head",
                  "language_model/model/embed_tokens")
@@ -51,20 +53,6 @@ class VerdictModel(SafetyVerdict):
 
     def token_embedding(self) -> nnx.Module:
         return self.embed_tokens
-
-    def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,
-                 attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """pixel_values [B, H, W, 3] f32; input_ids/attention_mask [B, T] (T >= 1; 1 = real
-        token, any padding side) -> (level_probs [B, 4], type_probs [B, 7]) f32."""
-        level, kind = self.verdict_logits(self.image_features(pixel_values), input_ids, attention_mask)
-        return jax.nn.softmax(level, axis=-1), jax.nn.softmax(kind, axis=-1)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def verdict_program(graphdef, state, pixel_values, input_ids, attention_mask):
-    """The jitted guard program: (graphdef, state) of a `VerdictModel` and its inputs ->
-    (level_probs [B, 4], type_probs [B, 7])."""
-    return nnx.merge(graphdef, state)(pixel_values, input_ids, attention_mask)
 
 
 def load_verdict_model(directory: str, mesh: Mesh | None = None,
@@ -90,16 +78,16 @@ class Guard:
     -> level_probs [B, 4], type_probs [B, 7]. Runs `verdict_program` over a mesh of the
     local devices.
 
-    model: a SafeVLM or VerdictModel; bos_id: the first token used when no prompt is given
-    (the tokenizer's BOS); rules: the sharding rule set (default "data": replicate weights).
+    model: a SafeVLM or VerdictModel; query_id: the head's query token (the tokenizer's BOS,
+    `safety.prompt.query_id`); rules: the sharding rule set (default "data": replicate weights).
     """
 
-    def __init__(self, model: SafeVLM | VerdictModel, *, bos_id: int, mesh: Mesh | None = None,
+    def __init__(self, model: SafeVLM | VerdictModel, *, query_id: int, mesh: Mesh | None = None,
                  rules: str = "data"):
         verdict = model if isinstance(model, VerdictModel) else VerdictModel(model)
         self.config = verdict.config
         self.mesh = mesh or sharding.make_mesh({"data": -1}, jax.local_devices())
-        self.rules, self.bos_id = rules, bos_id
+        self.rules, self.query_id = rules, query_id
         self.graphdef, state = nnx.split(verdict)
         self.state = jax.device_put(state, sharding.state_shardings(state, self.mesh, rules))
         batch_axes = sharding.get_rules(rules).get("batch", ())
@@ -108,36 +96,23 @@ class Guard:
     @classmethod
     def from_checkpoint(cls, directory: str, *, mesh: Mesh | None = None,
                         rules: str = "data") -> "Guard":
-        """Loads the verdict parts of a checkpoint and the BOS id of its tokenizer."""
+        """Loads the verdict parts of a checkpoint and its tokenizer's BOS (the query)."""
         import transformers
 
         mesh = mesh or sharding.make_mesh({"data": -1}, jax.local_devices())
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-        if tokenizer.bos_token_id is None:
-            raise ValueError(f"{directory}: the tokenizer has no BOS token (the verdict's query)")
-        return cls(load_verdict_model(directory, mesh, rules), bos_id=tokenizer.bos_token_id,
-                   mesh=mesh, rules=rules)
+        query = query_id(transformers.AutoTokenizer.from_pretrained(directory))
+        return cls(load_verdict_model(directory, mesh, rules), query_id=query, mesh=mesh, rules=rules)
 
-    def __call__(self, pixel_values: np.ndarray, input_ids: np.ndarray | None = None,
-                 attention_mask: np.ndarray | None = None,
-                 pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """pixel_values [B, H, W, 3] f32; input_ids/attention_mask [B, T] (default: BOS alone).
-
-        The batch is padded (repeating row 0) to a multiple of the data-parallel devices, and
-        to `pad_to` rows if given (one shape, one compile). Returns level_probs [B, 4] and
-        type_probs [B, 7] as float32 numpy.
-        """
+    def __call__(self, pixel_values: np.ndarray, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """pixel_values [B, H, W, 3] f32 -> level_probs [B, 4] and type_probs [B, 7] as float32
+        numpy (NaN rows where the head's output is not finite). The batch is padded
+        (repeating row 0) to a multiple of the data-parallel devices, and to `pad_to` rows if
+        given (one shape, one compile)."""
         b = pixel_values.shape[0]
-        if input_ids is None:
-            input_ids = np.full((b, 1), self.bos_id, np.int32)
-            attention_mask = np.ones((b, 1), np.int32)
-        elif attention_mask is None:
-            attention_mask = np.ones(input_ids.shape, np.int32)
         rows = max(b, pad_to or 0)
         rows = -(-rows // self.batch_multiple) * self.batch_multiple
-        inputs = [pad_rows(np.asarray(a, dt), rows) for a, dt in
-                  ((pixel_values, np.float32), (input_ids, np.int32), (attention_mask, np.int32))]
+        inputs = [pad_rows(np.asarray(pixel_values, np.float32), rows), np.full(rows, self.query_id, np.int32)]
         inputs = [jax.device_put(a, sharding.data_sharding(self.mesh, self.rules, a.ndim)) for a in inputs]
-        with sharding.use_rules(self.mesh, self.rules):
-            level, kind = verdict_program(self.graphdef, self.state, *inputs)
-        return np.asarray(level)[:b], np.asarray(kind)[:b]
+        _, level, kind = verdict_program(self.graphdef, self.state, *inputs, verdict=True, mesh=self.mesh,
+                                         rules=self.rules)
+        return tuple(softmax(np.asarray(a)[:b]).astype(np.float32) for a in (level, kind))

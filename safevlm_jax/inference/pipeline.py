@@ -1,12 +1,14 @@
 """Image + question -> safety verdict and answer (the library behind `safevlm_jax.sample`).
 
-    vlm = SafeVLMInference.from_checkpoint("ckpt/")
+    vlm = SafeVLMInference.from_checkpoint("ckpt/", mesh=make_mesh({"tensor": 4}))
     [result] = vlm.answer([Request("cat.jpg", "What is shown here?")], max_new_tokens=64)
     print(result.verdict.line(), result.answer)
 
-Per batch: one small jitted call runs CLIP and the safety head (the verdict needs only the
-image and the first token, docs/safety_modules.md), the hints are chosen on the host, then one
-jitted prefill+decode program generates every row (`safevlm_jax.inference.decode`).
+Per batch, on the engine's generation path (`inference.programs`): the verdict program (CLIP +
+safety head; the verdict needs only the image and the first token, docs/safety_modules.md),
+the safety gate on the host (`safety.gate.Gate`: hint or refusal), one prefill of every prompt,
+each inserted into a row of a decode state, then a jitted `while_loop` of decode steps, or,
+when the text is streamed (`on_text`), the jitted step looped from Python.
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ import numpy as np
 
 from safevlm_jax.checkpoint.assets import image_config
 from safevlm_jax.data.errors import BadRecord
-from safevlm_jax.data.template import ConversationTemplate
 from safevlm_jax.data.images import ImageConfig, load_pixel_values
+from safevlm_jax.data.template import ConversationTemplate, PROMPT_FORMATS
 from safevlm_jax.data.tokenizer import check_matches_model
-from safevlm_jax.inference.decode import Decoder
 from safevlm_jax.inference.detokenize import Detokenizer
-from safevlm_jax.inference.errors import BadRequest
-from safevlm_jax.inference.sampling import Greedy
+from safevlm_jax.inference.errors import CONTEXT_LENGTH, BadRequest
+from safevlm_jax.inference.runner import Runner
+from safevlm_jax.inference.requests import SamplingParams
+from safevlm_jax.safety.gate import Gate, Refusal
 from safevlm_jax.safety.hints import HintConfig
-from safevlm_jax.safety.policy import RiskPolicy, apply_policy
-from safevlm_jax.safety.prompt import PromptBuilder
+from safevlm_jax.safety.policy import RiskPolicy
+from safevlm_jax.safety.prompt import Conversation, PromptBuilder
 from safevlm_jax.safety.verdict import Verdict
 
 
@@ -78,111 +81,111 @@ def load_image(path: str, config: ImageConfig) -> np.ndarray:
             data = f.read()
         return load_pixel_values(data, config)
     except OSError as e:
-        raise BadRequest(f"cannot read image {path}: {e.strerror or e}") from e
+        raise BadRequest(f"cannot read image {path}: {e.strerror or e}", "image", "missing_image") from e
     except BadRecord as e:
-        raise BadRequest(f"cannot use image {path}: {e}") from e
+        raise BadRequest(f"cannot use image {path}: {e}", "image", e.reason) from e
+
+
+def safety_gate(model, tokenizer, template: ConversationTemplate | str, hints: HintConfig,
+                policy: RiskPolicy) -> Gate:
+    """The gate of a model and tokenizer: a prompt builder per (safety on/off, prompt format)."""
+    return Gate(policy, hints, {(safety, f): PromptBuilder(tokenizer, model.num_image_tokens(safety), template,
+                                                           hints, f)
+                                for safety in (True, False) for f in PROMPT_FORMATS})
 
 
 class SafeVLMInference:
-    """A model, its tokenizer and image settings, a prompt builder and a `Decoder`:
+    """A model, its tokenizer and image settings, the safety gate and a `Runner`:
     `from_checkpoint(dir)`, then `answer([Request, ...])` -> one `Result` per request.
 
     template: a `ConversationTemplate` or its name (`from_checkpoint`: the checkpoint's own
     unless given); prompt_format: "llava" (LLaVA's `tokenizer_image_token` ids, what LLaVA-1.5
-    was trained on) or "hf" (the ids HF's `LlavaProcessor` gives the same text).
+    was trained on) or "hf" (the ids HF's `LlavaProcessor` gives the same text); max_length:
+    the context (default: the model's); mesh/rules: where the model runs (its parameters
+    already there, e.g. from `from_checkpoint(..., mesh=...)`).
     """
 
     def __init__(self, model, tokenizer, images: ImageConfig, *, template: ConversationTemplate | str = "v1",
                  hints: HintConfig = HintConfig(), policy: RiskPolicy = RiskPolicy(),
-                 max_length: int | None = None, prompt_format: str = "llava"):
+                 max_length: int | None = None, prompt_format: str = "llava", mesh=None, rules: str = "inference"):
         check_matches_model(tokenizer, model.config)
-        self.model, self.tokenizer, self.images, self.hints = model, tokenizer, images, hints
-        self.policy = policy
-        self.builders = {safety: PromptBuilder(tokenizer, model.num_image_tokens(safety), template, hints,
-                                               prompt_format)
-                         for safety in (True, False)}
-        self.decoder = Decoder(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                               max_length=max_length)
+        self.model, self.tokenizer, self.images, self.prompt_format = model, tokenizer, images, prompt_format
+        self.gate = safety_gate(model, tokenizer, template, hints, policy)
+        self.runner = Runner(model, max_length=max_length or model.config.text.max_position_embeddings,
+                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, mesh=mesh, rules=rules)
 
     @classmethod
-    def from_checkpoint(cls, directory: str, *, template: ConversationTemplate | str | None = None,
-                        **kw) -> "SafeVLMInference":
-        """`template`: None = the one the checkpoint records (`checkpoint.format.load_template`)."""
+    def from_checkpoint(cls, directory: str, *, template: ConversationTemplate | str | None = None, mesh=None,
+                        rules: str = "inference", **kw) -> "SafeVLMInference":
+        """`template`: None = the one the checkpoint records (`checkpoint.format.load_template`);
+        `mesh`: the parameters are restored straight into its shardings under `rules`."""
         import transformers
 
         from safevlm_jax.checkpoint.format import load_checkpoint, load_template
 
-        config, model = load_checkpoint(directory)
+        config, model = load_checkpoint(directory, mesh, rules)
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
         return cls(model, tokenizer, image_config(directory, config),
-                   template=load_template(directory) if template is None else template, **kw)
+                   template=load_template(directory) if template is None else template, mesh=mesh, rules=rules, **kw)
 
-    def answer(self, requests: Sequence[Request], *, max_new_tokens: int = 128, sampler=Greedy(),
-               seed: int = 0, safety: bool = True,
+    def answer(self, requests: Sequence[Request], *, max_new_tokens: int = 128,
+               sampling: SamplingParams = SamplingParams(), safety: bool = True,
                on_verdicts: Callable[[list[Verdict | None]], None] | None = None,
                on_text: Callable[[int, str], None] | None = None) -> list[Result]:
-        """Answers a batch. `on_verdicts(verdicts)` is called once the verdicts are known
-        (before generation); `on_text(row, text)` receives each row's answer as it grows."""
+        """Answers a batch, every row with `sampling` (its seed too). `on_verdicts(verdicts)`
+        is called once the verdicts are known (before generation); `on_text(row, text)`
+        receives each row's answer as it grows."""
         if safety and not self.model.has_safety:
             raise ValueError("this checkpoint has no safety modules; run with safety off")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling.check(self.model.config.text.vocab_size)
         start = time.perf_counter()
         pixels = np.stack([load_image(r.image, self.images) for r in requests])
-        builder = self.builders[safety]
-        first = builder.build("")[0]  # the verdict reads only the first token (BOS)
-        features, level, kind = self.decoder.encode(pixels, [first] * len(requests), safety)
-        n = len(requests)
-        verdicts = self.policy.verdicts(level, kind, self.hints) if safety else [None] * n
+        features, level, kind = self.runner.encode(pixels, [self.gate.query_id] * len(requests), safety)
+        verdicts = self.gate.verdicts(level, kind) if safety else [None] * len(requests)
         encode_s = time.perf_counter() - start
         if on_verdicts:
             on_verdicts(verdicts)
+        admitted = [self.gate.admit(v, Conversation.of(r.prompt), self.prompt_format, safety=safety)
+                    for v, r in zip(verdicts, requests)]
+        rows = [i for i, a in enumerate(admitted) if not isinstance(a, Refusal)]
+        results: list[Result | None] = [None] * len(requests)
+        for i, a in enumerate(admitted):
+            if isinstance(a, Refusal):
+                results[i] = Result(a.text, [], verdicts[i], {"encode_s": encode_s, "prefill_s": 0.0,
+                                                              "decode_s": 0.0, "tokens_per_s": 0.0})
+                if on_text:
+                    on_text(i, a.text)
+        if rows:
+            prompts = [admitted[i] for i in rows]
+            stream = on_text and (lambda row, text: on_text(rows[row], text))
+            tokens, timings = self._generate(prompts, [features[i] for i in rows], sampling, max_new_tokens, safety,
+                                             stream)
+            for i, ids, prompt in zip(rows, tokens, prompts):
+                results[i] = Result(self._text(ids), ids, verdicts[i], {"encode_s": encode_s, **timings}, prompt)
+        return results
 
-        def generate(rows: list[int]) -> list[Result]:  # only rows the policy does not block
-            prompts = [builder.build(requests[i].prompt, verdicts[i] and verdicts[i].hint) for i in rows]
-            stream = (_Stream(self.tokenizer, lambda r, text: on_text(rows[r], text), len(rows))
-                      if on_text else None)
-            gen = self.decoder.generate(prompts, features[rows], max_new_tokens=max_new_tokens,
-                                        sampler=sampler, seed=seed, use_safety=safety,
-                                        on_token=stream, timed=True)
-            decode_s = gen.total_s - gen.prefill_s
-            steps = max(len(t) for t in gen.tokens)
-            timings = {"encode_s": encode_s, "prefill_s": gen.prefill_s, "decode_s": decode_s,
-                       "tokens_per_s": (steps - 1) * len(rows) / decode_s if decode_s > 0 else 0.0}
-            return [Result(self._text(t), t, verdicts[i], timings, prompt)
-                    for i, t, prompt in zip(rows, gen.tokens, prompts)]
+    def _generate(self, prompts: list[list[int]], features, sampling: SamplingParams, max_new: int,
+                  use_safety: bool, on_text) -> tuple[list[list[int]], dict[str, float]]:
+        """`Runner.generate`, each row's text streamed to `on_text(row, text)` if given."""
+        longest = max(len(p) for p in prompts)
+        if longest + max_new > self.runner.max_length:  # the longest request's own fault
+            raise BadRequest(f"prompt of {longest} tokens + max_new_tokens={max_new} exceeds the context length "
+                             f"{self.runner.max_length}", "max_new_tokens", CONTEXT_LENGTH)
+        on_step = None
+        if on_text:
+            detok = [Detokenizer(self.tokenizer) for _ in prompts]
+            on_step = lambda row, token, last: self._say(on_text, row, detok[row], token, last)
+        return self.runner.generate(prompts, features, [sampling] * len(prompts), max_new, use_safety, on_step)
 
-        if not safety:
-            return generate(list(range(n)))
-        outputs = apply_policy(verdicts, generate, self.policy)
-        blocked = {"encode_s": encode_s, "prefill_s": 0.0, "decode_s": 0.0, "tokens_per_s": 0.0}
-        for i, out in enumerate(outputs):
-            if on_text and not isinstance(out, Result):  # a blocked row: the refusal is its text
-                on_text(i, out)
-        return [out if isinstance(out, Result) else Result(out, [], verdicts[i], blocked)
-                for i, out in enumerate(outputs)]
+    def _say(self, on_text, row: int, detok: Detokenizer, token: int, last: bool) -> None:
+        text = "" if token == self.tokenizer.eos_token_id else detok.push(token)
+        text += detok.flush() if last else ""
+        if text:
+            on_text(row, text)
 
     def _text(self, ids: list[int]) -> str:
         if ids and ids[-1] == self.tokenizer.eos_token_id:
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-class _Stream:
-    """Turns each step's tokens [B] into new text per row (`Detokenizer` per row; finished
-    rows give EOS, then padding, and are skipped)."""
-
-    def __init__(self, tokenizer, on_text: Callable[[int, str], None], rows: int):
-        self.eos, self.on_text = tokenizer.eos_token_id, on_text
-        self.rows = [Detokenizer(tokenizer) for _ in range(rows)]
-        self.done = [False] * rows
-
-    def __call__(self, tokens: np.ndarray) -> None:
-        for row, tok in enumerate(tokens.tolist()):
-            if self.done[row]:
-                continue
-            if tok == self.eos:
-                self.done[row] = True
-                delta = self.rows[row].flush()
-            else:
-                delta = self.rows[row].push(tok)
-            if delta:
-                self.on_text(row, delta)

@@ -1,22 +1,68 @@
-"""What a caller of the engine (`inference.engine`) holds: the request, its events, the
-handle `submit` returns, and the two ways a request is turned away before it is accepted
-(`QueueFull`, `EngineClosed`; bad input is `inference.errors.BadRequest`)."""
+"""What a caller of the engine (`inference.engine`) holds: the request and its sampling rule,
+its typed events, the handle `submit` returns, why a request ended (`FinishReason`), and the
+two ways a request is turned away before it is accepted (`QueueFull`, `EngineClosed`; bad
+input is `inference.errors.BadRequest`). Host types only: no JAX."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
+import enum
 import threading
-from typing import Callable
+from typing import Callable, ClassVar, Union
 
 import numpy as np
 
 from safevlm_jax.data.template import PROMPT_FORMATS
-from safevlm_jax.inference.errors import BadRequest
+from safevlm_jax.inference.errors import BadRequest, is_finite, is_int, is_real
+from safevlm_jax.safety.prompt import Conversation
 from safevlm_jax.safety.verdict import Verdict
 
-FINISH_REASONS = ("stop", "length", "blocked", "cancelled", "error")
+
+class FinishReason(enum.StrEnum):
+    """Why a request ended (a str: `reason == "stop"` holds, and it prints as "stop")."""
+
+    STOP = "stop"  # EOS
+    LENGTH = "length"  # max_tokens
+    BLOCKED = "blocked"  # the policy answered with its refusal; nothing was generated
+    CANCELLED = "cancelled"  # Handle.cancel(), or shutdown without draining
+    ERROR = "error"  # something failed for this request (DoneEvent.error says what)
+
+
+MAX_TOKENS = 2**31 - 1  # max_tokens and top_k become int32 on the device
+SEEDS = (-2**63, 2**63 - 1)  # int64, as OpenAI's and vLLM's `seed`; a row's key uses seed mod 2**32
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling rule (vLLM's name): temperature >= 0 (0 = greedy), top_k >= 0
+    (0 = off), top_p in (0, 1] (1 = off), seed (an integer in `SEEDS`)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self, vocab_size: int = MAX_TOKENS) -> "SamplingParams":
+        """Itself, or BadRequest naming the field out of range (top_k is at most `vocab_size`,
+        the model's logits)."""
+        t, k, p, s = self.temperature, self.top_k, self.top_p, self.seed
+        if not (is_finite(t) and t >= 0):
+            raise BadRequest(f"temperature must be a finite number >= 0, got {_shown(t)}", "temperature")
+        if not (is_int(k) and 0 <= k <= vocab_size):
+            raise BadRequest(f"top_k must be an integer in [0, {vocab_size}] (the vocabulary), got {_shown(k)}",
+                             "top_k")
+        if not (is_real(p) and 0 < p <= 1):
+            raise BadRequest(f"top_p must be in (0, 1], got {_shown(p)}", "top_p")
+        if not (is_int(s) and SEEDS[0] <= s <= SEEDS[1]):
+            raise BadRequest(f"seed must be an integer in [-2**63, 2**63 - 1], got {_shown(s)}", "seed")
+        return self
+
+
+def _shown(x) -> str:
+    """x for an error message: a huge integer by its size (its digits may be too many for str)."""
+    if is_int(x) and abs(x) >= 10**20:
+        return f"an integer of {int(x).bit_length()} bits"
+    return f"{x!r:.40}"
 
 
 class QueueFull(RuntimeError):
@@ -30,11 +76,12 @@ class EngineClosed(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class EngineRequest:
     """pixel_values: [S, S, 3] f32, preprocessed (`data.images.preprocess`), or None (text
-    only); prompt: the user's question, plain text; temperature 0 = greedy; top_k 0 and top_p
-    1 = off; seed: the sampling seed (taken mod 2**32); safety: run the verdict and its hint."""
+    only); prompt: the user's question (plain text) or a whole `Conversation`; temperature 0
+    = greedy; top_k 0 and top_p 1 = off (both may be given); seed: the sampling seed;
+    safety: run the verdict and its hint."""
 
     pixel_values: np.ndarray | None
-    prompt: str
+    prompt: str | Conversation
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
@@ -43,58 +90,93 @@ class EngineRequest:
     safety: bool = True
     prompt_format: str = "llava"
 
-    def check(self) -> None:
+    @property
+    def conversation(self) -> Conversation:
+        return self.prompt if isinstance(self.prompt, Conversation) else Conversation.of(self.prompt)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
+
+    def check(self, vocab_size: int = MAX_TOKENS) -> None:
         """BadRequest naming the first field that is not as documented."""
         if self.prompt_format not in PROMPT_FORMATS:
-            raise BadRequest(f"unknown prompt_format {self.prompt_format!r}; known: {list(PROMPT_FORMATS)}")
-        if not isinstance(self.prompt, str):
-            raise BadRequest(f"prompt must be a string, got {type(self.prompt).__name__}")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise BadRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not (_is_real(self.temperature) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise BadRequest(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
-            raise BadRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise BadRequest(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not _is_int(self.seed):
-            raise BadRequest(f"seed must be an integer, got {self.seed!r}")
+            raise BadRequest(f"unknown prompt_format {self.prompt_format!r}; known: {list(PROMPT_FORMATS)}",
+                             "prompt_format")
+        if not isinstance(self.prompt, (str, Conversation)):
+            raise BadRequest(f"prompt must be a string or a Conversation, got {type(self.prompt).__name__}",
+                             "prompt")
+        if not is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_TOKENS:
+            raise BadRequest(f"max_tokens must be an integer in [1, {MAX_TOKENS}], got {_shown(self.max_tokens)}",
+                             "max_tokens")
+        self.sampling.check(vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)
-class EngineEvent:
-    """kind "verdict": verdict, action; "text": text (a delta); "done": finish_reason (one of
-    FINISH_REASONS), prompt_tokens, completion_tokens (EOS included), error (for "error"),
-    timings (seconds from submit: queue_s to the slot, ttft_s to the first token, total_s)."""
+class VerdictEvent:
+    """The request's verdict (None: safety off or no image), the policy's action, and the
+    prompt ids it was admitted with (the hint included; empty when blocked or failed)."""
 
-    kind: str
-    verdict: Verdict | None = None
-    action: str | None = None
-    text: str = ""
-    finish_reason: str | None = None
+    kind: ClassVar[str] = "verdict"
+    verdict: Verdict | None
+    action: str | None
+    prompt_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEvent:
+    """New answer text (a delta) and the token ids it came from."""
+
+    kind: ClassVar[str] = "text"
+    text: str
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DoneEvent:
+    """The request's end: finish_reason, prompt_tokens, completion_tokens (EOS included),
+    error (for ERROR), timings (seconds from submit: queue_s to its row, ttft_s to the first
+    token, total_s), token_ids: generated ids no TextEvent carried (EOS, a held-back tail)."""
+
+    kind: ClassVar[str] = "done"
+    finish_reason: FinishReason
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
-    timings: dict | None = None
+    timings: dict = dataclasses.field(default_factory=dict)
+    token_ids: tuple[int, ...] = ()
+
+
+EngineEvent = Union[VerdictEvent, TextEvent, DoneEvent]
 
 
 class Handle:
-    """One accepted request: what it received so far (token_ids: the generated ids, EOS
-    included; prompt_ids: the prompt as fed, hint included), `cancel()` and `wait()`."""
+    """One accepted request: what its events said so far (verdict, action, prompt_ids, text,
+    token_ids: the generated ids, EOS included; done_event), `cancel()` and `wait()`. The
+    engine's thread records each event here before the caller's `on_event` sees it."""
 
     def __init__(self, request_id: int, request: EngineRequest, wake: Callable[[], None]):
         self.id, self.request, self._wake = request_id, request, wake
-        self.token_ids: list[int] = []
-        self.prompt_ids: list[int] = []
         self.verdict: Verdict | None = None
         self.action: str | None = None
+        self.prompt_ids: list[int] = []
         self.text = ""
-        self.done_event: EngineEvent | None = None
+        self.token_ids: list[int] = []
+        self.done_event: DoneEvent | None = None
         self._cancelled, self._done = threading.Event(), threading.Event()
 
+    def record(self, event: EngineEvent) -> None:
+        if isinstance(event, VerdictEvent):
+            self.verdict, self.action, self.prompt_ids = event.verdict, event.action, list(event.prompt_ids)
+        elif isinstance(event, TextEvent):
+            self.text += event.text
+            self.token_ids += event.token_ids
+        else:
+            self.token_ids += event.token_ids
+            self.done_event = event
+
     @property
-    def finish_reason(self) -> str | None:
+    def finish_reason(self) -> FinishReason | None:
         return self.done_event and self.done_event.finish_reason
 
     @property
@@ -102,7 +184,7 @@ class Handle:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
-        """Frees the request's slot at the engine's next turn ("done": cancelled)."""
+        """Ends the request at the engine's next turn (its row is freed; "cancelled")."""
         self._cancelled.set()
         self._wake()
 
@@ -110,10 +192,5 @@ class Handle:
         """True once "done" was delivered."""
         return self._done.wait(timeout)
 
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    def _finished(self) -> None:
+        self._done.set()

@@ -18,7 +18,8 @@ Implementations (`IMPLEMENTATIONS`; `ModelConfig.attention` picks one, "auto" by
               cuda -> cudnn, cpu -> cpu_blocks, others -> xla. A program lowered for a TPU from
               a CPU host (AOT) takes the TPU branch.
 
-Decoding against a KV cache is `cached_attention` (XLA on every platform).
+Tokens written to a KV cache (a prefill chunk, a decode step) attend over its slots with
+`models.kv_cache.attend` (XLA on every platform; each row's slots may follow a reused prefix).
 """
 
 from __future__ import annotations
@@ -42,15 +43,14 @@ def _grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, causal_b
     """Softmax attention with f32 scores in the XLA:CPU-friendly layout.
 
     q [B, KVH, G, T, Dh] (scaled; query head h = kv head h // G, member h % G as HF's
-    `repeat_kv`); k, v [B * KVH, S, Dh] (batch and kv head merged, the cache layout);
+    `repeat_kv`); k, v [B * KVH, S, Dh] (batch and kv head merged);
     mask [B, 1, 1, T, S] bool (True = attend). Returns [B, KVH, G, T, Dh]. A fully masked
     row (a padding query) attends uniformly.
 
     `causal_blocks` (keys are the queries' own tokens, S = T, mask causal): queries go in
     blocks of QUERY_BLOCK and block i scores only the keys up to its own end. The products
     have one batch axis (b*k) and one query axis (m = g*t): with more, XLA:CPU reshaped or
-    transposed the keys, which for a cache meant copying it at every decode step
-    (docs/performance.md).
+    transposed the keys (docs/performance.md).
     """
     b, kvh, g, t, dh = q.shape
     block = QUERY_BLOCK if causal_blocks else t
@@ -65,13 +65,6 @@ def _grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, causal_b
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b * kvh, g * (end - start), keys)
         outs.append(jnp.einsum("nms,nsd->nmd", probs, v[:, :keys]).reshape(b, kvh, g, end - start, dh))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-
-
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention of new queries over a KV cache, XLA on every platform: q [B, KVH, G, T, Dh]
-    (scaled), k, v [B * KVH, S, Dh] (the cache's layout), mask [B, 1, 1, T, S] bool.
-    Returns [B, KVH, G, T, Dh]."""
-    return _grouped(q, k, v, mask, causal_blocks=False)
 
 
 def _mask(valid: jax.Array | None, b: int, t: int, causal: bool) -> jax.Array:

@@ -75,12 +75,12 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x, rotary, mask, cached=None):
         """x [B, T, D]; rotary: `rope_tables` of the T positions; cached: None, or this
-        layer's cache buffers and the slot to write, (k, v [B' * KVH, S', Dh], index [] or
+        layer's cache buffers and each row's slot to write, (k, v [B', KVH, S', Dh], index
         [B]; B' >= B rows and S' >= S slots: a view reads the first B rows and S slots).
-        mask: valid [B, T] bool (the real tokens; attention is causal over them,
-        `models.attention.self_attention`) without a cache or with one these T tokens fill
-        (S = T), else [B, 1, 1, T, S] bool (True = attend) over the S cache slots once this
-        call's tokens are written at index..index+T-1.
+        mask: without a cache, valid [B, T] bool (the real tokens; attention is causal over
+        them, `models.attention.self_attention`); with one, [B, 1, 1, T, S] bool (True =
+        attend) over the S cache slots once this call's tokens are written at each row's
+        index..index+T-1 (`kv_cache.attend`: a row's index may follow a reused prefix).
         Returns (out [B, T, D], the updated (k, v) buffers or None).
         """
         c = self.cfg
@@ -91,20 +91,15 @@ class LlamaAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
         q = q.reshape(b, t, c.num_key_value_heads, g, c.head_dim).transpose(0, 2, 3, 1, 4)
         q = rope(q, rotary) * jnp.asarray(c.head_dim**-0.5, q.dtype)
-        k = rope(k.transpose(0, 2, 1, 3), rotary).reshape(-1, t, c.head_dim)
-        v = v.transpose(0, 2, 1, 3).reshape(-1, t, c.head_dim)
+        k = rope(k.transpose(0, 2, 1, 3), rotary)  # [B, KVH, T, Dh]
+        v = v.transpose(0, 2, 1, 3)
         written = None
-        if cached is not None:  # write first, then read the buffers: no copy of the cache
+        if cached is None:  # causal self-attention over these tokens (models/attention.py)
+            out = attention.self_attention(q.reshape(b, -1, t, c.head_dim), k, v, mask, causal=True,
+                                           implementation=self.attention)
+        else:  # write first, then read the buffers (a view: the corner its mask covers): no copy
             written = kv_cache.update(cached, k, v)
-        if mask.ndim == 5:  # over the cache's slots: read the buffers just written (no copy);
-            # a view (`KVCache.view`) reads the corner its mask covers, a whole cache all of it
-            k, v = (buf[:b * c.num_key_value_heads, :mask.shape[-1]] for buf in written)
-            dt = jnp.promote_types(q.dtype, k.dtype)  # a cache wider than the compute dtype sets it
-            out = attention.cached_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask)
-        else:  # mask: the [B, T] real tokens
-            out = attention.self_attention(
-                q.reshape(b, -1, t, c.head_dim), k.reshape(b, -1, t, c.head_dim), v.reshape(b, -1, t, c.head_dim),
-                mask, causal=True, implementation=self.attention)
+            out = kv_cache.attend(q, *written, mask)
         out = out.reshape(b, -1, t, c.head_dim).transpose(0, 2, 1, 3).reshape(b, t, -1)
         out = sharding.constrain(out, ("batch", "length", "act_heads"))
         return self.o_proj(out), written
@@ -210,10 +205,11 @@ class LlamaForCausalLM(nnx.Module):
         row instead ([B, 1, vocab]; the last real token of a right-padded prompt).
 
         Without a cache, attention is causal over these T tokens. With one, the T tokens go to
-        slots `cache.index`.. and attend to every valid slot written before them and to
-        themselves. Returns (logits [B, T, vocab] float32, updated cache or None); with
-        `lm_head=False`, the final normed hidden states [B, T, D] in place of the logits (`head`
-        makes them logits: a train step does, a chunk of positions at a time).
+        each row's slots `cache.index`.. and attend to every valid slot written before them
+        and to themselves; a row's index advances by its real tokens. Returns (logits [B, T,
+        vocab] float32, updated cache or None); with `lm_head=False`, the final normed hidden
+        states [B, T, D] in place of the logits (`head` makes them logits: a train step does,
+        a chunk of positions at a time).
         """
         t = inputs_embeds.shape[1]
         valid = attention_mask.astype(jnp.bool_)
@@ -221,7 +217,7 @@ class LlamaForCausalLM(nnx.Module):
         if cache is not None:  # query j sits in slot index + j: real slots up to its own
             slot_valid, mask = cache.write_mask(valid)  # [B, S], [B, T, S]
             mask = mask[:, None, None]
-        if cache is None or cache.max_len == t:  # no cache, or a prefill filling one from slot 0:
+        else:
             mask = valid  # causal self-attention over these tokens (models/attention.py)
         c = self.config  # tables reach every position this call can hold, as HF's rope does
         rotary = rope_tables(positions, c.rope_theta, c.head_dim,
@@ -239,7 +235,7 @@ class LlamaForCausalLM(nnx.Module):
             x = x[:, -1:]
         x = self.model.norm(x)
         logits = self.head(x) if lm_head else x
-        if cache is not None:
+        if cache is not None:  # a row advances by its real tokens: padding and idle rows stay
             cache = KVCache(k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv),
-                            mask=slot_valid, index=cache.index + t)
+                            mask=slot_valid, index=cache.index + valid.sum(-1, dtype=jnp.int32))
         return logits, cache

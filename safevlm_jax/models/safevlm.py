@@ -43,17 +43,21 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
 
 
 def merge_image_embeddings(text_embeds: jax.Array, input_ids: jax.Array, image_embeds: jax.Array,
-                           image_token_index: int) -> jax.Array:
+                           image_token_index: int, first: jax.Array | None = None) -> jax.Array:
     """Puts image embeddings at the `<image>` positions, in order (HF's `masked_scatter`).
 
     text_embeds [B, T, d]; input_ids [B, T]; image_embeds [num_images, n_tok, d], consumed in
-    row-major order of the image positions over the whole batch. A gather, not a scatter,
-    so it shards over the batch and has a cheap transpose.
+    row-major order of the image positions over the whole batch, or, given `first` [B], from
+    row b's own flat index first[b] on (a prompt prefilled in chunks: a chunk may start inside
+    its image). A gather, not a scatter, so it shards over the batch and has a cheap transpose.
     """
     is_image = input_ids == image_token_index
     flat = image_embeds.reshape(-1, image_embeds.shape[-1])
-    order = jnp.cumsum(is_image.reshape(-1).astype(jnp.int32)) - 1
-    gathered = jnp.take(flat, jnp.clip(order, 0, flat.shape[0] - 1), axis=0)
+    if first is None:
+        order = jnp.cumsum(is_image.reshape(-1).astype(jnp.int32)) - 1
+    else:
+        order = first[:, None] + jnp.cumsum(is_image.astype(jnp.int32), axis=1) - 1
+    gathered = jnp.take(flat, jnp.clip(order.reshape(-1), 0, flat.shape[0] - 1), axis=0)
     gathered = gathered.reshape(text_embeds.shape).astype(text_embeds.dtype)
     return jnp.where(is_image[..., None], gathered, text_embeds)
 
@@ -142,15 +146,16 @@ class SafeVLM(SafetyVerdict):
         return sharding.constrain(emb, ("batch", "length", "embed"))
 
     def input_embeddings(self, input_ids: jax.Array, features: jax.Array | None,
-                         use_safety: bool = True) -> jax.Array:
+                         use_safety: bool = True, image_first: jax.Array | None = None) -> jax.Array:
         """The LLM's inputs [B, T, d]: text embeddings of input_ids [B, T] (each `<image>`
         expanded to `num_image_tokens(use_safety)` image ids) with `image_embeddings` of the
-        CLIP features [num_images, N, C] (or None: text only) at the image positions."""
+        CLIP features [num_images, N, C] (or None: text only) at the image positions
+        (`merge_image_embeddings`, `first=image_first`)."""
         embeds = self.embed_text(input_ids)
         if features is None:
             return embeds
         return merge_image_embeddings(embeds, input_ids, self.image_embeddings(features, use_safety),
-                                      self.config.image_token_index)
+                                      self.config.image_token_index, image_first)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None,
                  attention_mask: jax.Array, positions: jax.Array | None = None,

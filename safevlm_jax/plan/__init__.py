@@ -75,15 +75,8 @@ class Plan:
 _OUT_OF_HBM = re.compile(r"RESOURCE_EXHAUSTED: .*HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """'fsdp=64' / 'data=2,fsdp=4' -> {'fsdp': 64} / {'data': 2, 'fsdp': 4}."""
-    try:
-        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part)}
-    except ValueError as e:
-        raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE[,AXIS=SIZE...]") from e
-
-
-SERVING_MESH, SERVING_RULES = {"tensor": -1}, "tensor"  # serving: weights split by heads / MLP
+# serving: weights split by heads and MLP, the KV cache by kv heads (`sharding.RULE_SETS`)
+SERVING_MESH, SERVING_RULES = {"tensor": -1}, "inference"
 
 
 def make_plan(cfg, target: Target, program: str = "train", mesh_shape: dict[str, int] | None = None,
@@ -93,7 +86,7 @@ def make_plan(cfg, target: Target, program: str = "train", mesh_shape: dict[str,
     mesh_shape / rules default to the config's for `train`, to tensor parallelism over every
     chip for the serving programs. `batch`: encode's images (default: one per chip);
     `length`: prefill's prompt bucket (default: the config's max_length); `slots` x `max_len`:
-    the serving cache."""
+    the decode state's rows and cache slots."""
     if program not in programs.PROGRAMS:
         raise ValueError(f"--program {program!r}: expected one of {programs.PROGRAMS}")
     train = program == "train"
@@ -106,7 +99,7 @@ def make_plan(cfg, target: Target, program: str = "train", mesh_shape: dict[str,
     elif program == "encode":
         built = programs.encode(cfg, mesh, rules, batch or mesh.size)
     elif program == "prefill":
-        built = programs.prefill(cfg, mesh, rules, length or cfg.data.max_length, slots, max_len)
+        built = programs.prefill(cfg, mesh, rules, length or cfg.data.max_length)
     else:
         built = programs.decode(cfg, mesh, rules, slots, max_len)
     chip = target.chip

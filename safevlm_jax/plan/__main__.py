@@ -16,24 +16,25 @@ from absl import flags
 from ml_collections import config_flags
 
 from safevlm_jax import cli
-from safevlm_jax.plan import format_plan, make_plan, parse_mesh, programs, targets
+from safevlm_jax.plan import format_plan, make_plan, programs, targets
+from safevlm_jax.sharding import parse_mesh
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config FILE.py:PRESET", flag_values=FLAGS)
 _TARGET = flags.DEFINE_string("target", "cpu:8", "v5e-8, v5p-64, v6e-8, a topology such as v5e:2x4, or cpu:N",
                               flag_values=FLAGS)
 _PROGRAM = flags.DEFINE_enum("program", "train", programs.PROGRAMS, "what to compile", flag_values=FLAGS)
-_MESH = flags.DEFINE_string("mesh", "", "mesh axes, e.g. fsdp=8 or data=2,fsdp=4 (default: the config's for "
-                            "train, tensor=-1 for serving)", flag_values=FLAGS)
-_RULES = flags.DEFINE_string("rules", "", "rule set (default: the config's for train, tensor for serving)",
+_MESH = flags.DEFINE_string("mesh", "", "mesh axes, e.g. fsdp=8, data=2,fsdp=4 or tensor=4 (default: the "
+                            "config's for train, tensor=-1 for serving)", flag_values=FLAGS)
+_RULES = flags.DEFINE_string("rules", "", "rule set (default: the config's for train, inference for serving)",
                              flag_values=FLAGS)
 _HBM = flags.DEFINE_float("hbm_gib", None, "memory per chip to check against (default: the chip's HBM)",
                           flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch", None, "encode: images (default: one per chip)", flag_values=FLAGS)
 _LENGTH = flags.DEFINE_integer("length", None, "prefill: the prompt bucket (default: the config's max_length)",
                                flag_values=FLAGS)
-_SLOTS = flags.DEFINE_integer("slots", 8, "prefill/decode: rows of the serving KV cache", flag_values=FLAGS)
-_MAX_LEN = flags.DEFINE_integer("max_len", 4096, "prefill/decode: slots per row of the KV cache", flag_values=FLAGS)
+_SLOTS = flags.DEFINE_integer("slots", 8, "decode: rows of the decode state (the batch)", flag_values=FLAGS)
+_MAX_LEN = flags.DEFINE_integer("max_len", 4096, "decode: cache slots per row", flag_values=FLAGS)
 flags.mark_flag_as_required("config", flag_values=FLAGS)
 
 

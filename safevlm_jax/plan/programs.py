@@ -1,15 +1,16 @@
 """The programs a plan compiles, from abstract inputs with their shardings (nothing allocated).
 
     train    the train step (`train.step`): state + one global batch, `accumulation` microbatches
-    encode   the image encode + safety verdict of a batch (`inference.decode.encode`)
-    prefill  one prompt of a length bucket into a row of the serving KV cache (`inference.slots.prefill`)
-    decode   one decode step of every row of that cache (`inference.slots.decode_step`)
+    encode   the image encode + safety verdict of a batch (`inference.programs.verdict_program`)
+    prefill  one prompt of a length bucket into a prefix cache (`inference.programs.prefill_program`)
+    decode   one decode step of every row of a DecodeState (`inference.programs.step_program`)
 
 Each is lowered under `sharding.use_rules(mesh, rules)` (activation constraints and splash
 attention's `shard_map` follow the rules) and compiled for the mesh's devices: compile-only
 TPU devices give the TPU compiler's program. The serving programs read the model in its
-compute dtype (bf16 weights at 7B) and a KV cache of `inference.decode.cache_dtype` for the
-mesh's platform; the cache has no logical axes yet, so it is replicated.
+compute dtype (bf16 weights at 7B) and a KV cache of `inference.state.cache_dtype` for the
+mesh's platform, placed by its logical axes (rows over `data`, kv heads over `tensor` under
+the `inference` rules).
 """
 
 from __future__ import annotations
@@ -111,66 +112,60 @@ def _model_state(mcfg: ModelConfig, mesh: Mesh, rules: str, fallback: str):
 
 
 def encode(cfg, mesh: Mesh, rules: str, batch: int) -> Program:
-    """CLIP features and the safety verdict of `batch` images."""
-    from safevlm_jax.inference import decode
+    """CLIP features and the safety verdict of `batch` images (`verdict_program`)."""
+    from safevlm_jax.inference import programs
 
     mcfg = serving_model(cfg)
     graphdef, state = _model_state(mcfg, mesh, rules, cfg.sharding_fallback)
     size = mcfg.vision.image_size
     pixels = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=sharding.data_sharding(mesh, rules, 4))
-    first = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.data_sharding(mesh, rules, 1))
-    with sharding.use_rules(mesh, rules, cfg.sharding_fallback):
-        lowered = decode.encode.lower(graphdef, state, pixels, first, use_safety=True)
+    query = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.data_sharding(mesh, rules, 1))
+    lowered = programs.verdict_program.lower(graphdef, state, pixels, query, verdict=True, mesh=mesh, rules=rules)
     flops = analytic.vision_forward(mcfg, batch)
     return Program(lowered, {"params": per_device_bytes(state), "images": per_device_bytes(pixels)},
                    flops, flops, f"{batch} images of {size} px")
 
 
-def _serving_inputs(cfg, mesh: Mesh, rules: str, slots: int, max_len: int):
-    from safevlm_jax.inference import decode
+def _placed(tree, mesh: Mesh, rules):
+    """Abstract arrays of a DecodeState / KVCache placed by their logical axes."""
+    return _with(tree, sharding.array_shardings(tree, tree.logical_axes(), mesh, rules, type(tree).__name__))
+
+
+def prefill(cfg, mesh: Mesh, rules: str, length: int) -> Program:
+    """One prompt of `length` tokens (a bucket) with its image into an empty one-row prefix
+    cache of `length` slots (`prefill_program`; `insert_program` then copies it into a row)."""
+    from safevlm_jax.inference import programs
+    from safevlm_jax.inference.sampling import RowSampling
+    from safevlm_jax.inference.state import empty_cache
 
     mcfg = serving_model(cfg)
     graphdef, state = _model_state(mcfg, mesh, rules, cfg.sharding_fallback)
     platform = mesh.devices.flat[0].platform
-    cache = _replicated(mesh, jax.eval_shape(lambda: decode.new_cache(mcfg, slots, max_len, per_row=True,
-                                                                       platform=platform)))
-    return mcfg, graphdef, state, cache
-
-
-def _rule(mesh: Mesh, rows: int):
-    from safevlm_jax.inference.sampling import PerRow
-
-    return _replicated(mesh, PerRow(jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.int32),
-                                    jax.ShapeDtypeStruct((rows,), jnp.float32)))
-
-
-def prefill(cfg, mesh: Mesh, rules: str, length: int, slots: int, max_len: int) -> Program:
-    """One prompt of `length` tokens (a bucket) with its image into a row of a `slots` x
-    `max_len` cache."""
-    from safevlm_jax.inference import slots as programs
-
-    mcfg, graphdef, state, cache = _serving_inputs(cfg, mesh, rules, slots, max_len)
+    prefix = _placed(jax.eval_shape(lambda: empty_cache(mcfg, 1, length, False, platform)), mesh,
+                     sharding.without(rules, programs.ROWS))  # a prompt's rows stay whole, as the runner's
     rep = lambda shape, dtype: _replicated(mesh, jax.ShapeDtypeStruct(shape, dtype))  # noqa: E731
-    features = rep((1, mcfg.num_image_features, mcfg.vision.hidden_size), mcfg.compute_dtype)
-    with sharding.use_rules(mesh, rules, cfg.sharding_fallback):
-        lowered = programs.prefill.lower(
-            graphdef, state, cache, rep((1, length), jnp.int32), rep((), jnp.int32), features, rep((), jnp.int32),
-            _rule(mesh, 1), rep((1,), jnp.uint32), rep((1,), jnp.int32), use_safety=True)
+    features = (rep((1, mcfg.num_image_features, mcfg.vision.hidden_size), mcfg.compute_dtype),)
+    sampling = _replicated(mesh, jax.eval_shape(lambda: jax.tree.map(jnp.asarray, RowSampling.greedy(1))))
+    lowered = programs.prefill_program.lower(graphdef, state, prefix, rep((1, length), jnp.int32),
+                                             rep((1,), jnp.int32), rep((1,), jnp.int32), features, sampling,
+                                             use_safety=True, mesh=mesh, rules=rules)
     flops = analytic.llm_forward(mcfg, 1, length, (length + 1) / 2, 1)
-    return Program(lowered, {"params": per_device_bytes(state), "kv cache": per_device_bytes(cache)},
-                   flops, flops, f"1 prompt of {length} tokens into a {slots} x {max_len} cache")
+    return Program(lowered, {"params": per_device_bytes(state), "kv cache": per_device_bytes(prefix)},
+                   flops, flops, f"1 prompt of {length} tokens into a {length}-slot prefix cache")
 
 
 def decode(cfg, mesh: Mesh, rules: str, slots: int, max_len: int) -> Program:
-    """One token for every row of a `slots` x `max_len` cache, each reading all its slots."""
-    from safevlm_jax.inference import slots as programs
+    """One decode step (`step_program`) of a `slots`-row DecodeState of `max_len` cache
+    slots, every row reading all of them."""
+    from safevlm_jax.inference import programs
+    from safevlm_jax.inference.state import new_state
 
-    mcfg, graphdef, state, cache = _serving_inputs(cfg, mesh, rules, slots, max_len)
-    rep = lambda dtype: _replicated(mesh, jax.ShapeDtypeStruct((slots,), dtype))  # noqa: E731
-    with sharding.use_rules(mesh, rules, cfg.sharding_fallback):
-        lowered = programs.decode_step.lower(
-            graphdef, state, cache, rep(jnp.int32), rep(jnp.bool_), _rule(mesh, slots), rep(jnp.uint32),
-            rep(jnp.int32), rows=slots, length=max_len)
+    mcfg = serving_model(cfg)
+    graphdef, state = _model_state(mcfg, mesh, rules, cfg.sharding_fallback)
+    decode_state = _placed(jax.eval_shape(lambda: new_state(mcfg, slots, max_len, mesh, rules)), mesh, rules)
+    eos = _replicated(mesh, jax.ShapeDtypeStruct((), jnp.int32))
+    lowered = programs.step_program.lower(graphdef, state, decode_state, eos, rows=slots, length=max_len,
+                                          mesh=mesh, rules=rules)
     flops = analytic.llm_forward(mcfg, slots, 1, max_len, 1)
-    return Program(lowered, {"params": per_device_bytes(state), "kv cache": per_device_bytes(cache)},
+    return Program(lowered, {"params": per_device_bytes(state), "kv cache": per_device_bytes(decode_state.cache)},
                    flops, flops, f"1 token for each of {slots} rows of a {max_len}-slot cache")

@@ -1,6 +1,7 @@
 """Generation prompts as token ids, with the conditional safety hint inserted by the program.
 
     ids = PromptBuilder(tokenizer, num_image_tokens, template).build(question, verdict.hint)
+    ids = builder.build(Conversation(turns, system), hint)     # several turns, own system text
 
 The hint goes into the user turn after the question, introduced by `Safe Hint:`, as the
 template's `hinted_turn` writes it (v1: `... USER: [IMG]\\n{question} Safe Hint: {hint}
@@ -14,11 +15,37 @@ The ids are exactly the ones the data pipeline (`TextEncoder.encode_prompt`) and
 
 from __future__ import annotations
 
+import dataclasses
+
 from safevlm_jax.data.records import HUMAN, Turn
 from safevlm_jax.data.template import ALIASES, TEMPLATES as _TEMPLATES, ConversationTemplate, TextEncoder
 from safevlm_jax.safety.hints import HintConfig
 
 TEMPLATES = tuple(sorted({*_TEMPLATES, *ALIASES}))  # the names a `--template` flag accepts
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    """The text of a generation prompt: turns alternating user (`HUMAN`) and assistant from a
+    user turn and ending with one (the question to answer); system: the system text, None for
+    the template's own. All of it untrusted plain text."""
+
+    turns: tuple[Turn, ...]
+    system: str | None = None
+
+    @classmethod
+    def of(cls, question: str) -> "Conversation":
+        """One question."""
+        return cls((Turn(HUMAN, question),))
+
+
+def query_id(tokenizer) -> int:
+    """The safety head's query token: the first token of every prompt (BOS; the verdict reads
+    the image and this token's embedding only, docs/safety_modules.md)."""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} adds no BOS, the safety head's query token")
+    return ids[0]
 
 
 class PromptBuilder:
@@ -35,8 +62,15 @@ class PromptBuilder:
     def template(self) -> ConversationTemplate:
         return self.encoder.template
 
-    def build(self, question: str, hint: str | None = None) -> list[int]:
-        """Token ids of the prompt; `question` is untrusted plain text, `hint` ours (the hint
-        config's prefix goes in front of it)."""
+    def build(self, conversation: Conversation | str, hint: str | None = None, image: bool = True) -> list[int]:
+        """Token ids of the prompt for a conversation (or one question), with the image
+        positions (`image`) and the hint (ours; the hint config's prefix goes in front of it)."""
+        if isinstance(conversation, str):
+            conversation = Conversation.of(conversation)
         hinted = None if hint is None else f"{self.hints.prefix} {hint}"
-        return self.encoder.encode_prompt([Turn(HUMAN, question)], hint=hinted).tolist()
+        return self.encoder.encode_prompt(conversation.turns, image, hinted, conversation.system).tolist()
+
+    @property
+    def query_id(self) -> int:
+        """The safety head's query token (`query_id`): every prompt built here starts with it."""
+        return query_id(self.tokenizer)

@@ -1,12 +1,13 @@
 """Serve SafeVLM over HTTP: OpenAI's chat and moderation API, metrics and a web demo.
 
     python -m safevlm_jax.serve [--checkpoint CKPT] [--host 127.0.0.1] [--port 8000]
-                                [--slots 8] [--policy FILE] [--api_key KEY]
+                                [--slots 8] [--policy FILE] [--api_key KEY] [--mesh tensor=4]
 
 Without --checkpoint it serves the shipped demo model (as `safevlm_jax.sample`). `--port 0`
-takes a free port. Once warmed up (the first requests' programs compiled; --nowarmup skips
-it) it prints `serving http://HOST:PORT` on stderr. SIGTERM or
-Ctrl-C: stop accepting, finish every request in flight, exit 0.
+takes a free port. Once warmed up (every program the engine can run compiled; --nowarmup
+skips it) it prints `serving http://HOST:PORT` on stderr. SIGTERM or Ctrl-C: stop accepting,
+finish every request in flight, exit 0; what is not finished `--drain_timeout_s` after the
+signal is cancelled (each client gets its error) and the process exits all the same.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 
 from absl import flags
 
@@ -41,59 +44,46 @@ flags.DEFINE_integer("max_body_mb", 20, "larger request bodies get 413", lower_b
 flags.DEFINE_integer("max_image_pixels", 25_000_000, "larger images are refused undecoded", lower_bound=1, **F)
 flags.DEFINE_bool("warmup", True, "compile the first requests' programs before serving", **F)
 flags.DEFINE_bool("allow_safety_off", True, "let requests send safety: false (the page's comparison)", **F)
+flags.DEFINE_integer("prefill_chunk", 64, "most prompt tokens prefilled per decode step while others decode",
+                     lower_bound=1, **F)
+flags.DEFINE_integer("prefix_cache_mb", -1, "memory for recent prompts' keys and values, reused by requests "
+                     "that start alike (-1: half the KV cache; 0: none)", lower_bound=-1, **F)
+cli.define_mesh_flag(FLAGS)
+flags.DEFINE_float("drain_timeout_s", 30.0, "after SIGTERM, finish requests for this long, then cancel the rest",
+                   lower_bound=0, **F)
+flags.DEFINE_integer("input_workers", 4, "threads decoding request bodies and images, tokenizing prompts",
+                     lower_bound=1, **F)
 
 
 def build():
-    """Checkpoint -> (started Engine, app, settings); ValueError for bad flags or files."""
-    from safevlm_jax.inference.engine import Engine
-    from safevlm_jax.inference.pipeline import SafeVLMInference
-    from safevlm_jax.safety.hints import HintConfig, load_hints
-    from safevlm_jax.safety.policy import RiskPolicy, load_policy
+    """Checkpoint -> (started and warmed-up Engine, app, settings); ValueError for bad flags or files."""
     from safevlm_jax.checkpoint.demo import resolve_checkpoint
+    from safevlm_jax.inference.engine import Engine
+    from safevlm_jax.safety.hints import load_hints
+    from safevlm_jax.safety.policy import load_policy
     from safevlm_jax.serve.app import ServeSettings, create_app
 
     checkpoint = resolve_checkpoint(FLAGS.checkpoint)
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
         raise ValueError(f"--checkpoint {checkpoint}: not a checkpoint directory (no config.json)")
-    policy = load_policy(FLAGS.policy) if FLAGS.policy else RiskPolicy()
-    hints = load_hints(FLAGS.hints) if FLAGS.hints else HintConfig()
-    inference = SafeVLMInference.from_checkpoint(checkpoint, template=FLAGS.template, hints=hints,
-                                                 policy=policy)
+    engine = Engine.from_checkpoint(
+        checkpoint, template=FLAGS.template, hints=load_hints(FLAGS.hints) if FLAGS.hints else None,
+        policy=load_policy(FLAGS.policy) if FLAGS.policy else None, mesh=cli.mesh_flag(FLAGS), slots=FLAGS.slots,
+        max_queue=FLAGS.max_queue, max_length=FLAGS.max_length or None, prefill_chunk=FLAGS.prefill_chunk,
+        prefix_cache_bytes=None if FLAGS.prefix_cache_mb < 0 else FLAGS.prefix_cache_mb << 20)
     settings = ServeSettings(
         model_name=FLAGS.model_name or os.path.basename(os.path.normpath(checkpoint)),
         api_key=FLAGS.api_key, max_body_bytes=FLAGS.max_body_mb * 2**20,
         max_image_pixels=FLAGS.max_image_pixels, default_max_tokens=FLAGS.max_tokens,
-        allow_safety_off=FLAGS.allow_safety_off)
-    engine = Engine(inference, slots=FLAGS.slots, max_queue=FLAGS.max_queue,
-                    max_length=FLAGS.max_length or None)
+        allow_safety_off=FLAGS.allow_safety_off, input_workers=FLAGS.input_workers)
     engine.start()
     if FLAGS.warmup:
-        warm_up(engine)
-    return engine, create_app(engine, inference, settings), settings
+        engine.warm_up()
+    return engine, create_app(engine, settings), settings
 
-
-def warm_up(engine) -> None:
-    """Compiles what the first requests would need, through the engine's public calls: the
-    decode step at every (rows, length) bucket, the verdict program at every batch bucket
-    (`moderate` runs the same one) and a prefill with an image, safety on and off."""
-    import numpy as np
-
-    from safevlm_jax.inference.buckets import bucket
-    from safevlm_jax.inference.engine import EngineRequest
-
-    size = engine.config.vision.image_size
-    blank = np.zeros((size, size, 3), np.float32)
-    engine.compile_decode_steps()
-    safety = [True, False] if engine.inference.model.has_safety else [False]
-    if True in safety:
-        # a verdict batch holds 1..slots images, padded to the decoder's batch buckets
-        for n in sorted({bucket(n, engine.decoder.batch_buckets) for n in range(1, engine.slots + 1)}):
-            engine.moderate(np.stack([blank] * n))
-    for s in safety:
-        engine.submit(EngineRequest(blank, "What is shown?", max_tokens=2, safety=s)).wait()
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket (bound here so that --port 0 can report its port)."""
+    """A bound socket (here, so that --port 0 can report its port)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -104,25 +94,55 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def serve(application, sock: socket.socket, engine, drain_timeout_s: float, grace_s: float = 2.0) -> None:
+    """uvicorn on `sock` until SIGTERM/SIGINT, with a deadline on the drain: `drain_timeout_s`
+    after the first signal the engine cancels what it still holds (each waiting client gets
+    its error, so the connections close) and uvicorn cancels a handler still running
+    `grace_s` later; returns within about `drain_timeout_s` + `grace_s` of the signal."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(application, log_level="warning", access_log=False, timeout_keep_alive=5,
+                                           timeout_graceful_shutdown=drain_timeout_s + grace_s))
+    deadline = []
+
+    def on_signal(sig, frame):
+        if not deadline:
+            deadline.append(time.monotonic() + drain_timeout_s)
+            timer = threading.Timer(drain_timeout_s, engine.shutdown, kwargs={"drain": False, "timeout": 0})
+            timer.daemon = True
+            timer.start()
+        uvicorn_exit(sig, frame)
+
+    uvicorn_exit, server.handle_exit = server.handle_exit, on_signal  # what uvicorn installs
+    try:
+        server.run(sockets=[sock])
+    finally:
+        end = deadline[0] if deadline else time.monotonic() + drain_timeout_s
+        engine.shutdown(drain=True, timeout=max(0.0, end - time.monotonic()))
+        stats = engine.stats()
+        if stats.running:  # past the deadline
+            left = stats.accepted - sum(stats.finished.values())
+            print(f"cancelling {left} request(s) still running {drain_timeout_s} s after the signal",
+                  file=sys.stderr, flush=True)
+            engine.shutdown(drain=False, timeout=grace_s)
+
+
 def run(argv) -> None:
     """The command, after flag parsing (ValueError/OSError: one `error:` line, exit 2)."""
     del argv
-    import uvicorn
+    from safevlm_jax.serve import memory
 
+    memory.keep_large_buffers_mapped()
     sock = bind(FLAGS.host, FLAGS.port)
     engine, application, _ = build()
-    server = uvicorn.Server(uvicorn.Config(application, log_level="warning", access_log=False,
-                                           timeout_keep_alive=5))
     # uvicorn re-raises the signal that stopped it once it has drained; with these handlers
     # that re-raise returns here, so the engine drains too and the exit status is 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    sock.listen(2048)  # from here a connection waits in the backlog until uvicorn accepts it
     host, port = sock.getsockname()[:2]
     print(f"serving http://{host if ':' not in host else f'[{host}]'}:{port}", file=sys.stderr, flush=True)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        engine.shutdown(drain=True)
+    serve(application, sock, engine, FLAGS.drain_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """The HTTP app: OpenAI's chat and moderation endpoints over a running `Engine`.
 
-    app = create_app(engine, inference, ServeSettings(model_name="demo"))
+    app = create_app(engine, ServeSettings(model_name="demo"))
     uvicorn.run(app, host="127.0.0.1", port=8000)      # or `python -m safevlm_jax.serve`
 
 Each accepted chat request is one `engine.submit`; the engine's events (verdict, text deltas,
@@ -9,14 +9,20 @@ server-sent events. Every accepted request gets exactly one answer or one error;
 goes away is noticed (Starlette's disconnect listener for streams, a watcher on `receive` for
 plain answers) and its request cancelled, which frees its slot. The app does not own the
 engine: whoever starts it shuts it down after the server has finished its requests.
+
+The event loop only moves bytes: decoding a body (`bodies.decode_json`, `schemas`), an image
+(`media.load`) and tokenizing a prompt (`engine.submit`) run in a pool of `input_workers`
+threads, so `/health` and every stream keep answering while large or hostile requests are
+worked on. `/openapi.json` is the schema of every route, its request bodies from `schemas`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import hmac
-import json
 import os
 import secrets
 import time
@@ -24,18 +30,21 @@ import time
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 from safevlm_jax.inference.engine import EngineClosed, EngineRequest, QueueFull
-from safevlm_jax.inference.errors import BadRequest
+from safevlm_jax.inference.errors import CONTEXT_LENGTH, BadRequest
 from safevlm_jax.safety.taxonomy import RISK_LEVELS, RISK_TYPES
 from safevlm_jax.serve import media, responses
 from safevlm_jax.serve.answers import Answer
+from safevlm_jax.serve.bodies import decode_json, read_body
 from safevlm_jax.serve.errors import APIError, bad_request
 from safevlm_jax.serve.metrics import Metrics
-from safevlm_jax.serve.schemas import ChatInput, ImageRef, parse_chat, parse_moderation
+from safevlm_jax.serve.schemas import ChatBody, ChatInput, Limits, ModerationBody, parse_chat, parse_moderation
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")  # the web demo: plain HTML/JS/CSS
 
@@ -45,7 +54,8 @@ class ServeSettings:
     """model_name: the id of `/v1/models` (requests naming another model get 404);
     api_key: required as `Authorization: Bearer KEY` on /v1/* when set;
     max_body_bytes: larger bodies get 413; max_image_pixels: the decompression-bomb limit;
-    default_max_tokens: when a request gives none."""
+    default_max_tokens: when a request gives none; input_workers: threads decoding bodies and
+    images and tokenizing prompts."""
 
     model_name: str = "safevlm"
     api_key: str | None = None
@@ -55,13 +65,23 @@ class ServeSettings:
     allow_safety_off: bool = True
     max_moderation_images: int = 16
     retry_after_s: int = 1
+    input_workers: int = 4
 
 
-def create_app(engine, inference, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """engine: a started `Engine`; inference: its `SafeVLMInference` (for its image settings)."""
-    app = FastAPI(title="safevlm_jax", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """engine: a started `Engine` (its image settings, tokenizer, requests, moderation and counters)."""
+    pool = concurrent.futures.ThreadPoolExecutor(settings.input_workers, thread_name_prefix="safevlm-input")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="safevlm_jax", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.openapi = lambda: _openapi(app)
     metrics = Metrics(engine.stats)
-    images = dataclasses.replace(inference.images, max_pixels=settings.max_image_pixels)
+    images = dataclasses.replace(engine.images, max_pixels=settings.max_image_pixels)
+    limits = Limits(engine.config.text.vocab_size, engine.max_prompt_chars)
     app.state.metrics = metrics
     app.add_middleware(_CountRequests, metrics=metrics)
 
@@ -91,23 +111,29 @@ def create_app(engine, inference, settings: ServeSettings = ServeSettings()) -> 
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{settings.model_name!r}", param="model", code="model_not_found")
 
-    async def load(ref: ImageRef) -> np.ndarray:
-        data = media.data_url_bytes(ref.url, ref.param)
-        return await run_in_threadpool(media.pixel_values, data, images, ref.param)
+    async def work(fn, *args):
+        """fn(*args) in the worker pool, off the event loop (its APIError comes back here)."""
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
-    @app.post("/v1/chat/completions")
+    def chat_input(raw: bytes) -> ChatInput:
+        return parse_chat(decode_json(raw, limits.max_separators), limits)
+
+    def moderation_input(raw: bytes):
+        return parse_moderation(decode_json(raw, limits.max_separators), limits, settings.max_moderation_images)
+
+    @app.post("/v1/chat/completions", openapi_extra=_request_body(ChatBody))
     async def chat_completions(request: Request):
         authorize(request)
-        chat = parse_chat(await _read_json(request, settings.max_body_bytes))
+        chat = await work(chat_input, await read_body(request, settings.max_body_bytes))
         check_model(chat.model)
         if not chat.safety and not settings.allow_safety_off:
             raise APIError(403, "this server does not allow safety: false", param="safety",
                            code="safety_required")
-        pixels = await load(chat.image) if chat.image else None
+        pixels = await work(media.load, chat.image, images) if chat.image else None
         answer = Answer(responses.new_id("chatcmpl"), settings.model_name, metrics,
                         asyncio.get_running_loop())
         try:
-            handle = engine.submit(_engine_request(chat, pixels, settings), on_event=answer.put)
+            handle = await work(engine.submit, _engine_request(chat, pixels, settings), answer.put)
         except QueueFull as e:
             raise APIError(503, f"the server is busy ({e})", code="queue_full",
                            headers={"Retry-After": str(settings.retry_after_s)}) from None
@@ -115,7 +141,7 @@ def create_app(engine, inference, settings: ServeSettings = ServeSettings()) -> 
             raise APIError(503, str(e), code="shutting_down",
                            headers={"Retry-After": str(settings.retry_after_s)}) from None
         except BadRequest as e:
-            raise _bad_engine_request(str(e), chat, settings) from None
+            raise _bad_engine_request(e, chat, settings) from None
         if chat.stream:
             # Starlette cancels the stream when the client leaves, but only once it has
             # started; the watcher covers a client that leaves before the first byte.
@@ -125,17 +151,16 @@ def create_app(engine, inference, settings: ServeSettings = ServeSettings()) -> 
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await answer.whole(handle, request)
 
-    @app.post("/v1/moderations")
+    @app.post("/v1/moderations", openapi_extra=_request_body(ModerationBody))
     async def moderations(request: Request):
         authorize(request)
-        mod = parse_moderation(await _read_json(request, settings.max_body_bytes),
-                               settings.max_moderation_images)
+        mod = await work(moderation_input, await read_body(request, settings.max_body_bytes))
         check_model(mod.model)
-        pixels = np.stack([await load(ref) for ref in mod.images])
+        pixels = np.stack([await work(media.load, ref, images) for ref in mod.images])
         try:
             verdicts = await run_in_threadpool(engine.moderate, pixels)
         except BadRequest as e:  # a checkpoint without safety modules
-            raise bad_request(str(e), None, "no_safety_modules") from None
+            raise bad_request(e.message, e.param, e.code) from None
         for v in verdicts:
             metrics.verdict(v)
         return {"id": responses.new_id("modr"), "model": settings.model_name,
@@ -151,13 +176,13 @@ def create_app(engine, inference, settings: ServeSettings = ServeSettings()) -> 
     async def health():
         return {"status": "ok", "model": settings.model_name, "auth": settings.api_key is not None,
                 "safety_off_allowed": settings.allow_safety_off, "risk_levels": RISK_LEVELS,
-                "risk_types": RISK_TYPES, **engine.stats()}
+                "risk_types": RISK_TYPES, **engine.stats().as_dict()}
 
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/")
+    @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(os.path.join(STATIC, "index.html"), headers={"Cache-Control": "no-cache"})
 
@@ -173,34 +198,33 @@ def _engine_request(chat: ChatInput, pixels, settings: ServeSettings) -> EngineR
                          safety=chat.safety)
 
 
-def _bad_engine_request(message: str, chat: ChatInput, settings: ServeSettings) -> APIError:
-    """The engine's refusal (its message names the field, or the context length) as a 400."""
-    if "context length" not in message:
-        return bad_request(message, None)
+def _bad_engine_request(e: BadRequest, chat: ChatInput, settings: ServeSettings) -> APIError:
+    """The engine's refusal as a 400, by its code: a prompt that does not fit the context
+    names max_tokens if the request gave it, else the messages and the server's default."""
+    if e.code != CONTEXT_LENGTH:
+        return bad_request(e.message, e.param, e.code)
     if chat.max_tokens is None:
-        message += (f" (max_tokens was not given: the server's default is "
-                    f"{settings.default_max_tokens}; send a smaller max_tokens)")
-    return bad_request(message, "max_tokens" if chat.max_tokens else "messages", "context_length_exceeded")
+        return bad_request(f"{e.message} (max_tokens was not given: the server's default is "
+                           f"{settings.default_max_tokens}; send a smaller max_tokens)", "messages", e.code)
+    return bad_request(e.message, "max_tokens", e.code)
 
 
-async def _read_json(request: Request, limit: int):
-    """The body as JSON; 413 past `limit` bytes (the rest is read and dropped, up to 8x the
-    limit, so the client can read the answer), 400 if it is not JSON."""
-    length = request.headers.get("content-length", "")
-    too_big = APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-        elif size > 8 * limit or (length.isdigit() and int(length) > 8 * limit):
-            raise too_big
-    if size > limit:
-        raise too_big
-    try:
-        return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise bad_request(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+def _request_body(model) -> dict:
+    """The OpenAPI request body of a handler that reads its body itself (see `_openapi`)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema of the routes, plus the request bodies' models: the handlers read and
+    check their bodies themselves (bounded, in the worker pool), so FastAPI does not see them."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(ChatBody, "validation"), (ModerationBody, "validation")],
+                                     ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class _CountRequests:

@@ -42,3 +42,12 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def param_path(loc) -> str:
+    """A field's place as `param` names it: ('messages', 0, 'content') -> 'messages[0].content'
+    (each name cut at 80 characters: a key can be as long as the body)."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part:.80}" if out else f"{part:.80}")
+    return out

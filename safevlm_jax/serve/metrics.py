@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,9 +26,9 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class Metrics:
-    """`stats()` is the engine's `stats()` dict (queue_depth, active_slots, tokens_generated)."""
+    """`stats()` is the engine's `stats()` (an `EngineStats`: queue_depth, active_slots, ...)."""
 
-    def __init__(self, stats: Callable[[], dict]):
+    def __init__(self, stats: Callable[[], Any]):
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("safevlm_requests", "HTTP answers by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
@@ -54,7 +54,7 @@ class Metrics:
 class _EngineCollector:
     """Reads the engine's `stats()` at each scrape."""
 
-    def __init__(self, stats: Callable[[], dict]):
+    def __init__(self, stats: Callable[[], Any]):
         self.stats = stats
 
     def describe(self):
@@ -63,9 +63,9 @@ class _EngineCollector:
     def collect(self):
         stats = self.stats()
         yield GaugeMetricFamily("safevlm_queue_depth", "requests waiting for a slot",
-                                value=stats["queue_depth"])
-        yield GaugeMetricFamily("safevlm_active_slots", "slots decoding now", value=stats["active_slots"])
+                                value=stats.queue_depth)
+        yield GaugeMetricFamily("safevlm_active_slots", "slots decoding now", value=stats.active_slots)
         yield CounterMetricFamily("safevlm_generated_tokens", "tokens generated",
-                                  value=stats["tokens_generated"])
+                                  value=stats.tokens_generated)
         yield GaugeMetricFamily("safevlm_tokens_per_second", "generated tokens/s over the last 10 s",
-                                value=stats["tokens_per_s"])
+                                value=stats.tokens_per_s)

@@ -1,13 +1,17 @@
 """Request bodies of `/v1/chat/completions` and `/v1/moderations`: OpenAI's format, checked.
 
-    chat = parse_chat(json_body)        # ChatInput, or APIError 400 naming the field
-    moderation = parse_moderation(body) # ModerationInput
+    limits = Limits(vocab_size=32064, max_prompt_chars=65536)   # the served model's
+    chat = parse_chat(json_body, limits)        # ChatInput, or APIError 400 naming the field
+    moderation = parse_moderation(body, limits, max_images=16)
 
-Scalars are checked by pydantic models with `extra="forbid"`, so a misspelt or unknown field
-is named in the error (as OpenAI's API does) instead of being silently ignored. Fields of
-OpenAI's API that this server cannot honour (`n > 1`, `tools`, `logprobs`, `stop`, ...) are
-refused by name unless they carry their neutral value. Messages are parsed by hand, so each
-error names its exact place (`messages[0].content[1].image_url.url`).
+The pydantic models (`ChatBody`, `ModerationBody`) are both the validation and the schema the
+server publishes at `/openapi.json`: `extra="forbid"`, so a misspelt or unknown field is named
+in the error (as OpenAI's API does) instead of being silently ignored, and every string, list
+and number is bounded. What depends on the model is checked against `Limits` (top_k at most
+the vocabulary; a prompt no longer than the context could hold), and prompt + max_tokens
+against the context by the engine. Fields of OpenAI's API that this server cannot honour
+(`n > 1`, `tools`, `logprobs`, `stop`, ...) are refused by name unless they carry their neutral
+value. Every error names its exact place (`messages[0].content[1].image_url.url`).
 
 Conversation shape: one user turn (text parts and at most one image, which the template puts
 first): the prompt templates of SafeVLM have one user turn and their own system text, and the
@@ -20,12 +24,13 @@ verdict or hint; the server may forbid it).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import ConfigDict, Field
 
-from safevlm_jax.serve.errors import bad_request
+from safevlm_jax.inference.requests import MAX_TOKENS, SEEDS
+from safevlm_jax.serve.errors import bad_request, param_path
 
 # field -> the values that mean "not used" (anything else is refused)
 UNSUPPORTED = {"n": (None, 1), "tools": (None, []), "tool_choice": (None, "none"),
@@ -35,10 +40,54 @@ UNSUPPORTED = {"n": (None, 1), "tools": (None, []), "tool_choice": (None, "none"
                "stop": (None, [], ""), "response_format": (None, {"type": "text"}),
                "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
                "reasoning_effort": (None,), "web_search_options": (None,)}
+NAME_CHARS, MAX_PARTS = 256, 64
+# the characters of every bounded string of a body but its prompt: model, user, name, metadata
+FIELD_CHARS = 3 * NAME_CHARS + 16 * (64 + 512) + 4 * MAX_PARTS
+Name = Annotated[str, Field(max_length=NAME_CHARS)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The served model's bounds: top_k <= vocab_size (its logits); a prompt (all text parts)
+    of at most max_prompt_chars characters (`data.tokenizer.max_prompt_chars` of its context)."""
+
+    vocab_size: int
+    max_prompt_chars: int
+
+    @property
+    def max_separators(self) -> int:
+        """The most ',' and ':' bytes a body this server can answer holds: its prompt (each
+        character could be one), its other strings and its structure."""
+        return self.max_prompt_chars + FIELD_CHARS + 1024
 
 
 class _Strict(pydantic.BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str = Field(description="data:image/<type>;base64,<data>: nothing is fetched, no file is read")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+Parts = Annotated[list[Part], Field(min_length=1, max_length=MAX_PARTS)]
+
+
+class UserMessage(_Strict):
+    role: Literal["user"]
+    content: str | Parts = Field(description="text, or text parts and at most one image part")
+    name: Name | None = None
 
 
 class StreamOptions(_Strict):
@@ -46,25 +95,26 @@ class StreamOptions(_Strict):
 
 
 class ChatBody(_Strict):
-    model: str | None = None
-    messages: list[Any] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    model: Name | None = None
+    messages: list[UserMessage] = Field(min_length=1, max_length=1, description="one user turn")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=0, le=MAX_TOKENS, description="0: off; at most the vocabulary")
+    seed: int | None = Field(None, ge=SEEDS[0], le=SEEDS[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
-    safety: bool = True
-    user: str | None = None  # accepted and ignored, as by vLLM
-    metadata: dict[str, str] | None = None
+    safety: bool = Field(True, description="false: plain LLaVA, no verdict or hint")
+    user: Name | None = None  # accepted and ignored, as by vLLM
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = \
+        Field(None, max_length=16)
     store: bool | None = None
 
 
 class ModerationBody(_Strict):
-    model: str | None = None
-    input: str | list[Any]
+    model: Name | None = None
+    input: str | Annotated[list[str | Part], Field(min_length=1, max_length=MAX_PARTS)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,17 +149,24 @@ class ModerationInput:
     texts: list[str]
 
 
-def parse_chat(body: Any) -> ChatInput:
+def parse_chat(body: Any, limits: Limits) -> ChatInput:
     """A decoded JSON body -> ChatInput; APIError 400 naming the field at fault."""
     chat = _validate(ChatBody, _refuse_unsupported(body))
     if chat.max_tokens is not None and chat.max_completion_tokens is not None \
             and chat.max_tokens != chat.max_completion_tokens:
         raise bad_request("give max_tokens or max_completion_tokens, not two different values",
                           "max_completion_tokens")
-    if chat.top_k and chat.top_p not in (None, 1):
-        raise bad_request("choose one of top_k and top_p, not both", "top_k")
-    prompt, image = _one_user_turn(chat.messages)
-    return ChatInput(model=chat.model, prompt=prompt, image=image,
+    if chat.top_k and chat.top_k > limits.vocab_size:
+        raise bad_request(f"top_k must be at most the vocabulary size, {limits.vocab_size}; got {chat.top_k}",
+                          "top_k")
+    content = chat.messages[0].content
+    texts, images = ([content], []) if isinstance(content, str) else _parts(content, "messages[0].content")
+    if len(images) > 1:
+        raise bad_request(f"at most one image per request (the safety verdict is for one image); "
+                          f"got {len(images)}", images[1].param, "too_many_images")
+    prompt = "\n".join(texts)
+    _check_text(prompt, limits, "messages[0].content")
+    return ChatInput(model=chat.model, prompt=prompt, image=images[0] if images else None,
                      max_tokens=chat.max_tokens or chat.max_completion_tokens,
                      temperature=1.0 if chat.temperature is None else chat.temperature,
                      top_p=1.0 if chat.top_p is None else chat.top_p, top_k=chat.top_k or 0,
@@ -118,22 +175,37 @@ def parse_chat(body: Any) -> ChatInput:
                      safety=chat.safety)
 
 
-def parse_moderation(body: Any, max_images: int) -> ModerationInput:
+def parse_moderation(body: Any, limits: Limits, max_images: int) -> ModerationInput:
     """`input` as content parts (text and image_url) -> ModerationInput; at least one image,
     at most `max_images`."""
     mod = _validate(ModerationBody, body)
-    if isinstance(mod.input, str) or all(isinstance(x, str) for x in mod.input):
+    texts, images = _parts([mod.input] if isinstance(mod.input, str) else mod.input, "input")
+    if not images:
         raise bad_request("the safety head judges images: give input as content parts with at least "
                           "one {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:...\"}}; "
                           "text alone does not change its verdict", "input", "image_required")
-    texts, images = _parts(mod.input, "input")
-    if not images:
-        raise bad_request("input has no image_url part; the safety head judges images", "input",
-                          "image_required")
+    _check_text("\n".join(texts), limits, "input")
     if len(images) > max_images:
         raise bad_request(f"at most {max_images} images per moderation request, got {len(images)}",
                           "input", "too_many_images")
     return ModerationInput(mod.model, images, texts)
+
+
+def _parts(parts: list[str | TextPart | ImagePart], where: str) -> tuple[list[str], list[ImageRef]]:
+    """Validated content parts (a string is a text) -> their texts and image references, in order."""
+    texts, images = [], []
+    for i, part in enumerate(parts):
+        if isinstance(part, (str, TextPart)):
+            texts.append(part if isinstance(part, str) else part.text)
+        else:
+            images.append(ImageRef(part.image_url.url, f"{where}[{i}].image_url.url"))
+    return texts, images
+
+
+def _check_text(text: str, limits: Limits, param: str) -> None:
+    if len(text) > limits.max_prompt_chars:  # refused before tokenizing: it could not fit
+        raise bad_request(f"the prompt has {len(text)} characters; the model's context holds at most "
+                          f"{limits.max_prompt_chars}", param, "context_length_exceeded")
 
 
 def _refuse_unsupported(body: Any) -> Any:
@@ -144,7 +216,7 @@ def _refuse_unsupported(body: Any) -> Any:
         if name in body and not _neutral(body[name], neutral):
             shown = ", ".join(repr(v) for v in neutral if v is not None) or "absent"
             raise bad_request(f"{name!r} is not supported by this server (allowed: {shown}; got "
-                              f"{body[name]!r})", name, "unsupported_parameter")
+                              f"{_brief(body[name])})", name, "unsupported_parameter")
     return {k: v for k, v in body.items() if k not in UNSUPPORTED}
 
 
@@ -161,86 +233,54 @@ def _validate(model: type[pydantic.BaseModel], body: Any):
     try:
         return model.model_validate(body)
     except pydantic.ValidationError as e:
-        error = e.errors()[0]
-        param = _param(error["loc"])
-        if error["type"] == "extra_forbidden":
-            raise bad_request(f"unrecognized request argument supplied: {param}", param,
-                              "unknown_parameter") from None
-        if error["type"] == "missing":
-            raise bad_request(f"missing required field {param!r}", param, "missing_required_parameter") from None
-        raise bad_request(f"{param}: {error['msg']} (got {error.get('input')!r:.80})", param) from None
+        # a union reports every branch's error: the deepest names the place best
+        error = max(e.errors(include_url=False), key=lambda err: len(_loc(err["loc"])))
+        raise _refusal(error) from None
 
 
-def _param(loc: tuple) -> str:
-    """('messages', 0, 'content') -> 'messages[0].content'; pydantic's union branch names
-    (e.g. 'list[any]', 'str') are dropped."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif "[" not in part and part not in ("str", "int", "float", "bool"):
-            out += f".{part}" if out else part
-    return out
+def _refusal(error: dict):
+    """pydantic's error -> the APIError 400 naming its field, with OpenAI's codes."""
+    loc, kind, got = _loc(error["loc"]), error["type"], error.get("input")
+    param = param_path(loc)
+    if kind == "extra_forbidden":
+        return bad_request(f"unrecognized request argument supplied: {param}", param, "unknown_parameter")
+    if loc[:1] == ("messages",) and (kind == "too_long" or loc[-1] == "role"):
+        return bad_request("this server answers one user turn: send exactly one message with role 'user' "
+                           "(SafeVLM's prompt template has its own system text)", "messages",
+                           "unsupported_conversation")
+    if kind.startswith("union_tag"):
+        tag = got.get("type") if isinstance(got, dict) else None
+        return bad_request(f"{param}: content part type {_brief(tag)} is not supported; use 'text' or "
+                           f"'image_url'", f"{param}.type", "unsupported_content_type")
+    if "image_url" in loc and kind in ("missing", "string_type", "model_type"):
+        url = f"{param}.url" if loc[-1] == "image_url" else param
+        return bad_request(f"{url}: give the image as {{\"url\": \"data:image/<type>;base64,<data>\"}}", url,
+                           "invalid_image_url")
+    if kind == "missing":
+        return bad_request(f"missing required field {param!r}", param, "missing_required_parameter")
+    return bad_request(f"{param}: {error['msg']} (got {_brief(got)})", param)
 
 
-def _one_user_turn(messages: list) -> tuple[str, ImageRef | None]:
-    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
-    for i, (m, role) in enumerate(zip(messages, roles)):
-        if not isinstance(m, dict):
-            raise bad_request(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
-        extra = sorted(set(m) - {"role", "content", "name"})
-        if extra:
-            raise bad_request(f"messages[{i}]: unsupported field(s) {extra}", f"messages[{i}].{extra[0]}",
-                              "unsupported_parameter")
-        if role not in ("system", "developer", "user", "assistant", "tool"):
-            raise bad_request(f"messages[{i}].role must be one of system, user, assistant; got {role!r}",
-                              f"messages[{i}].role")
-    if roles != ["user"]:
-        raise bad_request(f"this server answers one user turn: send exactly one message with role "
-                          f"'user' (SafeVLM's prompt template has its own system text); got roles "
-                          f"{roles}", "messages", "unsupported_conversation")
-    content = messages[0].get("content")
-    if isinstance(content, str):
-        return content, None
-    if not isinstance(content, list) or not content:
-        raise bad_request("messages[0].content must be a string or a non-empty list of content parts",
-                          "messages[0].content")
-    texts, images = _parts(content, "messages[0].content")
-    if len(images) > 1:
-        raise bad_request(f"at most one image per request (the safety verdict is for one image); "
-                          f"got {len(images)}", images[1].param, "too_many_images")
-    return "\n".join(texts), images[0] if images else None
+def _loc(loc: tuple) -> tuple:
+    """pydantic's error location without its union branch labels ('str', 'list[...]') and the
+    tag that follows a content part's index ((..., 0, 'text', 'text') -> (..., 0, 'text'))."""
+    out, tag_seen = [], False
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool")):
+            continue
+        in_part = len(out) >= 2 and isinstance(out[-1], int) and out[-2] in ("content", "input")
+        if in_part and not tag_seen and part in ("text", "image_url") and i + 1 < len(loc):
+            tag_seen = True
+            continue
+        out.append(part)
+    return tuple(out)
 
 
-def _parts(parts: list, where: str) -> tuple[list[str], list[ImageRef]]:
-    """Content parts -> their texts and image references, in order."""
-    texts, images = [], []
-    for i, part in enumerate(parts):
-        at = f"{where}[{i}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            _keys(part, {"type", "text"}, at)
-            if not isinstance(part.get("text"), str):
-                raise bad_request(f"{at}.text must be a string", f"{at}.text")
-            texts.append(part["text"])
-        elif kind == "image_url":
-            _keys(part, {"type", "image_url"}, at)
-            ref = part.get("image_url")
-            if isinstance(ref, dict):
-                _keys(ref, {"url", "detail"}, f"{at}.image_url")
-                ref = ref.get("url")
-            if not isinstance(ref, str) or not ref:
-                raise bad_request(f"{at}.image_url.url is missing; give a data:image/...;base64 URL",
-                                  f"{at}.image_url.url", "invalid_image_url")
-            images.append(ImageRef(ref, f"{at}.image_url.url"))
-        else:
-            raise bad_request(f"{at}: content part type {kind!r} is not supported; use 'text' or "
-                              f"'image_url'", f"{at}.type", "unsupported_content_type")
-    return texts, images
-
-
-def _keys(obj: dict, allowed: set[str], at: str) -> None:
-    extra = sorted(set(obj) - allowed)
-    if extra:
-        raise bad_request(f"{at}: unrecognized field(s) {extra}", f"{at}.{extra[0]}", "unknown_parameter")
-
+def _brief(value: Any) -> str:
+    """A value for an error message, at most ~80 characters, whatever its size."""
+    if isinstance(value, str):
+        return repr(value[:80]) + ("..." if len(value) > 80 else "")
+    if isinstance(value, int) and abs(value) >= 10**20:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value) if not isinstance(value, (list, dict)) or len(value) < 20 else type(value).__name__
+    return text[:80]

@@ -1,14 +1,13 @@
 """Synthetic SafeVLM data whose risk labels are visible in the image.
 
-  python -m safevlm_jax.data.synthetic --out DIR --n N --seed S
-
-writes `DIR/data.json` (SafeVLM records, docs/architecture.md) and `DIR/images/*.png`. Each image
-is a noisy background with one shape: the shape gives the risk level (circle 0, triangle 1, square
-2, cross 3), the colour and a glyph letter give the risk type (green "C" = 6 clean; six other
-colours/letters for types 0-5). Level 0 goes with type 6. Answers follow the labels: a
-description for clean images, a cautious answer for levels 1-2, and a refusal starting
-"I'm sorry, but I can't" for level 3. Ids contain the seed, so different seeds never share
-an id, and the same seed reproduces the same files byte for byte.
+`generate(out_dir, n, seed)` writes `out_dir/data.json` (SafeVLM records, docs/architecture.md)
+and `out_dir/images/*.png`; `python -m safevlm_jax.data.synthetic --out DIR --n N --seed S`
+(`__main__.py`) is its command line. Each image is a noisy background with one shape: the shape
+gives the risk level (circle 0, triangle 1, square 2, cross 3), the colour and a glyph letter
+give the risk type (green "C" = 6 clean; six other colours/letters for types 0-5). Level 0 goes
+with type 6. Answers follow the labels: a description for clean images, a cautious answer for
+levels 1-2, and a refusal starting "I'm sorry, but I can't" for level 3. Ids contain the seed,
+so different seeds never share an id, and the same seed reproduces the same files byte for byte.
 """
 
 from __future__ import annotations
@@ -18,10 +17,8 @@ import json
 import os
 
 import numpy as np
-from absl import flags
 from PIL import Image, ImageDraw
 
-from safevlm_jax import cli
 from safevlm_jax.safety.taxonomy import RISK_TYPES
 
 SHAPES = ("circle", "triangle", "square", "cross")  # by level
@@ -110,24 +107,3 @@ def write_data_json(out_dir: str, records: list[dict]) -> str:
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
     return path
-
-
-FLAGS = flags.FlagValues()
-flags.DEFINE_string("out", None, "output directory", required=True, flag_values=FLAGS)
-flags.DEFINE_integer("n", None, "number of examples", required=True, flag_values=FLAGS)
-flags.DEFINE_integer("seed", 0, "random seed (part of every id)", flag_values=FLAGS)
-flags.DEFINE_integer("image_size", 64, "image side in pixels", flag_values=FLAGS)
-
-
-def _main(argv) -> None:
-    del argv
-    print(generate(FLAGS.out, FLAGS.n, FLAGS.seed, FLAGS.image_size))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The command line (see the module docstring); `argv`: the flags (default: sys.argv)."""
-    cli.run(_main, FLAGS, argv)
-
-
-if __name__ == "__main__":
-    main()

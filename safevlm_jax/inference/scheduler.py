@@ -1,0 +1,282 @@
+"""The engine's host bookkeeping (vLLM v1's scheduler): a queue, admission through the safety
+gate, a row of the decode state per request, stop conditions, cancellation, typed events and
+counters. No device, no JAX: the engine runs the device programs a `Plan` asks for and hands
+their outputs back.
+
+    plan = scheduler.schedule()              # release, verdicts, one prefill chunk, decode
+    out = scheduler.verdicts_done(plan.verdict, verdicts, features)      # admission
+    out += scheduler.prefilled(seq, upto, token)                          # token: the last chunk's
+    out += scheduler.stepped(tokens, done)                                # a decode step's rows
+    for seq, event in out: ...                                            # to the request's caller
+
+A request: WAITING (in the queue) -> its verdict (batched with others; none without an image
+or with safety off) -> the gate admits it (prompt ids, the hint inserted) or blocks it (the
+policy's refusal, never a row) -> READY -> PREFILL (it holds the lowest free row; its prompt
+goes in chunks, one per turn, `prefill_chunk` tokens while other rows decode and whole when
+none does, so decoding rows are never stalled by a whole prompt) -> DECODE (one token per
+step) -> DONE (EOS or max_tokens as the device reports them, cancelled, or failed). Each
+request gets exactly one VerdictEvent first and exactly one DoneEvent last.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import logging
+import time
+from typing import Any, Callable
+
+from safevlm_jax.inference.buckets import bucket
+from safevlm_jax.inference.requests import (DoneEvent, EngineClosed, EngineEvent, EngineRequest, FinishReason,
+                                            QueueFull, TextEvent, VerdictEvent)
+from safevlm_jax.inference.stats import Counters
+from safevlm_jax.safety.gate import Gate, Refusal
+from safevlm_jax.safety.verdict import Verdict
+
+_log = logging.getLogger(__name__)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # for its verdict and admission
+    READY = "ready"  # admitted, waiting for a row
+    PREFILL = "prefill"
+    DECODE = "decode"
+    DONE = "done"
+
+
+@dataclasses.dataclass(eq=False)
+class Seq:
+    """One request's state. image: its image's hash (None: text only); features: what the
+    engine keeps of its image (opaque here); computed: prompt tokens prefilled so far."""
+
+    id: int
+    request: EngineRequest
+    image: str | None
+    detok: Any  # a Detokenizer: token ids -> text deltas
+    submitted: float
+    status: Status = Status.WAITING
+    verdict: Verdict | None = None
+    features: Any = None
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    computed: int = 0
+    row: int | None = None
+    generated: list[int] = dataclasses.field(default_factory=list)
+    reported: int = 0  # generated tokens carried by events so far
+    admitted: float | None = None
+    first_token: float | None = None
+    cancelled: bool = False
+    said_verdict: bool = False
+
+    @property
+    def use_safety(self) -> bool:
+        """Its image positions hold the safety tokens, then the image (else the image alone)."""
+        return self.request.safety and self.image is not None
+
+    @property
+    def cached(self) -> int:
+        """Tokens whose keys and values are in its row (the last sampled one is not yet)."""
+        return len(self.prompt_ids) + max(len(self.generated) - 1, 0)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one turn runs, in this order. release: rows to stop decoding; save: finished
+    rows to keep as prefixes, (row, ids it holds, its request); verdict: requests whose images
+    to encode; begin: requests that took a row and start their prefill; prefill: the request
+    whose next chunk (at most `budget` tokens) runs; decode: (rows, length) of the decode
+    step, or None."""
+
+    release: list[int]
+    save: list[tuple[int, list[int], Seq]]
+    verdict: list[Seq]
+    begin: list[Seq]
+    prefill: Seq | None
+    budget: int
+    decode: tuple[int, int] | None
+
+
+Output = list[tuple[Seq, EngineEvent]]
+
+
+class Scheduler:
+    """rows x max_length: the decode state; max_queue: most waiting requests; gate: the
+    safety gate; eos_id: the EOS token; detokenizer(): a fresh Detokenizer; row_buckets /
+    length_buckets: the decode step's
+    shapes; prefill_chunk: most prompt tokens per turn while rows decode (whole_chunk when
+    none do); save_prefixes: keep finished rows as prefixes."""
+
+    def __init__(self, *, rows: int, max_length: int, max_queue: int, gate: Gate, eos_id: int,
+                 detokenizer: Callable[[], Any],
+                 row_buckets: tuple[int, ...], length_buckets: tuple[int, ...], prefill_chunk: int,
+                 whole_chunk: int, save_prefixes: bool = True):
+        self.rows, self.max_length, self.max_queue, self.gate, self.eos_id = rows, max_length, max_queue, gate, eos_id
+        self.detokenizer, self.row_buckets, self.length_buckets = detokenizer, row_buckets, length_buckets
+        self.prefill_chunk, self.whole_chunk, self.save_prefixes = prefill_chunk, whole_chunk, save_prefixes
+        self.queue: collections.deque[Seq] = collections.deque()  # WAITING and READY, in order
+        self.slots: list[Seq | None] = [None] * rows
+        self.accepting = True
+        self.counters = Counters()
+        self._release: list[int] = []
+        self._save: list[tuple[int, list[int], Seq]] = []
+
+    # The caller's side ------------------------------------------------------------------
+    def add(self, seq: Seq) -> None:
+        """Queues an accepted request (QueueFull, EngineClosed)."""
+        if not self.accepting:
+            raise EngineClosed("the engine is shutting down and accepts no new request")
+        if len(self.queue) >= self.max_queue:
+            raise QueueFull(f"{self.max_queue} requests are already waiting; try again later")
+        self.queue.append(seq)
+        self.counters.accepted += 1
+
+    @property
+    def busy(self) -> list[Seq]:
+        return [s for s in self.slots if s is not None]
+
+    def in_flight(self) -> list[Seq]:
+        return [*self.queue, *self.busy]
+
+    # Planning ---------------------------------------------------------------------------
+    def schedule(self) -> tuple[Plan, Output]:
+        """This turn's plan, and the events of requests cancelled since the last one."""
+        out: Output = []
+        for seq in self.in_flight():
+            if seq.cancelled:
+                out += self.finish(seq, FinishReason.CANCELLED)
+        free = self.rows - len(self.busy)
+        ready = sum(s.status is Status.READY for s in self.queue)
+        verdict = [s for s in self.queue if s.status is Status.WAITING][:max(free - ready, 0)]
+        begin = []
+        for seq in [s for s in self.queue if s.status is Status.READY][:free]:
+            self.queue.remove(seq)
+            seq.row, seq.status, seq.admitted = self.slots.index(None), Status.PREFILL, time.monotonic()
+            self.slots[seq.row] = seq
+            begin.append(seq)
+        prefilling = [s for s in self.busy if s.status is Status.PREFILL]
+        decoding = [s for s in self.busy if s.status is Status.DECODE]
+        prefill = min(prefilling, key=lambda s: s.admitted) if prefilling else None
+        plan = Plan(self._release, self._save, verdict, begin, prefill,
+                    self.prefill_chunk if decoding else self.whole_chunk, self._decode_shape(decoding))
+        self._release, self._save = [], []
+        return plan, out
+
+    def _decode_shape(self, decoding: list[Seq]) -> tuple[int, int] | None:
+        """(rows, length) buckets holding every decoding row and its next slot."""
+        if not decoding:
+            return None
+        return self._shape(bucket(max(s.row for s in decoding) + 1, self.row_buckets, "row"),
+                           bucket(max(s.cached for s in decoding) + 1, self.length_buckets, "position"))
+
+    def _shape(self, rows: int, length: int) -> tuple[int, int]:
+        """A step over fewer rows or slots than the whole state reads them through a copy
+        (XLA's dot takes no strided operand), which only a corner much smaller than the state
+        pays for."""
+        return (rows, self.length_buckets[-1]) if rows == self.rows and 4 * length > self.max_length else (rows, length)
+
+    def step_shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, length) a decode step can have."""
+        return sorted({self._shape(r, n) for r in self.row_buckets for n in self.length_buckets})
+
+    # Outputs ----------------------------------------------------------------------------
+    def verdicts_done(self, seqs: list[Seq], verdicts: list[Verdict | None], features: list[Any]) -> Output:
+        """Each request's verdict (None without one) and its image's features: admission."""
+        out: Output = []
+        for seq, verdict, feats in zip(seqs, verdicts, features):
+            if seq.status is not Status.WAITING:  # cancelled meanwhile
+                continue
+            seq.verdict, seq.features = (verdict if seq.request.safety else None), feats
+            out += self.admit(seq)
+        return out
+
+    def admit(self, seq: Seq) -> Output:
+        """The gate's decision for a request whose verdict is known (or needs none)."""
+        r, v = seq.request, seq.verdict
+        if v is not None:
+            self.counters.verdict(v)
+        try:
+            admitted = self.gate.admit(v, r.conversation, r.prompt_format, safety=r.safety,
+                                       image=seq.image is not None)
+        except Exception as e:  # this request's prompt only
+            return self._said(seq) + self.finish(seq, FinishReason.ERROR, _error(e))
+        if isinstance(admitted, Refusal):
+            return self._said(seq) + [(seq, TextEvent(admitted.text))] + self.finish(seq, FinishReason.BLOCKED)
+        if len(admitted) + r.max_tokens > self.max_length:  # cannot happen: submit checks the longest hint
+            return self._said(seq) + self.finish(
+                seq, FinishReason.ERROR, f"prompt of {len(admitted)} tokens + max_tokens={r.max_tokens} exceeds "
+                                         f"the context length {self.max_length}")
+        seq.prompt_ids, seq.status = admitted, Status.READY
+        return self._said(seq)
+
+    def _said(self, seq: Seq) -> Output:
+        """Its VerdictEvent (its verdict, the policy's action, its prompt ids so far)."""
+        seq.said_verdict = True
+        v = seq.verdict if seq.request.safety else None
+        return [(seq, VerdictEvent(v, v and v.action, tuple(seq.prompt_ids)))]
+
+    def prefilled(self, seq: Seq, upto: int, token: int | None) -> Output:
+        """Its prompt is prefilled up to `upto`; `token`: the first answer token, sampled
+        after the whole prompt (it is then in its row of the decode state)."""
+        self.counters.prefill_tokens += upto - seq.computed
+        seq.computed = upto
+        if token is None or seq.status is not Status.PREFILL:
+            return []
+        seq.status = Status.DECODE
+        self.counters.prompt_tokens += len(seq.prompt_ids)
+        return self._take(seq, token, done=seq.request.max_tokens <= 1 or token == self.eos_id)
+
+    def stepped(self, tokens, done) -> Output:
+        """A decode step's tokens [rows] and done flags [rows] (EOS or max_tokens reached)."""
+        out: Output = []
+        for seq in [s for s in self.busy if s.status is Status.DECODE and s.row < len(tokens)]:
+            try:
+                out += self._take(seq, int(tokens[seq.row]), bool(done[seq.row]))
+            except Exception as e:  # e.g. its detokenizer: that request alone ends
+                _log.exception("request %d's token failed", seq.id)
+                out += self.finish(seq, FinishReason.ERROR, _error(e), released=bool(done[seq.row]))
+        return out
+
+    def _take(self, seq: Seq, token: int, done: bool) -> Output:
+        seq.generated.append(token)
+        seq.first_token = seq.first_token or time.monotonic()
+        eos = token == self.eos_id
+        text = "" if eos else seq.detok.push(token)
+        out: Output = []
+        if text:
+            out.append((seq, TextEvent(text, tuple(seq.generated[seq.reported:]))))
+            seq.reported = len(seq.generated)
+        if done:
+            out += self.finish(seq, FinishReason.STOP if eos else FinishReason.LENGTH, released=True)
+        return out
+
+    def finish(self, seq: Seq, reason: FinishReason, error: str | None = None, released: bool = False) -> Output:
+        """The request's last events (once): the text still held back, then done; its row is
+        freed (and stopped on the device unless `released`: the device stopped it)."""
+        if seq.status is Status.DONE:
+            return []
+        out = [] if seq.said_verdict else self._said(seq)  # never got its verdict
+        if seq in self.queue:
+            self.queue.remove(seq)
+        if seq.row is not None:
+            self.slots[seq.row] = None
+            if not released:
+                self._release.append(seq.row)
+            elif reason in (FinishReason.STOP, FinishReason.LENGTH) and self.save_prefixes:
+                self._save.append((seq.row, seq.prompt_ids + seq.generated[:-1], seq))
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            tail = seq.detok.flush()
+            if tail:
+                out.append((seq, TextEvent(tail, tuple(seq.generated[seq.reported:]))))
+                seq.reported = len(seq.generated)
+        seq.status = Status.DONE
+        self.counters.finished[reason.value] += 1
+        since = lambda t: None if t is None else t - seq.submitted
+        out.append((seq, DoneEvent(reason, len(seq.prompt_ids), len(seq.generated), error,
+                                   {"queue_s": since(seq.admitted), "ttft_s": since(seq.first_token),
+                                    "total_s": time.monotonic() - seq.submitted},
+                                   tuple(seq.generated[seq.reported:]))))
+        return out
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
