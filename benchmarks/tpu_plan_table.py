@@ -3,11 +3,13 @@
     nice python benchmarks/tpu_plan_table.py                       # every case, resumable
     python benchmarks/tpu_plan_table.py --only goals                # the issue's goals first
     python benchmarks/tpu_plan_table.py --print_only                # the table of what is done
+    python benchmarks/tpu_plan_table.py --recount                   # after a change to plan/hlo_cost.py
 
 Each case is `safevlm_jax.plan.make_plan` of a training config in a process of its own (a
 7B train step takes 4-20 minutes to compile on 2 cores, several GiB of RAM), its figures
-appended as one JSON line to `--results`; cases already there are skipped, so an interrupted
-run resumes. Cases (`--only` picks groups):
+appended as one JSON line to `--results` and its compiled HLO kept under `--hlo_dir`
+(`--recount` counts FLOPs and bytes again from it, compiling nothing); cases already there are
+skipped, so an interrupted run resumes. Cases (`--only` picks groups):
 
   table    7B and 13B, stage 1 and stage 2, on v5e-8, v5p-64 and v6e-8, splash and the XLA
            reference, at each config's batch (2 per chip x accumulation 8, length 2048)
@@ -76,8 +78,8 @@ def groups() -> dict[str, list[dict]]:
     goals = [case("7b", 2, "v5e-8", a, batch=8, accumulation=2, remat=r, group="goals")
              for r in ("full", "offload_layer_inputs") for a in ("splash", "xla")]
     goals += [case("7b", 2, "v5e-8", a, batch=2, accumulation=8, length=4096, group="goals") for a in ("splash", "xla")]
-    goals += [case("7b", 2, "v5e-8", "splash", batch=8, accumulation=2, remat=r, group="goals")
-              for r in ("nothing_saveable", "dots_with_no_batch_dims_saveable")]
+    goals += [case("7b", 2, "v5e-8", "splash", batch=8, accumulation=2, remat="dots_with_no_batch_dims_saveable",
+                   group="goals")]
     table = [case(m, s, t, a) for m in ("7b", "13b") for s in (2, 1) for t in TARGETS for a in ("splash", "xla")]
     return {"goals": goals, "table": table}
 
@@ -186,18 +188,30 @@ def largest(make, values, done) -> int | None:
     return None
 
 
-def row(r: dict) -> str:
-    """One line of the README's table."""
-    what = (f"| {r['model'].upper()} | {r['stage']} | {r['target']} | {r['attention']} | {r['batch']} x {r['accumulation']} "
-            f"| {r['length']} | {r['remat']} |")
+def cells(r: dict | None) -> str:
+    """One attention's three cells of a table row: GiB/chip (temporaries[, host]) and fits;
+    compiled / analytic TFLOP per chip; the roofline bound on step time and MFU."""
+    if r is None:
+        return "not compiled | | "
     if "error" in r:
-        return f"{what} error: {r['error']} | | | | |"
+        return f"error: {r['error']} | | "
     if r.get("refused"):
-        return (f"{what} > {r['gib']:.2f} ({r['temp_gib']:.2f}) | no: the compiler refused it | - | - | - |")
+        return f"> {r['gib']:.2f} ({r['temp_gib']:.2f}): refused by the compiler | - | - "
     host = f", {r['host_gib']:.1f} on host" if r.get("host_gib") else ""
-    return (f"{what} {r['gib']:.2f} ({r['temp_gib']:.2f}{host}) | {'yes' if r['fits'] else 'no'} | "
+    fits = "fits" if r["fits"] else "**does not fit**"
+    return (f"{r['gib']:.2f} ({r['temp_gib']:.2f}{host}), {fits} | "
             f"{r['tflops']:,.0f} / {r['analytic_tflops']:,.0f} = {r['tflops'] / r['analytic_tflops']:.2f} | "
-            f"{r['bound_s']:.2f} | {r['mfu']:.2f} |")
+            f"{r['bound_s']:.2f} s, {r['mfu']:.2f} ")
+
+
+def row(done: dict[str, dict], c: dict, what: str) -> str:
+    """A table row of case `c` (its attention field ignored): splash, then XLA."""
+    pair = [done.get(key(dict(c, attention=a))) for a in ("splash", "xla")]
+    return f"| {what} | {cells(pair[0])}| {cells(pair[1])}|"
+
+
+_COLUMNS = "GiB/chip (temporaries), fits | TFLOP/chip compiled / analytic | step time >=, MFU <="
+HEADER = f"splash: {_COLUMNS} | XLA: {_COLUMNS} |"
 
 
 def largest_fitting(done: dict[str, dict], group: str, model: str, target: str, field: str) -> str:
@@ -211,14 +225,20 @@ def largest_fitting(done: dict[str, dict], group: str, model: str, target: str, 
 
 
 def print_table(done: dict[str, dict]) -> None:
-    print("| model | stage | target | attention | batch/chip x accumulation | length | remat | GiB/chip "
-          "(temporaries) | fits | compiled / analytic TFLOP per chip | step time >= s | MFU <= |")
-    print("|---|---|---|---|---|---|---|---:|---|---:|---:|---:|")
-    for r in done.values():
-        if r["group"] in ("goals", "table"):
-            print(row(r))
+    cases = groups()
+    print("| model, stage, target (batch 2/chip x accumulation 8, length 2048, full remat) | " + HEADER)
+    print("|---|" + "---:|" * 6)
+    for c in cases["table"]:
+        if c["attention"] == "splash":
+            print(row(done, c, f"{c['model'].upper()} stage {c['stage']}, {c['target']}"))
     print()
-    print("| model | target | largest batch/chip at 2048 (splash) | longest length at batch 1 (splash) |")
+    print("| 7B stage 2, v5e-8: batch/chip x accumulation, length, remat | " + HEADER)
+    print("|---|" + "---:|" * 6)
+    for c in cases["goals"]:
+        if c["attention"] == "splash":
+            print(row(done, c, f"{c['batch']} x {c['accumulation']}, {c['length']}, {c['remat']}"))
+    print()
+    print("| model | target | largest batch/chip at 2048 (splash, offload_layer_inputs) | longest length at batch 1 |")
     print("|---|---|---|---|")
     for m in ("7b", "13b"):
         for t in TARGETS:

@@ -98,9 +98,11 @@ def train(cfg, mesh: Mesh, rules: str) -> Program:
 
 
 def serving_model(cfg) -> ModelConfig:
-    """The model a server holds: the training config's, with weights in the compute dtype."""
+    """The model a server holds: the training config's, with weights in the compute dtype and
+    its layers unrolled, no remat: the KV cache is one buffer per layer, which a scanned stack
+    would stack and unstack at every step (copies of the whole cache)."""
     mcfg = ModelConfig.from_dict(cfg.model)
-    return mcfg.replace(param_dtype=mcfg.dtype)
+    return mcfg.replace(param_dtype=mcfg.dtype, scan_layers=False, remat_policy="none")
 
 
 def _model_state(mcfg: ModelConfig, mesh: Mesh, rules: str, fallback: str):
