@@ -224,20 +224,22 @@ def largest_fitting(done: dict[str, dict], group: str, model: str, target: str, 
     return f"{max(fit) if fit else 'none'}" + (f" ({min(miss)} does not fit)" if miss else "")
 
 
+def print_pairs(done: dict[str, dict], cases: list[dict], title: str, what) -> None:
+    """A table of `cases`, one row per case with splash and XLA side by side; `what(c)` names it."""
+    print(f"| {title} | {HEADER}")
+    print("|---|" + "---:|" * 6)
+    for c in cases:
+        if c["attention"] == "splash":
+            print(row(done, c, what(c)))
+    print()
+
+
 def print_table(done: dict[str, dict]) -> None:
     cases = groups()
-    print("| model, stage, target (batch 2/chip x accumulation 8, length 2048, full remat) | " + HEADER)
-    print("|---|" + "---:|" * 6)
-    for c in cases["table"]:
-        if c["attention"] == "splash":
-            print(row(done, c, f"{c['model'].upper()} stage {c['stage']}, {c['target']}"))
-    print()
-    print("| 7B stage 2, v5e-8: batch/chip x accumulation, length, remat | " + HEADER)
-    print("|---|" + "---:|" * 6)
-    for c in cases["goals"]:
-        if c["attention"] == "splash":
-            print(row(done, c, f"{c['batch']} x {c['accumulation']}, {c['length']}, {c['remat']}"))
-    print()
+    print_pairs(done, cases["table"], "model, stage, target (batch 2/chip x accumulation 8, length 2048, full remat)",
+                lambda c: f"{c['model'].upper()} stage {c['stage']}, {c['target']}")
+    print_pairs(done, cases["goals"], "7B stage 2, v5e-8: batch/chip x accumulation, length, remat",
+                lambda c: f"{c['batch']} x {c['accumulation']}, {c['length']}, {c['remat']}")
     print("| model | target | largest batch/chip at 2048 (splash, offload_layer_inputs) | longest length at batch 1 |")
     print("|---|---|---|---|")
     for m in ("7b", "13b"):
