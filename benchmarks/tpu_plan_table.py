@@ -45,6 +45,9 @@ from safevlm_jax import cli  # noqa: E402
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("results", "/tmp/tpu_plan_table.jsonl", "JSON lines of finished cases", flag_values=FLAGS)
 flags.DEFINE_list("only", "goals,table,batch,length", "case groups to run", flag_values=FLAGS)
+flags.DEFINE_string("memory_only", "", "results of earlier compiles whose memory figures still hold but whose "
+                    "FLOP and byte counts are out of date (no HLO kept): the table shows their memory for cases "
+                    "--results lacks", flag_values=FLAGS)
 flags.DEFINE_bool("print_only", False, "print the table of the results file, compile nothing", flag_values=FLAGS)
 flags.DEFINE_integer("timeout", 3600, "seconds one compile may take", flag_values=FLAGS)
 flags.DEFINE_string("case", "", "internal: run this one case (JSON) and print its figures", flag_values=FLAGS)
@@ -146,10 +149,10 @@ def recount(r: dict) -> dict:
     return dict(r, **cost_fields(p))
 
 
-def load() -> dict[str, dict]:
-    if not os.path.exists(FLAGS.results):
+def load(path: str) -> dict[str, dict]:
+    if not path or not os.path.exists(path):
         return {}
-    with open(FLAGS.results) as f:
+    with open(path) as f:
         return {key(r): r for r in map(json.loads, f) if r}
 
 
@@ -188,18 +191,27 @@ def largest(make, values, done) -> int | None:
     return None
 
 
+def memory_cell(r: dict) -> str:
+    """GiB/chip (temporaries[, host-offloaded]) and whether it fits; a refused program's
+    figures are what the compiler asked for before it stopped (a lower bound)."""
+    if r.get("refused"):
+        return f"> {r['gib']:.2f} ({r['temp_gib']:.2f}): refused by the compiler"
+    host = f", {r['host_gib']:.1f} on host" if r.get("host_gib") else ""
+    return f"{r['gib']:.2f} ({r['temp_gib']:.2f}{host}), {'fits' if r['fits'] else '**does not fit**'}"
+
+
 def cells(r: dict | None) -> str:
-    """One attention's three cells of a table row: GiB/chip (temporaries[, host]) and fits;
-    compiled / analytic TFLOP per chip; the roofline bound on step time and MFU."""
+    """One attention's three cells of a table row: memory (`memory_cell`); compiled / analytic
+    TFLOP per chip; the roofline bound on step time and MFU."""
     if r is None:
         return "not compiled | | "
     if "error" in r:
         return f"error: {r['error']} | | "
+    if r.get("memory_only"):
+        return f"{memory_cell(r)} (earlier compile) | not recounted | not recounted "
     if r.get("refused"):
-        return f"> {r['gib']:.2f} ({r['temp_gib']:.2f}): refused by the compiler | - | - "
-    host = f", {r['host_gib']:.1f} on host" if r.get("host_gib") else ""
-    fits = "fits" if r["fits"] else "**does not fit**"
-    return (f"{r['gib']:.2f} ({r['temp_gib']:.2f}{host}), {fits} | "
+        return f"{memory_cell(r)} | - | - "
+    return (f"{memory_cell(r)} | "
             f"{r['tflops']:,.0f} / {r['analytic_tflops']:,.0f} = {r['tflops'] / r['analytic_tflops']:.2f} | "
             f"{r['bound_s']:.2f} s, {r['mfu']:.2f} ")
 
@@ -254,7 +266,7 @@ def print_table(done: dict[str, dict]) -> None:
     best = min((r for r in goal.values() if r["attention"] == "splash"), key=lambda r: r["gib"], default=None)
     if best is not None:
         ratios["b8x2_best_gib"] = best["gib"]
-        if best.get("tflops"):
+        if best.get("tflops") and not best.get("memory_only"):
             ratios["flops_over_analytic_b8"] = best["tflops"] / best["analytic_tflops"]
     print(" ".join(f"{k}={v:.3f}" for k, v in ratios.items()) or "no_goal_cases=1")
 
@@ -264,7 +276,7 @@ def _main(argv) -> None:
     if FLAGS.case:
         print(json.dumps(run_case(json.loads(FLAGS.case))))
         return
-    done = load()
+    done = load(FLAGS.results)
     if FLAGS.recount:
         done = {k: recount(r) for k, r in done.items()}
         with open(FLAGS.results, "w") as f:
@@ -283,7 +295,9 @@ def _main(argv) -> None:
                 if "length" in FLAGS.only:
                     largest(lambda n: case(m, 2, t, "splash", batch=1, accumulation=1, length=n, remat=SEARCH_REMAT,
                                            group="length"), (2048, 4096, 8192, 16384, 32768), done)
-    print_table(done)
+    earlier = {k: dict(r, memory_only=True) for k, r in load(FLAGS.memory_only).items()
+               if k not in done and "error" not in r}
+    print_table({**earlier, **done})
 
 
 if __name__ == "__main__":
