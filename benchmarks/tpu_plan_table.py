@@ -227,13 +227,16 @@ HEADER = f"splash: {_COLUMNS} | XLA: {_COLUMNS} |"
 
 
 def largest_fitting(done: dict[str, dict], group: str, model: str, target: str, field: str) -> str:
-    """The largest `field` of a fitting case of `group` (and the smallest that did not fit)."""
-    rows = [r for r in done.values() if r["group"] == group and r["model"] == model and r["target"] == target]
-    fit = [r[field] for r in rows if r.get("fits")]
-    miss = [r[field] for r in rows if "error" not in r and not r.get("fits")]
+    """The values of `field` compiled in `group`'s search: which fit, which did not (the search
+    tries the largest first; values it did not reach are not listed)."""
+    rows = [r for r in done.values() if r["group"] == group and r["model"] == model and r["target"] == target
+            and "error" not in r]
     if not rows:
-        return "not run"
-    return f"{max(fit) if fit else 'none'}" + (f" ({min(miss)} does not fit)" if miss else "")
+        return "not compiled"
+    fit = sorted(r[field] for r in rows if r.get("fits"))
+    miss = sorted(r[field] for r in rows if not r.get("fits"))
+    return "; ".join(part for part in (f"fits: {', '.join(map(str, fit))}" if fit else "",
+                                       f"does not fit: {', '.join(map(str, miss))}" if miss else "") if part)
 
 
 def print_pairs(done: dict[str, dict], cases: list[dict], title: str, what) -> None:
@@ -252,7 +255,7 @@ def print_table(done: dict[str, dict]) -> None:
                 lambda c: f"{c['model'].upper()} stage {c['stage']}, {c['target']}")
     print_pairs(done, cases["goals"], "7B stage 2, v5e-8: batch/chip x accumulation, length, remat",
                 lambda c: f"{c['batch']} x {c['accumulation']}, {c['length']}, {c['remat']}")
-    print("| model | target | largest batch/chip at 2048 (splash, offload_layer_inputs) | longest length at batch 1 |")
+    print("| model | target | batch/chip at length 2048 (splash, offload_layer_inputs) | length at batch 1 |")
     print("|---|---|---|---|")
     for m in ("7b", "13b"):
         for t in TARGETS:
