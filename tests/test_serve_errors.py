@@ -10,15 +10,14 @@ import zlib
 import httpx
 import pytest
 
-from tests.serve_helpers import chat_body, data_url, demo_inference, example_url, live_engine, live_server, png_bytes
+from tests.serve_helpers import chat_body, data_url, example_url, live_server, png_bytes
 
 MAX_BODY = 256 * 1024
 
 
 @pytest.fixture(scope="module")
-def engine():
-    with live_engine(demo_inference(), slots=2, max_queue=8) as engine:
-        yield engine
+def engine(demo_engine):
+    return demo_engine
 
 
 @pytest.fixture(scope="module")
