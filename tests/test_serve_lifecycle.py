@@ -261,7 +261,7 @@ def test_warm_up_compiles_what_the_first_requests_need(tmp_path):
     config = model_config("tiny")
     config = config.replace(vision=dataclasses.replace(config.vision, image_size=35))
     inference = SafeVLMInference.from_checkpoint(random_checkpoint(str(tmp_path / "ckpt"), config=config))
-    with live_engine(inference, slots=3, max_queue=8) as engine, \
+    with live_engine(inference, slots=3, max_queue=8, max_length=256) as engine, \
             live_server(engine, model_name="ckpt") as server:
         engine.warm_up()
         assert compiles  # the listener sees compilations
