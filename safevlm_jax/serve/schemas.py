@@ -71,7 +71,8 @@ class TextPart(_Strict):
 
 
 class ImageURL(_Strict):
-    url: str = Field(description="data:image/<type>;base64,<data>: nothing is fetched, no file is read")
+    url: str = Field(description="data:image/<type>;base64,<data>, or an http(s) URL on a domain the server "
+                                 "fetches from (--allowed_media_domains); no file is read")
     detail: Literal["auto", "low", "high"] | None = None
 
 
