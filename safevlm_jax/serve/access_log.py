@@ -42,7 +42,7 @@ def endpoint(path: str) -> str:
     """A metrics label of bounded cardinality for a path."""
     if path.startswith("/v1/models/"):
         return "models"
-    return ENDPOINTS.get(path, "static" if path.startswith("/static/") else "other")
+    return ENDPOINTS.get(path, "static" if path.startswith(("/static/", "/examples")) else "other")
 
 
 class RequestLog:

@@ -13,7 +13,8 @@ engine: whoever starts it shuts it down after the server has finished its reques
 The event loop only moves bytes: decoding a body (`bodies.decode_json`, `schemas`), an image
 (`media`), downloading an image URL (`fetch`, under its deadline) and tokenizing a prompt
 (`engine.submit`) run in a pool of `input_workers` threads, so `/health` and every stream keep
-answering while large or hostile requests are worked on. `/openapi.json` is the schema of every route, its request bodies from `schemas`.
+answering while large or hostile requests are worked on. `/openapi.json` is the schema of every route, its request bodies from `schemas`; `/` is the web
+demo (`static/`), its one-click samples the shipped example images (`/examples.json`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
+from safevlm_jax.checkpoint.demo import DEMO_DIR
 from safevlm_jax.inference.engine import EngineClosed, EngineRequest, QueueFull
 from safevlm_jax.inference.errors import CONTEXT_LENGTH, BadRequest
 from safevlm_jax.safety.taxonomy import RISK_LEVELS, RISK_TYPES
@@ -49,6 +51,7 @@ from safevlm_jax.serve.metrics import Metrics
 from safevlm_jax.serve.schemas import ChatBody, ChatInput, Limits, ModerationBody, parse_chat, parse_moderation
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")  # the web demo: plain HTML/JS/CSS
+EXAMPLES = os.path.join(DEMO_DIR, "examples")  # the shipped example images, the page's samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +218,14 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
     async def page():
         return FileResponse(os.path.join(STATIC, "index.html"), headers={"Cache-Control": "no-cache"})
 
+    samples = sorted(name for name in os.listdir(EXAMPLES) if name.endswith(".png"))
+
+    @app.get("/examples.json", include_in_schema=False)
+    async def examples():
+        return [{"name": name[:-4], "url": f"/examples/{name}"} for name in samples]
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/examples", StaticFiles(directory=EXAMPLES), name="examples")
     return app
 
 
