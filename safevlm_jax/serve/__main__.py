@@ -48,6 +48,8 @@ flags.DEFINE_integer("prefill_chunk", 64, "most prompt tokens prefilled per deco
                      lower_bound=1, **F)
 flags.DEFINE_integer("prefix_cache_mb", -1, "memory for recent prompts' keys and values, reused by requests "
                      "that start alike (-1: half the KV cache; 0: none)", lower_bound=-1, **F)
+flags.DEFINE_enum("system_prompt", "allow", ["allow", "ignore", "refuse"],
+                  "system/developer messages: replace the template's system text, are dropped, or get a 400", **F)
 cli.define_mesh_flag(FLAGS)
 flags.DEFINE_float("drain_timeout_s", 30.0, "after SIGTERM, finish requests for this long, then cancel the rest",
                    lower_bound=0, **F)
@@ -75,7 +77,8 @@ def build():
         model_name=FLAGS.model_name or os.path.basename(os.path.normpath(checkpoint)),
         api_key=FLAGS.api_key, max_body_bytes=FLAGS.max_body_mb * 2**20,
         max_image_pixels=FLAGS.max_image_pixels, default_max_tokens=FLAGS.max_tokens,
-        allow_safety_off=FLAGS.allow_safety_off, input_workers=FLAGS.input_workers)
+        allow_safety_off=FLAGS.allow_safety_off, input_workers=FLAGS.input_workers,
+        system_prompt=FLAGS.system_prompt)
     engine.start()
     if FLAGS.warmup:
         engine.warm_up()

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 
 from safevlm_jax.inference.engine import EngineClosed, EngineRequest, QueueFull
 from safevlm_jax.inference.errors import CONTEXT_LENGTH, BadRequest
+from safevlm_jax.safety.prompt import Conversation
 from safevlm_jax.safety.taxonomy import RISK_LEVELS, RISK_TYPES
 from safevlm_jax.serve import media, responses
 from safevlm_jax.serve.answers import Answer
@@ -46,6 +47,7 @@ from safevlm_jax.serve.errors import APIError, bad_request
 from safevlm_jax.serve.metrics import Metrics
 from safevlm_jax.serve.schemas import ChatBody, ChatInput, Limits, ModerationBody, parse_chat, parse_moderation
 
+SYSTEM_PROMPT = ("allow", "ignore", "refuse")
 STATIC = os.path.join(os.path.dirname(__file__), "static")  # the web demo: plain HTML/JS/CSS
 
 
@@ -55,7 +57,8 @@ class ServeSettings:
     api_key: required as `Authorization: Bearer KEY` on /v1/* when set;
     max_body_bytes: larger bodies get 413; max_image_pixels: the decompression-bomb limit;
     default_max_tokens: when a request gives none; input_workers: threads decoding bodies and
-    images and tokenizing prompts."""
+    images and tokenizing prompts; system_prompt: what system/developer messages do: "allow"
+    (replace the template's system text), "ignore" (dropped), "refuse" (400)."""
 
     model_name: str = "safevlm"
     api_key: str | None = None
@@ -66,6 +69,11 @@ class ServeSettings:
     max_moderation_images: int = 16
     retry_after_s: int = 1
     input_workers: int = 4
+    system_prompt: str = "allow"
+
+    def __post_init__(self):
+        if self.system_prompt not in SYSTEM_PROMPT:
+            raise ValueError(f"system_prompt must be one of {SYSTEM_PROMPT}, got {self.system_prompt!r}")
 
 
 def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
@@ -116,7 +124,11 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     def chat_input(raw: bytes) -> ChatInput:
-        return parse_chat(decode_json(raw, limits.max_separators), limits)
+        chat = parse_chat(decode_json(raw, limits.max_separators), limits)
+        if chat.system is not None and settings.system_prompt == "refuse":
+            raise bad_request("this server does not take system or developer messages (--system_prompt refuse)",
+                              "messages", "system_prompt_not_allowed")
+        return dataclasses.replace(chat, system=None) if settings.system_prompt == "ignore" else chat
 
     def moderation_input(raw: bytes):
         return parse_moderation(decode_json(raw, limits.max_separators), limits, settings.max_moderation_images)
@@ -191,7 +203,8 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
 
 def _engine_request(chat: ChatInput, pixels, settings: ServeSettings) -> EngineRequest:
-    return EngineRequest(pixel_values=pixels, prompt=chat.prompt,
+    conversation = Conversation(chat.turns, chat.system, chat.image_turn)
+    return EngineRequest(pixel_values=pixels, prompt=conversation,
                          max_tokens=chat.max_tokens or settings.default_max_tokens,
                          temperature=chat.temperature, top_p=chat.top_p, top_k=chat.top_k,
                          seed=secrets.randbelow(2**31) if chat.seed is None else chat.seed,
