@@ -52,6 +52,8 @@ flags.DEFINE_integer("prefill_chunk", 64, "most prompt tokens prefilled per deco
                      lower_bound=1, **F)
 flags.DEFINE_integer("prefix_cache_mb", -1, "memory for recent prompts' keys and values, reused by requests "
                      "that start alike (-1: half the KV cache; 0: none)", lower_bound=-1, **F)
+flags.DEFINE_enum("system_prompt", "allow", ["allow", "ignore", "refuse"],
+                  "system/developer messages: replace the template's system text, are dropped, or get a 400", **F)
 cli.define_mesh_flag(FLAGS)
 flags.DEFINE_float("drain_timeout_s", 30.0, "after SIGTERM, finish requests for this long, then cancel the rest",
                    lower_bound=0, **F)
@@ -92,7 +94,7 @@ def build():
         allow_safety_off=FLAGS.allow_safety_off, input_workers=FLAGS.input_workers,
         media=FetchPolicy(tuple(d.strip().lower() for d in FLAGS.allowed_media_domains if d.strip()),
                           FLAGS.allow_private_media, FLAGS.media_fetch_timeout_s),
-        cors_origins=tuple(FLAGS.cors_origins), log_prompts=FLAGS.log_prompts)
+        cors_origins=tuple(FLAGS.cors_origins), log_prompts=FLAGS.log_prompts, system_prompt=FLAGS.system_prompt)
     engine.start()
     if FLAGS.warmup:
         engine.warm_up()

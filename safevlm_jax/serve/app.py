@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException
 from safevlm_jax.checkpoint.demo import DEMO_DIR
 from safevlm_jax.inference.engine import EngineClosed, EngineRequest, QueueFull
 from safevlm_jax.inference.errors import CONTEXT_LENGTH, BadRequest
+from safevlm_jax.safety.prompt import Conversation
 from safevlm_jax.safety.taxonomy import RISK_LEVELS, RISK_TYPES
 from safevlm_jax.serve import media, responses
 from safevlm_jax.serve.access_log import RequestLog
@@ -50,6 +51,7 @@ from safevlm_jax.serve.fetch import Fetcher, FetchPolicy
 from safevlm_jax.serve.metrics import Metrics
 from safevlm_jax.serve.schemas import ChatBody, ChatInput, Limits, ModerationBody, parse_chat, parse_moderation
 
+SYSTEM_PROMPT = ("allow", "ignore", "refuse")
 STATIC = os.path.join(os.path.dirname(__file__), "static")  # the web demo: plain HTML/JS/CSS
 EXAMPLES = os.path.join(DEMO_DIR, "examples")  # the shipped example images, the page's samples
 
@@ -63,7 +65,8 @@ class ServeSettings:
     input_workers: threads decoding bodies and images and tokenizing prompts; media: which
     image URLs are fetched (`fetch.FetchPolicy`; default none); cors_origins: origins whose
     browser pages may call the API ("*": any; default none); log_prompts: the access log
-    also shows each chat prompt."""
+    also shows each chat prompt; system_prompt: what system/developer messages do: "allow"
+    (replace the template's system text), "ignore" (dropped), "refuse" (400)."""
 
     model_name: str = "safevlm"
     model_aliases: tuple[str, ...] = ()
@@ -78,6 +81,11 @@ class ServeSettings:
     media: FetchPolicy = FetchPolicy()
     cors_origins: tuple[str, ...] = ()
     log_prompts: bool = False
+    system_prompt: str = "allow"
+
+    def __post_init__(self):
+        if self.system_prompt not in SYSTEM_PROMPT:
+            raise ValueError(f"system_prompt must be one of {SYSTEM_PROMPT}, got {self.system_prompt!r}")
 
 
 def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
@@ -141,7 +149,11 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
         return await work(media.pixel_values, await fetcher.get(ref.url, ref.param), images, ref.param)
 
     def chat_input(raw: bytes) -> ChatInput:
-        return parse_chat(decode_json(raw, limits.max_separators), limits)
+        chat = parse_chat(decode_json(raw, limits.max_separators), limits)
+        if chat.system is not None and settings.system_prompt == "refuse":
+            raise bad_request("this server does not take system or developer messages (--system_prompt refuse)",
+                              "messages", "system_prompt_not_allowed")
+        return dataclasses.replace(chat, system=None) if settings.system_prompt == "ignore" else chat
 
     def moderation_input(raw: bytes):
         return parse_moderation(decode_json(raw, limits.max_separators), limits, settings.max_moderation_images)
@@ -155,7 +167,8 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
             raise APIError(403, "this server does not allow safety: false", param="safety",
                            code="safety_required")
         if settings.log_prompts:
-            request.state.prompt = chat.prompt
+            request.state.prompt = "\n".join(([f"system: {chat.system}"] if chat.system is not None else []) +
+                                             [f"{turn.role}: {turn.value}" for turn in chat.turns])
         pixels = await pixel_values(chat.image) if chat.image else None
         answer = Answer(responses.new_id("chatcmpl"), settings.model_name, metrics,
                         asyncio.get_running_loop())
@@ -230,7 +243,8 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
 
 def _engine_request(chat: ChatInput, pixels, settings: ServeSettings) -> EngineRequest:
-    return EngineRequest(pixel_values=pixels, prompt=chat.prompt,
+    conversation = Conversation(chat.turns, chat.system, chat.image_turn)
+    return EngineRequest(pixel_values=pixels, prompt=conversation,
                          max_tokens=chat.max_tokens or settings.default_max_tokens,
                          temperature=chat.temperature, top_p=chat.top_p, top_k=chat.top_k,
                          seed=secrets.randbelow(2**31) if chat.seed is None else chat.seed,
