@@ -67,6 +67,7 @@ def test_hosts_schemes_and_private_addresses_are_refused_before_any_request(base
     assert refused(f"{base.replace('localhost', 'sub.localhost')}/image.png")[0] == "image_url_not_allowed"
     assert refused(f"{base}/image.png", allow_private=False)[0] == "image_url_private_address"
     assert refused("http://localhost:1/image.png")[0] == "image_url_unreachable"  # nothing listens
+    assert refused(f"{base.replace('http:', 'https:')}/image.png")[0] == "image_url_unreachable"  # no TLS there
 
 
 def test_the_connection_goes_to_the_checked_address_not_a_second_resolution(base, monkeypatch):

@@ -11,10 +11,11 @@ plain answers) and its request cancelled, which frees its slot. The app does not
 engine: whoever starts it shuts it down after the server has finished its requests.
 
 The event loop only moves bytes: decoding a body (`bodies.decode_json`, `schemas`), an image
-(`media`), downloading an image URL (`fetch`, under its deadline) and tokenizing a prompt
-(`engine.submit`) run in a pool of `input_workers` threads, so `/health` and every stream keep
-answering while large or hostile requests are worked on. `/openapi.json` is the schema of every route, its request bodies from `schemas`; `/` is the web
-demo (`static/`), its one-click samples the shipped example images (`/examples.json`).
+(`media`) and tokenizing a prompt (`engine.submit`) run in a pool of `input_workers` threads,
+an image URL's download (`fetch`, under its deadline) in another pool of that size, so
+`/health` and every stream keep answering while large or hostile requests are worked on.
+`/openapi.json` is the schema of every route, its request bodies from `schemas`; `/` is the
+web demo (`static/`), its one-click samples the shipped example images (`/examples.json`).
 """
 
 from __future__ import annotations
@@ -91,11 +92,14 @@ class ServeSettings:
 def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """engine: a started `Engine` (its image settings, tokenizer, requests, moderation and counters)."""
     pool = concurrent.futures.ThreadPoolExecutor(settings.input_workers, thread_name_prefix="safevlm-input")
+    # downloads wait on the network: their own threads, so slow ones never delay decoding bodies
+    downloads = concurrent.futures.ThreadPoolExecutor(settings.input_workers, thread_name_prefix="safevlm-fetch")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         pool.shutdown(wait=False, cancel_futures=True)
+        downloads.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="safevlm_jax", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.openapi = lambda: _openapi(app)
@@ -140,7 +144,8 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
         """fn(*args) in the worker pool, off the event loop (its APIError comes back here)."""
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
-    fetcher = Fetcher(settings.media, settings.max_body_bytes, work)
+    fetcher = Fetcher(settings.media, settings.max_body_bytes,
+                      lambda fn, *args: asyncio.get_running_loop().run_in_executor(downloads, fn, *args))
 
     async def pixel_values(ref) -> np.ndarray:
         """An image part -> pixel_values [S, S, 3]: a data: URL decoded, an http(s) URL fetched."""

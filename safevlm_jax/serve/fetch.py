@@ -9,7 +9,7 @@ is resolved off the event loop under the deadline and every address it resolves 
 public (no loopback, private, link-local, shared, multicast or reserved range, IPv4-mapped
 IPv6 included) unless `allow_private`; the connection then goes to a checked address (TLS still
 verifies the host name), so a second resolution cannot switch it to another (DNS rebinding).
-The download runs in the server's worker pool: one deadline for the whole fetch (each socket
+The download runs in a worker thread (the server's download pool): one deadline for the whole fetch (each socket
 read waits at most until it, so a slow body cannot hold a request), the size cap checked
 against Content-Length and again while the body streams, redirects followed only on the same
 host (at most `MAX_REDIRECTS`). The bytes then go through the data URL's image checks
@@ -62,7 +62,7 @@ class _Target:
 
 class Fetcher:
     """Fetches image URLs under `policy`, at most `max_bytes` each; `run(fn, *args)` runs a
-    blocking call off the event loop (the server's worker pool) and returns its result."""
+    blocking call off the event loop (a thread pool) and returns its result."""
 
     def __init__(self, policy: FetchPolicy, max_bytes: int, run):
         self.policy, self.max_bytes, self.run = policy, max_bytes, run
@@ -133,7 +133,7 @@ class Fetcher:
 
     def _download(self, target: _Target, addresses: list[str], deadline: float, param: str, sockets: list):
         """(same-host redirect location or None, body) from the first address that connects;
-        blocking, in the worker pool; each wait ends by `deadline` (and `get` shuts the socket,
+        blocking, in a worker thread; each wait ends by `deadline` (and `get` shuts the socket,
         appended to `sockets`, down at the deadline: a server sending a byte at a time)."""
         conn = http.client.HTTPConnection(target.host, target.port)
         try:
