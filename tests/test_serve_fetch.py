@@ -67,6 +67,8 @@ def test_hosts_schemes_and_private_addresses_are_refused_before_any_request(base
     assert refused(f"{base.replace('localhost', 'sub.localhost')}/image.png")[0] == "image_url_not_allowed"
     assert refused(f"{base}/image.png", allow_private=False)[0] == "image_url_private_address"
     assert refused("http://localhost:1/image.png")[0] == "image_url_unreachable"  # nothing listens
+    assert refused(f"{base}/image.png HTTP/1.1\r\nX-Injected: 1")[0] == "invalid_image_url"
+    assert refused(f"{base}/{'a' * 9000}")[0] == "invalid_image_url"
     assert refused(f"{base.replace('http:', 'https:')}/image.png")[0] == "image_url_unreachable"  # no TLS there
 
 

@@ -36,6 +36,7 @@ import urllib.parse
 from safevlm_jax.serve.errors import bad_request
 
 MAX_REDIRECTS = 3
+MAX_URL_CHARS = 8192
 CHUNK = 1 << 16
 # a body without Content-Type, or a generic one, is judged by its bytes as a data URL's is
 GENERIC_TYPES = ("", "application/octet-stream", "binary/octet-stream")
@@ -93,6 +94,9 @@ class Fetcher:
         raise bad_request(f"{_shown(url)} redirects more than {MAX_REDIRECTS} times", param, "image_url_redirect")
 
     def _target(self, url: str, param: str) -> _Target:
+        if len(url) > MAX_URL_CHARS or any(c <= " " or c == "\x7f" for c in url):
+            raise bad_request(f"malformed image URL: more than {MAX_URL_CHARS} characters, or a space or control "
+                              f"character (percent-encode it)", param, "invalid_image_url")
         try:
             parts = urllib.parse.urlsplit(url)
             port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
