@@ -94,6 +94,10 @@ class Fetcher:
         raise bad_request(f"{_shown(url)} redirects more than {MAX_REDIRECTS} times", param, "image_url_redirect")
 
     def _target(self, url: str, param: str) -> _Target:
+        if not self.policy.domains:
+            raise bad_request("this server fetches no image URLs (start it with --allowed_media_domains to "
+                              f"allow some); send the image as data:image/<type>;base64,...; got {_shown(url)}",
+                              param, "image_url_not_allowed")
         if len(url) > MAX_URL_CHARS or any(c <= " " or c == "\x7f" for c in url):
             raise bad_request(f"malformed image URL: more than {MAX_URL_CHARS} characters, or a space or control "
                               f"character (percent-encode it)", param, "invalid_image_url")
@@ -103,10 +107,6 @@ class Fetcher:
         except ValueError as e:
             raise bad_request(f"malformed image URL ({e})", param, "invalid_image_url") from None
         host = (parts.hostname or "").lower()
-        if not self.policy.domains:
-            raise bad_request("this server fetches no image URLs (start it with --allowed_media_domains to "
-                              f"allow some); send the image as data:image/<type>;base64,...; got {_shown(url)}",
-                              param, "image_url_not_allowed")
         if host not in self.policy.domains:
             raise bad_request(f"image URLs are fetched only from {', '.join(self.policy.domains)}; "
                               f"got host {host[:80]!r}", param, "image_url_not_allowed")
