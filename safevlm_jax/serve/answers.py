@@ -68,6 +68,7 @@ class Answer:
             raise APIError(503, "the request was cancelled (server shutting down)", code="cancelled")
         if event.finish_reason == "error":
             raise APIError(500, f"generation failed: {event.error}", code="generation_error")
+        request.state.tokens = (event.prompt_tokens, event.completion_tokens)
         return JSONResponse(responses.chat_completion(
             self.rid, self.model, "".join(text), event.finish_reason, safety,
             event.prompt_tokens, event.completion_tokens))
@@ -106,6 +107,7 @@ class Answer:
                     break
                 else:
                     finished = True
+                    request.state.tokens = (event.prompt_tokens, event.completion_tokens)
                     yield _sse(responses.chat_chunk(self.rid, self.model, created, {}, event.finish_reason))
                     if include_usage:
                         yield _sse(responses.usage_chunk(self.rid, self.model, created,

@@ -15,6 +15,15 @@ Moderation categories are our 6 risky types (the 7th, clean, is no category):
     privacy                 4 privacy
     misleading              5 misleading
 
+Where a type matches one of OpenAI's moderation categories, the result carries it under
+OpenAI's name too (same flag, score and input types), so a client reading `harassment`,
+`hate` or `illicit` finds them; OpenAI has no category for the others:
+
+    our category            OpenAI's category
+    illegal_risk            illicit       (advice or instruction for illegal acts)
+    insults_and_bullying    harassment    (harassing language towards any target)
+    fairness                hate          (demeaning a group for race, gender, religion, ...)
+
 `category_scores[c]` = P(type = c) · P(level >= 1), the head's probability that the image is
 risky *and* of that type. `flagged` = the risk policy acts on the verdict (any action but
 `none`; by default level >= 1 and type not clean); `categories[c]` = flagged and the decided
@@ -32,11 +41,17 @@ from safevlm_jax.safety.taxonomy import CLEAN, RISK_LEVELS, RISK_TYPES
 from safevlm_jax.safety.verdict import Verdict
 
 CATEGORIES = tuple(name.replace(" ", "_") for name in RISK_TYPES[:CLEAN])
+OPENAI_CATEGORIES = {"illegal_risk": "illicit", "insults_and_bullying": "harassment", "fairness": "hate"}
 FINISH_REASONS = {"stop": "stop", "length": "length", "blocked": "content_filter"}
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def model_card(model_id: str) -> dict:
+    """One model of `/v1/models` (OpenAI's `model` object)."""
+    return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "safevlm_jax"}
 
 
 def safety_object(verdict: Verdict | None) -> dict | None:
@@ -96,9 +111,13 @@ def moderation_result(verdicts: list[Verdict]) -> dict:
             flags[c] = flags[c] or hit
     level = max(levels)
     worst = verdicts[levels.index(level)]
-    return {"flagged": any(v.action != "none" for v in verdicts), "categories": flags,
-            "category_scores": scores,
-            "category_applied_input_types": {c: ["image"] if flags[c] else [] for c in CATEGORIES},
+    return {"flagged": any(v.action != "none" for v in verdicts), "categories": _with_openai_names(flags),
+            "category_scores": _with_openai_names(scores),
+            "category_applied_input_types": _with_openai_names({c: ["image"] if flags[c] else [] for c in CATEGORIES}),
             "risk_level": level, "risk_level_name": RISK_LEVELS[level],
             "risk_level_probs": list(worst.risk_level_probs),
             "safety": [safety_object(v) for v in verdicts]}
+
+
+def _with_openai_names(by_category: dict) -> dict:
+    return {**by_category, **{openai: by_category[ours] for ours, openai in OPENAI_CATEGORIES.items()}}
