@@ -35,6 +35,7 @@ import numpy as np
 from safevlm_jax.data.images import ImageConfig
 from safevlm_jax.data.tokenizer import max_prompt_chars
 from safevlm_jax.inference.buckets import bucket
+from safevlm_jax.inference.constraints import Grammars
 from safevlm_jax.inference.detokenize import Detokenizer
 from safevlm_jax.inference.errors import CONTEXT_LENGTH, NO_SAFETY, BadRequest
 from safevlm_jax.inference.executor import Executor
@@ -44,6 +45,7 @@ from safevlm_jax.inference.runner import CHUNK_BUCKETS, Runner
 from safevlm_jax.inference.sampling import RowSampling
 from safevlm_jax.inference.scheduler import Scheduler, Seq, Status
 from safevlm_jax.inference.stats import EngineStats, snapshot
+from safevlm_jax.inference.stops import StopStrings
 from safevlm_jax.safety.gate import Gate
 from safevlm_jax.safety.verdict import Verdict
 
@@ -86,6 +88,7 @@ class Engine:
                                  prefix_cache_bytes=self.cache_bytes // 2 if prefix_cache_bytes is None
                                  else prefix_cache_bytes, verdict_cache_bytes=verdict_cache_bytes,
                                  image_token_id=model.config.image_token_index)
+        self.grammars = Grammars(tokenizer, self.config.text.vocab_size)
         self._handles: dict[int, tuple[Handle, Callable | None]] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -140,9 +143,12 @@ class Engine:
                              "max_tokens", CONTEXT_LENGTH)
         image = None if pixels is None else hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
         request = dataclasses.replace(request, pixel_values=pixels)
+        grammar = None if request.json_schema is None else \
+            self.grammars.matcher(self.grammars.compile(request.json_schema))
         with self._cond:
             handle = Handle(next(self._ids), request, self._wake)
-            self.scheduler.add(Seq(handle.id, request, image, Detokenizer(self.tokenizer), time.monotonic()))
+            self.scheduler.add(Seq(handle.id, request, image, Detokenizer(self.tokenizer), time.monotonic(),
+                                   stops=StopStrings(request.stop) if request.stop else None, grammar=grammar))
             self._handles[handle.id] = (handle, on_event)
             self._cond.notify()
         return handle
@@ -269,7 +275,8 @@ class Engine:
         """Runs every program the loop can run once, on blank inputs, with every row free: the
         verdict at each image batch bucket, prefill chunks of every width into prefixes of
         every length (safety on and off), insert, take and reuse of each prefix length, and
-        the decode step at every (rows, length) shape the scheduler can choose."""
+        the decode step at every (rows, length) shape the scheduler can choose (and with a
+        grammar mask at its one shape)."""
         start, r = time.perf_counter(), self.runner
         size = self.config.vision.image_size
         for n in sorted({bucket(n, r.batch_buckets) for n in range(1, self.slots + 1)}):
@@ -290,4 +297,6 @@ class Engine:
         shapes = self.scheduler.step_shapes()
         for rows, length in shapes:
             r.step(rows, length)
+        rows, length = self.scheduler.masked_shape()
+        r.step(rows, length, np.full((rows, self.executor.mask_words), -1, np.int32))
         _log.info("engine: programs ready in %.1f s (decode step shapes %s)", time.perf_counter() - start, shapes)

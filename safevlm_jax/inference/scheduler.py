@@ -6,7 +6,8 @@ their outputs back.
     plan = scheduler.schedule()              # release, verdicts, one prefill chunk, decode
     out = scheduler.verdicts_done(plan.verdict, verdicts, features)      # admission
     out += scheduler.prefilled(seq, upto, token)                          # token: the last chunk's
-    out += scheduler.stepped(tokens, done)                                # a decode step's rows
+    out += scheduler.started(seq)                        # or: its first token comes from a decode step
+    out += scheduler.stepped(tokens, done, logprobs)                      # a decode step's rows
     for seq, event in out: ...                                            # to the request's caller
 
 A request: WAITING (in the queue) -> its verdict (batched with others; none without an image
@@ -14,8 +15,13 @@ or with safety off) -> the gate admits it (prompt ids, the hint inserted) or blo
 policy's refusal, never a row) -> READY -> PREFILL (it holds the lowest free row; its prompt
 goes in chunks, one per turn, `prefill_chunk` tokens while other rows decode and whole when
 none does, so decoding rows are never stalled by a whole prompt) -> DECODE (one token per
-step) -> DONE (EOS or max_tokens as the device reports them, cancelled, or failed). Each
-request gets exactly one VerdictEvent first and exactly one DoneEvent last.
+step) -> DONE (EOS or max_tokens as the device reports them, a stop string, cancelled, or
+failed). Each request gets exactly one VerdictEvent first and exactly one DoneEvent last.
+
+A request with a grammar or asking for logprobs is `deferred`: its prompt but the last token is
+prefilled, and the first decode step reads that token and samples the first answer token under
+the grammar's mask, with its log-probabilities. While a constrained row decodes, the step runs
+over the whole state with the mask (one program variant: `masked_shape`).
 """
 
 from __future__ import annotations
@@ -67,6 +73,15 @@ class Seq:
     first_token: float | None = None
     cancelled: bool = False
     said_verdict: bool = False
+    stops: Any = None  # a StopStrings, or None
+    grammar: Any = None  # a constraints.RowGrammar, or None
+    logprobs: list = dataclasses.field(default_factory=list)  # per generated token, when asked
+    stopped: bool = False  # a stop string ended it
+
+    @property
+    def deferred(self) -> bool:
+        """Its first answer token comes from a decode step (module docstring)."""
+        return self.grammar is not None or self.request.logprobs
 
     @property
     def use_safety(self) -> bool:
@@ -85,7 +100,8 @@ class Plan:
     rows to keep as prefixes, (row, ids it holds, its request); verdict: requests whose images
     to encode; begin: requests that took a row and start their prefill; prefill: the request
     whose next chunk (at most `budget` tokens) runs; decode: (rows, length) of the decode
-    step, or None."""
+    step, or None; grammars: {row: its grammar} of the decoding rows that have one (the step
+    then takes their masks)."""
 
     release: list[int]
     save: list[tuple[int, list[int], Seq]]
@@ -94,6 +110,7 @@ class Plan:
     prefill: Seq | None
     budget: int
     decode: tuple[int, int] | None
+    grammars: dict = dataclasses.field(default_factory=dict)
 
 
 Output = list[tuple[Seq, EngineEvent]]
@@ -156,8 +173,10 @@ class Scheduler:
         prefilling = [s for s in self.busy if s.status is Status.PREFILL]
         decoding = [s for s in self.busy if s.status is Status.DECODE]
         prefill = min(prefilling, key=lambda s: s.admitted) if prefilling else None
+        grammars = {s.row: s.grammar for s in decoding if s.grammar is not None}
         plan = Plan(self._release, self._save, verdict, begin, prefill,
-                    self.prefill_chunk if decoding else self.whole_chunk, self._decode_shape(decoding))
+                    self.prefill_chunk if decoding else self.whole_chunk,
+                    self.masked_shape() if grammars else self._decode_shape(decoding), grammars)
         self._release, self._save = [], []
         return plan, out
 
@@ -173,6 +192,10 @@ class Scheduler:
         (XLA's dot takes no strided operand), which only a corner much smaller than the state
         pays for."""
         return (rows, self.length_buckets[-1]) if rows == self.rows and 4 * length > self.max_length else (rows, length)
+
+    def masked_shape(self) -> tuple[int, int]:
+        """The one (rows, length) of a step with grammar masks: the whole state."""
+        return self._shape(self.rows, self.length_buckets[-1])
 
     def step_shapes(self) -> list[tuple[int, int]]:
         """Every (rows, length) a decode step can have."""
@@ -225,29 +248,54 @@ class Scheduler:
         self.counters.prompt_tokens += len(seq.prompt_ids)
         return self._take(seq, token, done=seq.request.max_tokens <= 1 or token == self.eos_id)
 
-    def stepped(self, tokens, done) -> Output:
-        """A decode step's tokens [rows] and done flags [rows] (EOS or max_tokens reached)."""
+    def started(self, seq: Seq) -> Output:
+        """A deferred request's prompt is in its row: the next decode step samples its first token."""
+        if seq.status is Status.PREFILL:
+            seq.status = Status.DECODE
+            self.counters.prompt_tokens += len(seq.prompt_ids)
+        return []
+
+    def stepped(self, tokens, done, logprobs=None) -> Output:
+        """A decode step's tokens [rows], done flags [rows] (EOS or max_tokens reached) and,
+        when a row asked, (logprob [rows], top ids [rows, k], top logprobs [rows, k]) as numpy."""
         out: Output = []
         for seq in [s for s in self.busy if s.status is Status.DECODE and s.row < len(tokens)]:
+            r = seq.row
             try:
-                out += self._take(seq, int(tokens[seq.row]), bool(done[seq.row]))
+                entry = None if logprobs is None or not seq.request.logprobs else \
+                    (int(tokens[r]), float(logprobs[0][r]), tuple(logprobs[1][r].tolist()),
+                     tuple(logprobs[2][r].tolist()))
+                out += self._take(seq, int(tokens[r]), bool(done[r]), entry)
             except Exception as e:  # e.g. its detokenizer: that request alone ends
                 _log.exception("request %d's token failed", seq.id)
-                out += self.finish(seq, FinishReason.ERROR, _error(e), released=bool(done[seq.row]))
+                out += self.finish(seq, FinishReason.ERROR, _error(e), released=bool(done[r]))
         return out
 
-    def _take(self, seq: Seq, token: int, done: bool) -> Output:
+    def _take(self, seq: Seq, token: int, done: bool, logprob: tuple | None = None) -> Output:
         seq.generated.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         seq.first_token = seq.first_token or time.monotonic()
         eos = token == self.eos_id
+        if seq.grammar is not None and not eos:
+            seq.grammar.consume(token)
         text = "" if eos else seq.detok.push(token)
-        out: Output = []
-        if text:
-            out.append((seq, TextEvent(text, tuple(seq.generated[seq.reported:]))))
-            seq.reported = len(seq.generated)
-        if done:
+        if text and seq.stops is not None:
+            text, seq.stopped = seq.stops.push(text)
+        out: Output = self._text(seq, text)
+        if seq.stopped:
+            out += self.finish(seq, FinishReason.STOP, released=done)
+        elif done:
             out += self.finish(seq, FinishReason.STOP if eos else FinishReason.LENGTH, released=True)
         return out
+
+    def _text(self, seq: Seq, text: str) -> Output:
+        """A TextEvent of `text` with the tokens (and logprobs) not yet carried, if any text."""
+        if not text:
+            return []
+        event = TextEvent(text, tuple(seq.generated[seq.reported:]), tuple(seq.logprobs[seq.reported:]))
+        seq.reported = len(seq.generated)
+        return [(seq, event)]
 
     def finish(self, seq: Seq, reason: FinishReason, error: str | None = None, released: bool = False) -> Output:
         """The request's last events (once): the text still held back, then done; its row is
@@ -263,11 +311,12 @@ class Scheduler:
                 self._release.append(seq.row)
             elif reason in (FinishReason.STOP, FinishReason.LENGTH) and self.save_prefixes:
                 self._save.append((seq.row, seq.prompt_ids + seq.generated[:-1], seq))
-        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+        if reason in (FinishReason.STOP, FinishReason.LENGTH) and not seq.stopped:
             tail = seq.detok.flush()
-            if tail:
-                out.append((seq, TextEvent(tail, tuple(seq.generated[seq.reported:]))))
-                seq.reported = len(seq.generated)
+            if seq.stops is not None:
+                tail, seq.stopped = seq.stops.push(tail)
+                tail += "" if seq.stopped else seq.stops.flush()
+            out += self._text(seq, tail)
         seq.status = Status.DONE
         self.counters.finished[reason.value] += 1
         since = lambda t: None if t is None else t - seq.submitted
