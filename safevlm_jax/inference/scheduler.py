@@ -77,11 +77,13 @@ class Seq:
     grammar: Any = None  # a constraints.RowGrammar, or None
     logprobs: list = dataclasses.field(default_factory=list)  # per generated token, when asked
     stopped: bool = False  # a stop string ended it
+    leader: "Seq | None" = None  # the first choice of its request (n > 1): it begins after its prefill
+    shared: bool = False  # one of several choices
 
     @property
     def deferred(self) -> bool:
         """Its first answer token comes from a decode step (module docstring)."""
-        return self.grammar is not None or self.request.logprobs
+        return self.grammar is not None or self.request.logprobs or self.shared
 
     @property
     def use_safety(self) -> bool:
@@ -138,14 +140,14 @@ class Scheduler:
         self._save: list[tuple[int, list[int], Seq]] = []
 
     # The caller's side ------------------------------------------------------------------
-    def add(self, seq: Seq) -> None:
-        """Queues an accepted request (QueueFull, EngineClosed)."""
+    def add(self, *seqs: Seq) -> None:
+        """Queues an accepted request, or all the choices of one (QueueFull, EngineClosed)."""
         if not self.accepting:
             raise EngineClosed("the engine is shutting down and accepts no new request")
-        if len(self.queue) >= self.max_queue:
+        if len(self.queue) + len(seqs) > self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are already waiting; try again later")
-        self.queue.append(seq)
-        self.counters.accepted += 1
+        self.queue.extend(seqs)
+        self.counters.accepted += len(seqs)
 
     @property
     def busy(self) -> list[Seq]:
@@ -165,7 +167,9 @@ class Scheduler:
         ready = sum(s.status is Status.READY for s in self.queue)
         verdict = [s for s in self.queue if s.status is Status.WAITING][:max(free - ready, 0)]
         begin = []
-        for seq in [s for s in self.queue if s.status is Status.READY][:free]:
+        # a later choice begins once the first's prompt is prefilled: it copies that prefix
+        may_begin = lambda s: s.leader is None or s.leader.status in (Status.DECODE, Status.DONE)
+        for seq in [s for s in self.queue if s.status is Status.READY and may_begin(s)][:free]:
             self.queue.remove(seq)
             seq.row, seq.status, seq.admitted = self.slots.index(None), Status.PREFILL, time.monotonic()
             self.slots[seq.row] = seq
