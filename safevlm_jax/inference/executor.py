@@ -60,7 +60,7 @@ class Executor:
         if plan.prefill is not None and plan.prefill.status is Status.PREFILL:
             out += self._prefill(plan.prefill, plan.budget)
         if plan.decode is not None:
-            out += self._decode(*plan.decode, plan.grammars)
+            out += self._decode(*plan.decode)
         return out
 
     def drop(self, seq: Seq) -> None:
@@ -159,10 +159,14 @@ class Executor:
         self.prefixes.add(ids, _image_key(seq), prefix, sum(b.nbytes for b in (*prefix.k, *prefix.v)))
 
     # Decoding ---------------------------------------------------------------------------
-    def _decode(self, rows: int, length: int, grammars: dict) -> Output:
-        """One step; with grammars ({row: RowGrammar}), their masks (all ones elsewhere)."""
+    def _decode(self, rows: int, length: int) -> Output:
+        """One step; when a decoding row has a grammar (it may have started in this turn's
+        prefill), over the whole state with their masks (all ones elsewhere)."""
         with self.lock:
             decoding = [s for s in self.scheduler.busy if s.status is Status.DECODE]
+            grammars = {s.row: s.grammar for s in decoding if s.grammar is not None}
+        if grammars:
+            rows, length = self.scheduler.masked_shape()
         try:
             bitmask = None
             if grammars:

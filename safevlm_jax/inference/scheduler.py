@@ -102,8 +102,7 @@ class Plan:
     rows to keep as prefixes, (row, ids it holds, its request); verdict: requests whose images
     to encode; begin: requests that took a row and start their prefill; prefill: the request
     whose next chunk (at most `budget` tokens) runs; decode: (rows, length) of the decode
-    step, or None; grammars: {row: its grammar} of the decoding rows that have one (the step
-    then takes their masks)."""
+    step, or None (`masked_shape` when a decoding row has a grammar)."""
 
     release: list[int]
     save: list[tuple[int, list[int], Seq]]
@@ -112,7 +111,6 @@ class Plan:
     prefill: Seq | None
     budget: int
     decode: tuple[int, int] | None
-    grammars: dict = dataclasses.field(default_factory=dict)
 
 
 Output = list[tuple[Seq, EngineEvent]]
@@ -177,10 +175,8 @@ class Scheduler:
         prefilling = [s for s in self.busy if s.status is Status.PREFILL]
         decoding = [s for s in self.busy if s.status is Status.DECODE]
         prefill = min(prefilling, key=lambda s: s.admitted) if prefilling else None
-        grammars = {s.row: s.grammar for s in decoding if s.grammar is not None}
         plan = Plan(self._release, self._save, verdict, begin, prefill,
-                    self.prefill_chunk if decoding else self.whole_chunk,
-                    self.masked_shape() if grammars else self._decode_shape(decoding), grammars)
+                    self.prefill_chunk if decoding else self.whole_chunk, self._decode_shape(decoding))
         self._release, self._save = [], []
         return plan, out
 
@@ -188,6 +184,8 @@ class Scheduler:
         """(rows, length) buckets holding every decoding row and its next slot."""
         if not decoding:
             return None
+        if any(s.grammar is not None for s in decoding):
+            return self.masked_shape()
         return self._shape(bucket(max(s.row for s in decoding) + 1, self.row_buckets, "row"),
                            bucket(max(s.cached for s in decoding) + 1, self.length_buckets, "position"))
 

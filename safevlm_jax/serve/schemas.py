@@ -234,7 +234,10 @@ def parse_chat(body: Any, limits: Limits) -> ChatInput:
     if len(images) > 1:
         raise bad_request(f"at most one image per conversation (LLaVA-1.5 and its safety verdict read one "
                           f"image); got {len(images)}", images[1][1].param, "too_many_images")
-    _check_text("".join(t.value for t in turns) + (system or ""), limits, "messages")
+    chars = [len(m.content) if isinstance(m.content, str) else sum(len(getattr(p, "text", "")) for p in m.content)
+             for m in chat.messages]  # the longest message is named
+    _check_text("".join(t.value for t in turns) + (system or ""), limits,
+                f"messages[{chars.index(max(chars))}].content")
     return ChatInput(model=chat.model, turns=turns, system=system, image=images[0][1] if images else None,
                      image_turn=images[0][0] if images else 0,
                      max_tokens=chat.max_tokens or chat.max_completion_tokens,
