@@ -332,7 +332,7 @@ def test_an_exception_for_one_request_fails_that_request_only(engine, pixels, to
 
     real_step = Runner.step
 
-    def lost(self, rows, length):  # as if the donated state had been consumed by a failed step
+    def lost(self, rows, length, bitmask=None):  # as if the donated state had been consumed by a failed step
         for buf in self.state.cache.k:
             buf.delete()
         raise RuntimeError("device lost")
