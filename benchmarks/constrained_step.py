@@ -8,7 +8,7 @@ rows and at the whole state, and the masked variant (`programs.step_program` wit
 llguidance filling one row's mask. Rows without a grammar never pay for a mask: the masked
 variant runs only while a constrained row decodes. Last line: `unmasked_corner_ms=...
 unmasked_full_ms=... masked_full_ms=... mask_fill_ms=... masked_over_unmasked_full=...`
-(medians).
+(medians, the variants interleaved).
 """
 
 from __future__ import annotations
@@ -31,13 +31,15 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"ty
           "required": ["name", "n"]}
 
 
-def median_ms(fn, steps: int) -> float:
-    times = []
+def median_ms(fns, steps: int) -> list[float]:
+    """Each of `fns` timed `steps` times, interleaved (a load that comes and goes hits them alike)."""
+    times = [[] for _ in fns]
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [1e3 * float(np.median(t)) for t in times]
 
 
 def main(argv):
@@ -65,13 +67,12 @@ def main(argv):
             ("plain step, whole state", full, lambda: runner.step(*full)),
             ("masked step, whole state", full, lambda: runner.step(*full, bitmask)),
             ("llguidance: one row's mask", None, lambda: row.fill(bitmask[0]))]
-    results = {}
-    print(f"{'what':30s} {'(rows, length)':>16s} {'ms (median)':>12s}")
-    for name, shape, fn in rows:
+    for _, _, fn in rows:
         fn()
-        results[name] = median_ms(fn, FLAGS.steps)
-        print(f"{name:30s} {str(shape or ''):>16s} {results[name]:12.3f}")
-    a, b, c, d = (results[name] for name, *_ in rows)
+    a, b, c, d = median_ms([fn for *_, fn in rows], FLAGS.steps)
+    print(f"{'what':30s} {'(rows, length)':>16s} {'ms (median)':>12s}")
+    for (name, shape, _), ms in zip(rows, (a, b, c, d)):
+        print(f"{name:30s} {str(shape or ''):>16s} {ms:12.3f}")
     print(f"unmasked_corner_ms={a:.3f} unmasked_full_ms={b:.3f} masked_full_ms={c:.3f} mask_fill_ms={d:.3f} "
           f"masked_over_unmasked_full={c / b:.3f}")
 
