@@ -96,6 +96,17 @@ def test_openai_n_choices_share_one_prefill_and_each_equals_its_own_seed(client,
     assert len({c.message.content for c in three.choices}) > 1
 
 
+def test_openai_n_choices_stream_each_to_its_end_with_the_usage_of_all(client):
+    kw = dict(n=2, temperature=2.0, seed=7, max_tokens=8)
+    whole = ask(client, [image_turn()], **kw)
+    chunks = [c for c in ask(client, [image_turn()], stream=True, stream_options={"include_usage": True}, **kw)]
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(ch.delta.content or "" for ch in mine) == whole.choices[i].message.content
+        assert mine[-1].finish_reason == whole.choices[i].finish_reason and mine[0].model_extra["safety"]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
 def test_openai_logprobs_in_openais_shape_streamed_too(client):
     answer = ask(client, [image_turn()], logprobs=True, top_logprobs=3)
     content = answer.choices[0].logprobs.content
