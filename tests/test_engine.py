@@ -197,6 +197,12 @@ def test_nothing_recompiles_after_warm_up(engine, pixels, together):
                                                (0, 0, 5, 0, 3, 1, 0), range(7))]
     run(engine, mixed + [EngineRequest(None, "Say hello.", max_tokens=3)])
     run(engine, mixed[:3])
+    # stop strings, penalties, logprobs (a first token from the step), a grammar's masked step, n choices
+    extras = [request(pixels, "clean", max_tokens=6, stop=("e",), presence_penalty=0.5, frequency_penalty=1.0),
+              request(pixels, "low_risk", max_tokens=6, logprobs=True, temperature=0.7, seed=3),
+              request(pixels, "clean", max_tokens=6, json_schema={"type": "object"})]
+    run(engine, extras + mixed[3:5])
+    assert all(h.wait(120) for h in engine.submit_choices(request(pixels, "risky", max_tokens=4, temperature=1.0), 3))
     assert len(_COMPILES) == before, _COMPILES[before:]
 
 
@@ -332,7 +338,7 @@ def test_an_exception_for_one_request_fails_that_request_only(vlm, pixels, toget
 
     real_step = Runner.step
 
-    def lost(self, rows, length):  # as if the donated state had been consumed by a failed step
+    def lost(self, rows, length, bitmask=None):  # as if the donated state had been consumed by a failed step
         for buf in self.state.cache.k:
             buf.delete()
         raise RuntimeError("device lost")

@@ -52,4 +52,4 @@ def test_an_image_in_a_system_or_assistant_message_is_refused_and_the_text_bound
     assert e["param"].startswith("messages[0].content[0]")
     long = "x" * 6000
     e = error({"role": "system", "content": long}, {"role": "user", "content": long})
-    assert e["code"] == "context_length_exceeded"
+    assert e["code"] == "context_length_exceeded" and e["param"] == "messages[0].content"

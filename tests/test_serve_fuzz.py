@@ -56,8 +56,9 @@ def _image_refs(body: dict) -> list[dict]:
 
 @st.composite
 def aimed(draw, cases):
-    """A generated case; half of them get a model id served, a length that fits and images
-    that decode (or are hostile), so that they reach the image decoder and the engine."""
+    """A generated case; half of them get a model id served, a length that fits, images that
+    decode (or are hostile) and a conversation ending with a user turn, so that they reach the
+    image decoder and the engine."""
     case = draw(cases)
     if isinstance(case.body, dict) and draw(st.booleans()):
         for key in ("max_tokens", "max_completion_tokens"):
@@ -65,6 +66,12 @@ def aimed(draw, cases):
                 case.body[key] = draw(st.integers(1, 12))
         if "model" in case.body:
             case.body["model"] = "demo"
+        messages = case.body.get("messages")
+        if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+            for i, m in enumerate(messages):  # user turns (after a system one), so the conversation holds
+                first_system = i == 0 and len(messages) > 1 and m.get("role") == "system"
+                if m.get("role") in ("assistant", "system", "developer") and not first_system:
+                    m["role"] = "user"
         for ref in _image_refs(case.body):
             ref["url"] = draw(st.sampled_from(IMAGE_URLS))
     return case

@@ -106,6 +106,7 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
     metrics = Metrics(engine.stats)
     images = dataclasses.replace(engine.images, max_pixels=settings.max_image_pixels)
     limits = Limits(engine.config.text.vocab_size, engine.max_prompt_chars)
+    texts = responses.TokenTexts(engine.tokenizer)
     app.state.metrics = metrics
     if settings.cors_origins:  # preflights answered here; every answer (errors too) gets the headers
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
@@ -175,10 +176,11 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
             request.state.prompt = "\n".join(([f"system: {chat.system}"] if chat.system is not None else []) +
                                              [f"{turn.role}: {turn.value}" for turn in chat.turns])
         pixels = await pixel_values(chat.image) if chat.image else None
-        answer = Answer(responses.new_id("chatcmpl"), settings.model_name, metrics,
-                        asyncio.get_running_loop())
+        answer = Answer(responses.new_id("chatcmpl"), settings.model_name, metrics, asyncio.get_running_loop(),
+                        chat.n, texts if chat.logprobs else None, chat.top_logprobs)
         try:
-            handle = await work(engine.submit, _engine_request(chat, pixels, settings), answer.put)
+            answer.handles = await work(engine.submit_choices, _engine_request(chat, pixels, settings), chat.n,
+                                        answer.put)
         except QueueFull as e:
             raise APIError(503, f"the server is busy ({e})", code="queue_full",
                            headers={"Retry-After": str(settings.retry_after_s)}) from None
@@ -190,11 +192,11 @@ def create_app(engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
         if chat.stream:
             # Starlette cancels the stream when the client leaves, but only once it has
             # started; the watcher covers a client that leaves before the first byte.
-            answer.watch(handle, request)
-            return StreamingResponse(answer.stream(handle, request, chat.include_usage),
+            answer.watch(request)
+            return StreamingResponse(answer.stream(request, chat.include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await answer.whole(handle, request)
+        return await answer.whole(request)
 
     @app.post("/v1/moderations", openapi_extra=_request_body(ModerationBody))
     async def moderations(request: Request):
@@ -253,7 +255,9 @@ def _engine_request(chat: ChatInput, pixels, settings: ServeSettings) -> EngineR
                          max_tokens=chat.max_tokens or settings.default_max_tokens,
                          temperature=chat.temperature, top_p=chat.top_p, top_k=chat.top_k,
                          seed=secrets.randbelow(2**31) if chat.seed is None else chat.seed,
-                         safety=chat.safety)
+                         safety=chat.safety, presence_penalty=chat.presence_penalty,
+                         frequency_penalty=chat.frequency_penalty, logprobs=chat.logprobs, stop=chat.stop,
+                         json_schema=chat.json_schema)
 
 
 def _bad_engine_request(e: BadRequest, chat: ChatInput, settings: ServeSettings) -> APIError:

@@ -71,22 +71,50 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_completion(rid: str, model: str, text: str, finish_reason: str, safety: dict | None,
-                    prompt_tokens: int, completion_tokens: int) -> dict:
+def choice(index: int, text: str, finish_reason: str, safety: dict | None, logprobs: dict | None) -> dict:
+    """One choice of a `chat.completion`."""
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": FINISH_REASONS[finish_reason], "safety": safety}
+
+
+def chat_completion(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": FINISH_REASONS[finish_reason],
-                         "safety": safety}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-               **extra) -> dict:
+               index: int = 0, logprobs: dict | None = None, **extra) -> dict:
     """One `chat.completion.chunk`; `extra` goes into the choice (the first chunk's `safety`)."""
-    choice = {"index": 0, "delta": delta, "logprobs": None,
+    choice = {"index": index, "delta": delta, "logprobs": logprobs,
               "finish_reason": finish_reason and FINISH_REASONS[finish_reason], **extra}
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [choice]}
+
+
+class TokenTexts:
+    """Token ids -> the text and bytes OpenAI's logprobs show for them (a token's text as it
+    reads after another token, so SentencePiece's word-start space is kept)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self._texts = tokenizer, {}
+        self._anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+        self._skip = len(tokenizer.decode(self._anchor))
+
+    def text(self, token: int) -> str:
+        if token not in self._texts:
+            self._texts[token] = self.tokenizer.decode(self._anchor + [token])[self._skip:]
+        return self._texts[token]
+
+    def entry(self, token: int, logprob: float) -> dict:
+        text = self.text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def content(self, logprobs, top: int) -> dict:
+        """A TextEvent's (token, logprob, top ids, top logprobs) entries -> OpenAI's
+        `{"content": [...]}` with `top` alternatives each."""
+        return {"content": [{**self.entry(t, lp), "top_logprobs": [self.entry(i, p) for i, p in
+                                                                   zip(ids[:top], lps[:top])]}
+                            for t, lp, ids, lps in logprobs], "refusal": None}
 
 
 def usage_chunk(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> dict:

@@ -9,9 +9,10 @@ server publishes at `/openapi.json`: `extra="forbid"`, so a misspelt or unknown 
 in the error (as OpenAI's API does) instead of being silently ignored, and every string, list
 and number is bounded. What depends on the model is checked against `Limits` (top_k at most
 the vocabulary; a prompt no longer than the context could hold), and prompt + max_tokens
-against the context by the engine. Fields of OpenAI's API that this server cannot honour
-(`n > 1`, `tools`, `logprobs`, `stop`, ...) are refused by name unless they carry their neutral
-value. Every error names its exact place (`messages[0].content[1].image_url.url`).
+against the context by the engine (and a `response_format` schema by its grammar compiler).
+Fields of OpenAI's API that this model cannot honour (`tools`, functions, audio, ...) are
+refused by name unless they carry their neutral value. Every error names its exact place
+(`messages[0].content[1].image_url.url`).
 
 Conversation shape: `system` / `developer` messages (their texts, joined, replace the
 template's system text), then user and assistant turns in any number from a user turn to the
@@ -32,17 +33,19 @@ import pydantic
 from pydantic import ConfigDict, Field
 
 from safevlm_jax.data.records import GPT, HUMAN, Turn
+from safevlm_jax.inference.constraints import ANY_OBJECT
+from safevlm_jax.inference.logits import TOP_LOGPROBS
 from safevlm_jax.inference.requests import MAX_TOKENS, SEEDS
+from safevlm_jax.inference.stops import MAX_STOP_CHARS, MAX_STOPS
 from safevlm_jax.serve.errors import bad_request, param_path
 
 # field -> the values that mean "not used" (anything else is refused)
-UNSUPPORTED = {"n": (None, 1), "tools": (None, []), "tool_choice": (None, "none"),
+UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"),
                "functions": (None, []), "function_call": (None, "none"),
-               "parallel_tool_calls": (None,), "logprobs": (None, False), "top_logprobs": (None, 0),
-               "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-               "stop": (None, [], ""), "response_format": (None, {"type": "text"}),
+               "parallel_tool_calls": (None,), "logit_bias": (None, {}),
                "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
                "reasoning_effort": (None,), "web_search_options": (None,)}
+MAX_CHOICES = 8
 NAME_CHARS, MAX_PARTS, MAX_MESSAGES = 256, 64, 256
 # the characters of every bounded string of a body but its prompt: model, user, name, metadata
 FIELD_CHARS = 3 * NAME_CHARS + 16 * (64 + 512) + 4 * MAX_PARTS
@@ -116,6 +119,30 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JSONSchema(_Strict):
+    name: Annotated[str, Field(max_length=64)]
+    description: Annotated[str, Field(max_length=NAME_CHARS)] | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON schema")
+    strict: bool | None = None
+
+
+class JSONSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JSONSchema
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
+Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class ChatBody(_Strict):
     model: Name | None = None
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES,
@@ -127,6 +154,13 @@ class ChatBody(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=MAX_TOKENS, description="0: off; at most the vocabulary")
     seed: int | None = Field(None, ge=SEEDS[0], le=SEEDS[1])
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="choices, each with its own seed")
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     safety: bool = Field(True, description="false: plain LLaVA, no verdict or hint")
@@ -169,6 +203,13 @@ class ChatInput:
     stream: bool
     include_usage: bool
     safety: bool
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    json_schema: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +229,16 @@ def parse_chat(body: Any, limits: Limits) -> ChatInput:
     if chat.top_k and chat.top_k > limits.vocab_size:
         raise bad_request(f"top_k must be at most the vocabulary size, {limits.vocab_size}; got {chat.top_k}",
                           "top_k")
+    if chat.top_logprobs and not chat.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     system, turns, images = _conversation(chat.messages)
     if len(images) > 1:
         raise bad_request(f"at most one image per conversation (LLaVA-1.5 and its safety verdict read one "
                           f"image); got {len(images)}", images[1][1].param, "too_many_images")
-    _check_text("".join(t.value for t in turns) + (system or ""), limits, "messages")
+    chars = [len(m.content) if isinstance(m.content, str) else sum(len(getattr(p, "text", "")) for p in m.content)
+             for m in chat.messages]  # the longest message is named
+    _check_text("".join(t.value for t in turns) + (system or ""), limits,
+                f"messages[{chars.index(max(chars))}].content")
     return ChatInput(model=chat.model, turns=turns, system=system, image=images[0][1] if images else None,
                      image_turn=images[0][0] if images else 0,
                      max_tokens=chat.max_tokens or chat.max_completion_tokens,
@@ -200,7 +246,9 @@ def parse_chat(body: Any, limits: Limits) -> ChatInput:
                      top_p=1.0 if chat.top_p is None else chat.top_p, top_k=chat.top_k or 0,
                      seed=chat.seed, stream=chat.stream,
                      include_usage=bool(chat.stream_options and chat.stream_options.include_usage),
-                     safety=chat.safety)
+                     safety=chat.safety, n=chat.n or 1, stop=_stops(chat.stop), logprobs=bool(chat.logprobs),
+                     top_logprobs=chat.top_logprobs or 0, presence_penalty=chat.presence_penalty or 0.0,
+                     frequency_penalty=chat.frequency_penalty or 0.0, json_schema=_json_schema(chat.response_format))
 
 
 def parse_moderation(body: Any, limits: Limits, max_images: int) -> ModerationInput:
@@ -217,6 +265,23 @@ def parse_moderation(body: Any, limits: Limits, max_images: int) -> ModerationIn
         raise bad_request(f"at most {max_images} images per moderation request, got {len(images)}",
                           "input", "too_many_images")
     return ModerationInput(mod.model, images, texts)
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    """OpenAI's `stop` (a string or a list; empty strings stop nothing) as a tuple."""
+    return tuple(s for s in ([stop] if isinstance(stop, str) else stop or []) if s)
+
+
+def _json_schema(fmt) -> dict | None:
+    """The schema the answer must follow: json_object: any object; json_schema: its schema."""
+    if isinstance(fmt, JSONObjectFormat):
+        return ANY_OBJECT
+    if isinstance(fmt, JSONSchemaFormat):
+        if fmt.json_schema.schema_ is None:
+            raise bad_request("response_format.json_schema.schema is required", "response_format.json_schema.schema",
+                              "missing_required_parameter")
+        return fmt.json_schema.schema_
+    return None
 
 
 def _conversation(messages: list) -> tuple[str | None, tuple[Turn, ...], list[tuple[int, ImageRef]]]:
@@ -284,7 +349,9 @@ def _validate(model: type[pydantic.BaseModel], body: Any):
         return model.model_validate(body)
     except pydantic.ValidationError as e:
         # a union reports every branch's error: the deepest names the place best
-        error = max(e.errors(include_url=False), key=lambda err: len(_loc(err["loc"])))
+        # (and of two as deep, one that is not "wrong type": the branch the value was meant for)
+        error = max(e.errors(include_url=False),
+                    key=lambda err: (len(_loc(err["loc"])), not err["type"].endswith("_type")))
         raise _refusal(error) from None
 
 
@@ -298,7 +365,7 @@ def _refusal(error: dict):
         tag = got.get("role") if isinstance(got, dict) else None
         return bad_request(f"{param}.role: {_brief(tag)} is not a role this server answers: system, developer, "
                            f"user or assistant (it has no tools)", f"{param}.role", "unsupported_conversation")
-    if kind.startswith("union_tag"):
+    if kind.startswith("union_tag") and ("content" in loc or "input" in loc):
         tag = got.get("type") if isinstance(got, dict) else None
         return bad_request(f"{param}: content part type {_brief(tag)} is not supported; use 'text' or "
                            f"'image_url'", f"{param}.type", "unsupported_content_type")
@@ -316,7 +383,8 @@ def _loc(loc: tuple) -> tuple:
     role tag that follows a message's index and the tag that follows a content part's index ((..., 0, 'text', 'text') -> (..., 0, 'text'))."""
     out, tag_seen = [], False
     for i, part in enumerate(loc):
-        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool")):
+        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool")
+                                      or part.startswith("constrained-")):
             continue
         if len(out) == 2 and out[0] == "messages" and part in ROLES and i + 1 < len(loc):
             continue  # the message's role tag
