@@ -31,6 +31,7 @@ class Answer:
                  texts: responses.TokenTexts | None = None, top_logprobs: int = 0):
         self.rid, self.model, self.metrics, self.loop, self.n = rid, model, metrics, loop, n
         self.texts, self.top = texts, top_logprobs
+        self._started = [False] * n  # a choice's first logprobs were streamed
         self.arrived, self.first_text, self.queue = time.perf_counter(), False, asyncio.Queue()
         self.finished = 0  # choices whose "done" the engine has sent
         self.handles: list = []
@@ -65,8 +66,11 @@ class Answer:
         for handle in self.handles:
             handle.cancel()
 
-    def _logprobs(self, event) -> dict | None:
-        return None if self.texts is None else self.texts.content(event.logprobs, self.top)
+    def _logprobs(self, index: int, event) -> dict | None:
+        if self.texts is None:
+            return None
+        first, self._started[index] = not self._started[index], self._started[index] or bool(event.logprobs)
+        return self.texts.content(event.logprobs, self.top, first)
 
     async def whole(self, request: Request) -> Response:
         watcher = self.watch(request)
@@ -94,7 +98,7 @@ class Answer:
         completion_tokens = sum(event.completion_tokens for event in done)
         request.state.tokens = (done[0].prompt_tokens, completion_tokens)
         choices = [responses.choice(i, "".join(texts[i]), done[i].finish_reason, safety,
-                                    None if self.texts is None else self.texts.content(logprobs[i], self.top))
+                                    None if self.texts is None else self.texts.content(logprobs[i], self.top, first=True))
                    for i in range(self.n)]
         return JSONResponse(responses.chat_completion(self.rid, self.model, choices, done[0].prompt_tokens,
                                                       completion_tokens))
@@ -123,7 +127,7 @@ class Answer:
                     yield chunk({"role": "assistant", "content": ""}, index=index,
                                 safety=responses.safety_object(event.verdict))
                 elif event.kind == "text":
-                    yield chunk({"content": event.text}, index=index, logprobs=self._logprobs(event))
+                    yield chunk({"content": event.text}, index=index, logprobs=self._logprobs(index, event))
                 elif event.finish_reason in ("error", "cancelled"):
                     finished = True
                     error = APIError(500 if event.finish_reason == "error" else 503,

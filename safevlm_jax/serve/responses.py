@@ -105,16 +105,19 @@ class TokenTexts:
             self._texts[token] = self.tokenizer.decode(self._anchor + [token])[self._skip:]
         return self._texts[token]
 
-    def entry(self, token: int, logprob: float) -> dict:
+    def entry(self, token: int, logprob: float, first: bool = False) -> dict:
         text = self.text(token)
+        if first and text.startswith(" "):  # as the answer's text (`detokenize.decode`) starts
+            text = text[1:]
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    def content(self, logprobs, top: int) -> dict:
+    def content(self, logprobs, top: int, first: bool = False) -> dict:
         """A TextEvent's (token, logprob, top ids, top logprobs) entries -> OpenAI's
-        `{"content": [...]}` with `top` alternatives each."""
-        return {"content": [{**self.entry(t, lp), "top_logprobs": [self.entry(i, p) for i, p in
-                                                                   zip(ids[:top], lps[:top])]}
-                            for t, lp, ids, lps in logprobs], "refusal": None}
+        `{"content": [...]}` with `top` alternatives each; `first`: they start the answer, whose
+        first word-start space is dropped, so the tokens add up to the answer's text."""
+        return {"content": [{**self.entry(t, lp, first and n == 0),
+                             "top_logprobs": [self.entry(i, p, first and n == 0) for i, p in zip(ids[:top], lps[:top])]}
+                            for n, (t, lp, ids, lps) in enumerate(logprobs)], "refusal": None}
 
 
 def usage_chunk(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> dict:
