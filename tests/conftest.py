@@ -2,7 +2,31 @@
 
 SAFEVLM_TEST_DEVICES=native keeps the machine's own devices instead (JAX's default platform,
 e.g. one GPU, and no fake CPU devices): `benchmarks/device_check.sh` sets it to run the
-accelerator-relevant tests there, selecting those that fit one device."""
+accelerator-relevant tests there, selecting those that fit one device.
+
+Shared fixtures (session scope: built once, on first use, for every module that asks):
+
+- `demo_vlm`: the shipped demo checkpoint as a `SafeVLMInference`. Read only; a test that
+  needs another policy or hints builds `SafeVLMInference(demo_vlm.model, demo_vlm.tokenizer,
+  demo_vlm.images, policy=...)` around the same model.
+- `demo_engine`: a started `Engine` over `demo_vlm` of `serve_helpers.DEMO_ENGINE`'s shape (8
+  slots, the model's 512 positions; a queue of 64). Leave it as you found it: every request finished,
+  nothing patched. Its counters are shared, so assert on differences (`stats()` before and
+  after), not on totals. A test that shuts an engine down, fails its requests or needs other
+  settings (a prefill chunk, no prefix cache, a small queue) builds its own with
+  `serve_helpers.live_engine(demo_vlm, **DEMO_ENGINE, ...)`: an engine of the same shape runs
+  the programs `demo_engine` compiled (jit's cache is keyed by the model's structure and the
+  shapes), so it compiles nothing new.
+- `demo_api`: a live uvicorn server (`serve_helpers.LiveServer`: `.url`, `.engine`, `.app`)
+  over `demo_engine`, model id "demo", default `ServeSettings`. A module that needs other
+  settings (a body limit, an API key) opens `serve_helpers.live_server(demo_engine, ...)`: a
+  server costs a thread, not a compilation.
+- `cli_env`: the environment for a `python -m safevlm_jax.…` subprocess: this process's (the
+  fake devices) with the repository on PYTHONPATH and the session's JAX compilation cache (a
+  fresh folder per run), so a command reuses what an earlier one compiled for the same
+  program. The tests' own process does not use that cache: a test that counts compilations
+  would not see a program compiled again if it came from disk.
+"""
 
 import os
 
@@ -20,6 +44,8 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(scope="session")
 def tiny_config():
@@ -27,3 +53,36 @@ def tiny_config():
     from configs.model import model_config
 
     return model_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory) -> dict:
+    """Environment variables for a command-line subprocess (see the module docstring)."""
+    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
+
+
+@pytest.fixture(scope="session")
+def demo_vlm():
+    """The shipped demo checkpoint as a SafeVLMInference (read only; see the module docstring)."""
+    from tests.serve_helpers import demo_inference
+
+    return demo_inference()
+
+
+@pytest.fixture(scope="session")
+def demo_engine(demo_vlm):
+    """A started Engine of DEMO_ENGINE's shape over demo_vlm, shared by every module."""
+    from tests.serve_helpers import DEMO_ENGINE, live_engine
+
+    with live_engine(demo_vlm, **DEMO_ENGINE, max_queue=64) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def demo_api(demo_engine):
+    """A live HTTP server (model id "demo", default settings) over demo_engine."""
+    from tests.serve_helpers import live_server
+
+    with live_server(demo_engine) as server:
+        yield server

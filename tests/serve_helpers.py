@@ -1,4 +1,7 @@
-"""A real uvicorn server on 127.0.0.1 (a free port), in a thread, over the shipped demo model."""
+"""A real uvicorn server on 127.0.0.1 (a free port), in a thread, over the shipped demo model.
+
+Most tests take the session fixtures of tests/conftest.py (`demo_vlm`, `demo_engine`,
+`demo_api`); the context managers here build an engine or a server of their own around them."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from safevlm_jax.serve.app import ServeSettings, create_app
 
 EXAMPLES = os.path.join(DEMO_DIR, "examples")
 QUESTION = "What is shown in this image?"
+DEMO_ENGINE = {"slots": 8}  # the shared `demo_engine`'s shape; its context is the model's 512 positions
 
 
 def demo_inference(**kw):
@@ -95,7 +99,8 @@ def live_server(engine, **settings):
 
 @contextlib.contextmanager
 def demo_server(**engine_kw):
-    """A LiveServer (model id "demo") over a new Engine of the demo model."""
+    """A LiveServer (model id "demo") over a new Engine of the demo model, for a test that
+    needs an engine of its own (`demo_api` is the shared one)."""
     inference = demo_inference()
     with live_engine(inference, **engine_kw) as engine, live_server(engine) as server:
         yield server

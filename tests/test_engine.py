@@ -19,18 +19,18 @@ from safevlm_jax.inference.pipeline import Request, SafeVLMInference, load_image
 from safevlm_jax.inference.runner import Runner
 from safevlm_jax.safety.policy import parse_policy
 from safevlm_jax.safety.prompt import Conversation
+from tests.serve_helpers import DEMO_ENGINE
 
 _COMPILES: list[str] = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda name, *a, **k: _COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
 EXAMPLES = ("clean", "low_risk", "medium_risk", "risky")
 QUESTIONS = ("What is shown in this image?", "Describe the picture.")
-LENGTH = 256  # the engine's context: prompts (114 tokens + a hint) fit one bucket
 
 
 @pytest.fixture(scope="module")
-def vlm():
-    return SafeVLMInference.from_checkpoint(DEMO_DIR)
+def vlm(demo_vlm):
+    return demo_vlm
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,15 @@ def pixels(vlm):
 
 
 @pytest.fixture(scope="module")
-def engine(vlm):
-    e = Engine.from_inference(vlm, slots=8, max_queue=16, max_length=LENGTH).start()
-    yield e
-    e.shutdown()
+def engine(demo_engine):
+    """The suite's shared engine (8 slots): tests that leave it as they found it."""
+    return demo_engine
+
+
+def own_engine(inference, **kw) -> Engine:
+    """A started engine of the shared engine's shape (its compiled programs), for a test that
+    changes settings, shuts it down or breaks it."""
+    return Engine.from_inference(inference, **{**DEMO_ENGINE, **kw}).start()
 
 
 class Log:
@@ -137,7 +142,7 @@ def test_a_long_prompt_goes_in_chunks_between_the_decode_steps_of_the_others(vlm
     """With 16-token chunks, a request arriving while another decodes is prefilled over several
     turns, each followed by a decode step of the first (its text keeps coming); both get the
     tokens they get alone."""
-    e = Engine.from_inference(vlm, slots=2, max_length=LENGTH, prefill_chunk=16, prefix_cache_bytes=0).start()
+    e = own_engine(vlm, prefill_chunk=16, prefix_cache_bytes=0)
     log = Log()
     first = e.submit(request(pixels, "clean", max_tokens=24), log(0))
     while not log.of(0) or log.of(0)[-1].kind != "text":
@@ -165,7 +170,7 @@ def test_a_second_turn_reuses_the_first_turns_prefix_and_verdict(vlm, pixels):
         [two] = run(engine, [request(pixels, "medium_risk", Conversation(turns), max_tokens=12)])
         return one, two
 
-    e = Engine.from_inference(quiet, slots=2, max_length=LENGTH).start()
+    e = own_engine(quiet)
     one, two = chat(e)
     stats = e.stats()
     e.shutdown()
@@ -174,7 +179,7 @@ def test_a_second_turn_reuses_the_first_turns_prefix_and_verdict(vlm, pixels):
     assert stats.prefix_hits == 1 and stats.reused_tokens >= len(one.prompt_ids)
     assert stats.prefill_tokens == len(one.prompt_ids) + len(two.prompt_ids) - stats.reused_tokens
     assert stats.verdict_cache_hits == 1 and stats.verdict_batches == 1
-    cold = Engine.from_inference(quiet, slots=2, max_length=LENGTH, prefix_cache_bytes=0).start()
+    cold = own_engine(quiet, prefix_cache_bytes=0)
     want = chat(cold)
     cold.shutdown()
     assert [h.token_ids for h in want] == [one.token_ids, two.token_ids]
@@ -192,6 +197,12 @@ def test_nothing_recompiles_after_warm_up(engine, pixels, together):
                                                (0, 0, 5, 0, 3, 1, 0), range(7))]
     run(engine, mixed + [EngineRequest(None, "Say hello.", max_tokens=3)])
     run(engine, mixed[:3])
+    # stop strings, penalties, logprobs (a first token from the step), a grammar's masked step, n choices
+    extras = [request(pixels, "clean", max_tokens=6, stop=("e",), presence_penalty=0.5, frequency_penalty=1.0),
+              request(pixels, "low_risk", max_tokens=6, logprobs=True, temperature=0.7, seed=3),
+              request(pixels, "clean", max_tokens=6, json_schema={"type": "object"})]
+    run(engine, extras + mixed[3:5])
+    assert all(h.wait(120) for h in engine.submit_choices(request(pixels, "risky", max_tokens=4, temperature=1.0), 3))
     assert len(_COMPILES) == before, _COMPILES[before:]
 
 
@@ -221,7 +232,7 @@ def test_stops_at_eos_or_max_tokens(vlm, engine, pixels, together):
 def test_blocked_request_gets_the_refusal_without_a_row(vlm, pixels):
     policy = parse_policy({"rules": {"fairness": {"block": 3}}, "refusal": "Blocked by policy."})
     blocking = SafeVLMInference(vlm.model, vlm.tokenizer, vlm.images, policy=policy)
-    e = Engine.from_inference(blocking, slots=8, max_length=LENGTH).start()
+    e = own_engine(blocking)
     log = Log()
     risky, clean = run(e, [request(pixels, "risky"), request(pixels, "clean", max_tokens=4)], log)
     e.shutdown()
@@ -250,7 +261,7 @@ def test_cancel_frees_the_row_and_ends_with_cancelled(engine, pixels):
 
 
 def test_cancel_while_queued_and_shutdown_without_drain(vlm, pixels):
-    e = Engine.from_inference(vlm, slots=8, max_queue=2, max_length=LENGTH)  # not started: requests wait
+    e = Engine.from_inference(vlm, **DEMO_ENGINE, max_queue=2)  # not started: requests wait
     log = Log()
     first = e.submit(request(pixels, "clean"), log(0))
     second = e.submit(request(pixels, "risky"), log(1))
@@ -267,7 +278,7 @@ def test_cancel_while_queued_and_shutdown_without_drain(vlm, pixels):
 
 
 def test_shutdown_drains_within_its_timeout_then_cancels_the_rest(vlm, pixels):
-    e = Engine.from_inference(vlm, slots=2, max_length=LENGTH).start()
+    e = own_engine(vlm)
     short = e.submit(request(pixels, "clean", max_tokens=2))
     assert short.wait(60)
     slow = threading.Event()
@@ -284,8 +295,8 @@ def test_shutdown_drains_within_its_timeout_then_cancels_the_rest(vlm, pixels):
 
 
 def test_bad_requests_are_refused_at_submit_with_the_field_and_code(engine, pixels):
-    with pytest.raises(BadRequest, match=f"exceeds the context length {LENGTH}") as e:
-        engine.submit(request(pixels, "clean", max_tokens=LENGTH))
+    with pytest.raises(BadRequest, match=f"exceeds the context length {engine.max_length}") as e:
+        engine.submit(request(pixels, "clean", max_tokens=engine.max_length))
     assert (e.value.param, e.value.code) == ("max_tokens", "context_length_exceeded")
     with pytest.raises(BadRequest, match=r"pixel_values must be .* \[64, 64, 3\]"):
         engine.submit(EngineRequest(np.zeros((32, 32, 3), np.float32), "Hi"))
@@ -298,7 +309,8 @@ def test_bad_requests_are_refused_at_submit_with_the_field_and_code(engine, pixe
     assert engine.stats().queue_depth == 0
 
 
-def test_an_exception_for_one_request_fails_that_request_only(engine, pixels, together, monkeypatch):
+def test_an_exception_for_one_request_fails_that_request_only(vlm, pixels, together, monkeypatch):
+    engine = own_engine(vlm)  # its runner's state is broken on purpose below
     real_prefill = Runner.prefill
 
     def failing_once(self, *a, **kw):  # the first prefill: the first request's (FIFO)
@@ -326,7 +338,7 @@ def test_an_exception_for_one_request_fails_that_request_only(engine, pixels, to
 
     real_step = Runner.step
 
-    def lost(self, rows, length):  # as if the donated state had been consumed by a failed step
+    def lost(self, rows, length, bitmask=None):  # as if the donated state had been consumed by a failed step
         for buf in self.state.cache.k:
             buf.delete()
         raise RuntimeError("device lost")
@@ -337,6 +349,7 @@ def test_an_exception_for_one_request_fails_that_request_only(engine, pixels, to
     assert gone.finish_reason == "error" and "device lost" in gone.done_event.error
     assert run(engine, [request(pixels, "clean", max_tokens=24)])[0].token_ids == together[0].token_ids
     stats = engine.stats()
+    engine.shutdown()
     assert stats.accepted == sum(stats.finished.values()) and stats.active_slots == 0
 
 

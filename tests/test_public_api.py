@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -149,6 +150,16 @@ def test_every_public_name_resolves_to_a_documented_object_of_the_package():
         assert getattr(safevlm_jax, name).__name__ == f"safevlm_jax.{name}"
     with pytest.raises(AttributeError, match="no_such_name"):
         getattr(safevlm_jax, "no_such_name")
+
+
+def test_the_readme_api_table_names_every_export_and_nothing_else():
+    """The README's "Python API" table (first column) lists exactly `__all__`, and the training
+    entry point, so a newcomer finds every public name there (the Engine among them)."""
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    listed = {name for cell in rows for name in re.findall(r"`([\w.]+)`", cell)}
+    assert listed == set(safevlm_jax.__all__) | {"safevlm_jax.train.train"}
+    assert "Engine" in safevlm_jax.__all__
 
 
 def test_importing_the_package_loads_no_module_until_a_name_is_used(probe):

@@ -5,10 +5,15 @@ with `torch` hidden from imports: `sys.modules["torch"] = None`, which transform
 (`importlib.util.find_spec`) reads as not installed."""
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+
+import httpx
 
 from safevlm_jax.checkpoint.demo import DEMO_DIR
+from tests.serve_helpers import chat_body, example_url
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTICE = "PyTorch was not found"
@@ -39,6 +44,27 @@ def test_without_torch_commands_print_only_their_results_and_errors(tmp_path):
     (stdout, stderr), code = out["sample"]
     assert (code, stderr) == (0, ""), stderr
     verdict, answer = stdout.splitlines()
-    assert verdict.startswith("risk: level 3") and answer.strip().startswith("I'm sorry"), stdout
+    assert verdict.startswith("risk: level 3") and answer.startswith("I'm sorry"), stdout  # no leading space
     (stdout, stderr), code = out["import_hf"]
     assert (code, stdout) == (2, "") and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+
+
+def test_without_torch_serve_prints_its_address_and_one_access_line_per_request():
+    run = without_torch("safevlm_jax.serve", "--port=0", "--nowarmup", "--slots=1")
+    killer = threading.Timer(600, run.kill)  # a server that never says where it listens
+    killer.start()
+    try:
+        serving = run.stderr.readline()
+        assert serving.startswith("serving http://127.0.0.1:"), serving + run.stderr.read()
+        r = httpx.post(f"{serving.split()[1]}/v1/chat/completions", timeout=300,
+                       json=chat_body(example_url("risky"), max_tokens=8))
+        assert r.json()["choices"][0]["message"]["content"].startswith("I'm sorry")  # no leading space
+        run.send_signal(signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        killer.cancel()
+        run.kill()
+    assert (run.returncode, stdout) == (0, ""), stderr
+    [line] = stderr.splitlines()
+    assert " 127.0.0.1 POST /v1/chat/completions 200 " in line and " tokens=" in line, stderr
+    assert "What is shown" not in line  # no prompt text without --log_prompts

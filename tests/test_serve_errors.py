@@ -10,15 +10,14 @@ import zlib
 import httpx
 import pytest
 
-from tests.serve_helpers import chat_body, data_url, demo_inference, example_url, live_engine, live_server, png_bytes
+from tests.serve_helpers import chat_body, data_url, example_url, live_server, png_bytes
 
 MAX_BODY = 256 * 1024
 
 
 @pytest.fixture(scope="module")
-def engine():
-    with live_engine(demo_inference(), slots=2, max_queue=8) as engine:
-        yield engine
+def engine(demo_engine):
+    return demo_engine
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +78,24 @@ CASES = {
         {"type": "image_url", "image_url": {"url": data_url(png_bytes(8, 8))}},
         {"type": "image_url", "image_url": {"url": data_url(png_bytes(8, 8))}}]}]},
         400, "too_many_images", "messages[0].content[1].image_url.url"),
-    "n_above_1": (chat_body(n=2), 400, "unsupported_parameter", "n"),
+    "n_above_8": (chat_body(n=9), 400, "invalid_value", "n"),
     "tools": (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter", "tools"),
-    "logprobs": (chat_body(logprobs=True), 400, "unsupported_parameter", "logprobs"),
+    "top_logprobs_without_logprobs": (chat_body(top_logprobs=2), 400, "invalid_value", "top_logprobs"),
+    "five_stops": (chat_body(stop=list("abcde")), 400, "invalid_value", "stop"),
+    "response_format_unknown": (chat_body(response_format={"type": "xml"}), 400, "invalid_value", "response_format"),
     "unknown_field": (chat_body(max_token=5), 400, "unknown_parameter", "max_token"),
     "wrong_type": (chat_body(temperature="hot"), 400, "invalid_value", "temperature"),
     "out_of_range": (chat_body(top_p=0), 400, "invalid_value", "top_p"),
-    "system_turn": ({"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]},
-                    400, "unsupported_conversation", "messages"),
+    "tool_message": ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]},
+                     400, "unsupported_conversation", "messages[1].role"),
+    "ends_with_assistant": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                            400, "unsupported_conversation", "messages"),
+    "images_in_two_turns": ({"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes(8, 8))}}]},
+        {"role": "assistant", "content": "A red square."},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"},
+                                     {"type": "image_url", "image_url": {"url": data_url(png_bytes(8, 8))}}]}]},
+        400, "too_many_images", "messages[2].content[1].image_url.url"),
     "unknown_model": (chat_body(model="gpt-4o"), 404, "model_not_found", "model"),
     "audio_part": ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
                    400, "unsupported_content_type", "messages[0].content[0].type"),

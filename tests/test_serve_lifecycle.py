@@ -20,7 +20,7 @@ import pytest
 
 from safevlm_jax.checkpoint.demo import random_checkpoint
 from safevlm_jax.inference.pipeline import SafeVLMInference
-from tests.serve_helpers import chat_body, demo_inference, example_url, live_engine, live_server
+from tests.serve_helpers import chat_body, example_url, live_engine, live_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = 300  # tokens; the random model's greedy answers do not stop earlier (asserted below)
@@ -112,25 +112,24 @@ def test_a_full_queue_answers_503_with_retry_after_and_nothing_is_lost(one_slot)
         assert r.json()["usage"]["completion_tokens"] == LONG
 
 
-def test_concurrent_requests_each_get_exactly_one_complete_answer():
-    inference = demo_inference()
-    with live_engine(inference, slots=4, max_queue=32) as engine, live_server(engine) as server:
-        names = ["clean", "low_risk", "medium_risk", "risky"] * 3
-        answers = [None] * len(names)
+def test_concurrent_requests_each_get_exactly_one_complete_answer(demo_api):
+    server = demo_api
+    names = ["clean", "low_risk", "medium_risk", "risky"] * 3
+    answers = [None] * len(names)
 
-        def send(i):
-            stream = i % 2 == 1
-            body = chat_body(example_url(names[i]), max_tokens=32, stream=stream)
-            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
-            answers[i] = (r.status_code, r.text)
+    def send(i):
+        stream = i % 2 == 1
+        body = chat_body(example_url(names[i]), max_tokens=32, stream=stream)
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+        answers[i] = (r.status_code, r.text)
 
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(names))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        alone = {n: httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(example_url(n), max_tokens=32),
-                               timeout=120).json()["choices"][0]["message"]["content"] for n in set(names)}
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(names))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alone = {n: httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(example_url(n), max_tokens=32),
+                           timeout=120).json()["choices"][0]["message"]["content"] for n in set(names)}
     for i, (status, text) in enumerate(answers):
         assert status == 200
         if i % 2:  # streamed: one [DONE], one finish reason, the same text as alone (greedy)
@@ -144,9 +143,8 @@ def test_concurrent_requests_each_get_exactly_one_complete_answer():
 
 
 @contextlib.contextmanager
-def serving(checkpoint: str, *flags: str):
+def serving(env: dict, checkpoint: str, *flags: str):
     """`python -m safevlm_jax.serve` on a free port: (process, url), killed if still running."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
     proc = subprocess.Popen([sys.executable, "-m", "safevlm_jax.serve", "--checkpoint", checkpoint,
                              "--port", "0", *flags], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -177,8 +175,8 @@ def send_streams(url: str, bodies: list[dict]) -> tuple[list, list[threading.Thr
     return results, threads
 
 
-def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_tiny):
-    with serving(random_tiny, "--slots", "1", "--max_queue", "4") as (proc, url):
+def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_tiny, cli_env):
+    with serving(cli_env, random_tiny, "--slots", "1", "--max_queue", "4") as (proc, url):
         assert url.startswith("http://127.0.0.1:")  # the default bind is loopback only
         health = lambda: httpx.get(f"{url}/health").json()
         warm = health()["accepted"]  # the warm-up's requests
@@ -199,11 +197,11 @@ def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_
         assert chunks[-1]["usage"]["completion_tokens"] == LONG
 
 
-def test_sigterm_cancels_what_outlasts_the_drain_timeout_and_exits_in_time(random_tiny):
+def test_sigterm_cancels_what_outlasts_the_drain_timeout_and_exits_in_time(random_tiny, cli_env):
     """More work than --drain_timeout_s allows: what is unfinished at the deadline is
     cancelled, each client gets one answer (whole, or its error), and the process exits."""
     drain = 2.0
-    with serving(random_tiny, "--slots", "1", "--max_queue", "8", "--drain_timeout_s", str(drain)) as (proc, url):
+    with serving(cli_env, random_tiny, "--slots", "1", "--max_queue", "8", "--drain_timeout_s", str(drain)) as (proc, url):
         health = lambda: httpx.get(f"{url}/health").json()
         warm = health()["accepted"]
         streams, threads = send_streams(url, [long_body(True)] * 6)  # ~6 x 300 tokens on one slot
@@ -234,13 +232,12 @@ def _refused(url: str) -> bool:
         return True
 
 
-def test_bad_flags_fail_with_one_error_line_and_status_2(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+def test_bad_flags_fail_with_one_error_line_and_status_2(tmp_path, cli_env):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        runs = {what: subprocess.Popen([sys.executable, "-m", "safevlm_jax.serve", *args], cwd=ROOT, env=env,
+        runs = {what: subprocess.Popen([sys.executable, "-m", "safevlm_jax.serve", *args], cwd=ROOT, env=cli_env,
                                        stderr=subprocess.PIPE, text=True)
                 for what, args in {f"cannot listen on 127.0.0.1:{port}": ["--port", str(port)],
                                    f"{tmp_path}: not a checkpoint": ["--port", "0", "--checkpoint", str(tmp_path)],
@@ -264,7 +261,7 @@ def test_warm_up_compiles_what_the_first_requests_need(tmp_path):
     config = model_config("tiny")
     config = config.replace(vision=dataclasses.replace(config.vision, image_size=35))
     inference = SafeVLMInference.from_checkpoint(random_checkpoint(str(tmp_path / "ckpt"), config=config))
-    with live_engine(inference, slots=3, max_queue=8) as engine, \
+    with live_engine(inference, slots=3, max_queue=8, max_length=256) as engine, \
             live_server(engine, model_name="ckpt") as server:
         engine.warm_up()
         assert compiles  # the listener sees compilations

@@ -10,13 +10,12 @@ import openai
 import pytest
 
 from safevlm_jax.safety.taxonomy import RISK_TYPES
-from tests.serve_helpers import QUESTION, chat_body, demo_server, example_url
+from tests.serve_helpers import QUESTION, chat_body, example_url
 
 
 @pytest.fixture(scope="module")
-def server():
-    with demo_server(slots=4, max_queue=16) as s:
-        yield s
+def server(demo_api):
+    return demo_api
 
 
 @pytest.fixture

@@ -45,10 +45,6 @@ def command(workdir, *extra):
             "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10", *extra]
 
 
-def env():
-    return dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
-
-
 def finished_steps(ckpt_dir):
     return [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
 
@@ -71,15 +67,15 @@ def wait_for_a_saved_step(workdir, proc) -> None:
 
 
 @pytest.fixture(scope="module")
-def first_runs(tmp_path_factory):
+def first_runs(tmp_path_factory, cli_env):
     """((workdir, stdout) of a run of STEPS steps, (workdir, last finished step) of a run killed
     with SIGKILL once it saved a step). The second starts once the first saved a step, so it
     finds the first's compiled programs in the compilation cache, and then runs beside it."""
     full, part = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("killed")
-    run = subprocess.Popen(command(full), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    run = subprocess.Popen(command(full), cwd=ROOT, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     wait_for_a_saved_step(full, run)
-    victim = subprocess.Popen(command(part), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+    victim = subprocess.Popen(command(part), cwd=ROOT, env=cli_env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     wait_for_a_saved_step(part, victim)
     assert victim.poll() is None, "the run ended before it could be killed"
@@ -120,7 +116,7 @@ def _truncate_array_files(step_dir):
 
 
 @pytest.fixture(scope="module")
-def resumed(first_runs, tmp_path_factory):
+def resumed(first_runs, tmp_path_factory, cli_env):
     """One resume per property, run side by side: {scenario: (workdir, exit status, stderr)}.
     killed: the killed run, as it was left; latest_damaged: the uninterrupted run's steps as
     if it had stopped after step STEPS - 2, whose array files were then cut; all_damaged: every
@@ -139,7 +135,7 @@ def resumed(first_runs, tmp_path_factory):
     procs = {}
     for name, (workdir, extra) in runs.items():
         with open(logs / name, "w") as stderr:
-            procs[name] = subprocess.Popen(command(workdir, *extra), cwd=ROOT, env=env(),
+            procs[name] = subprocess.Popen(command(workdir, *extra), cwd=ROOT, env=cli_env,
                                            stdout=subprocess.DEVNULL, stderr=stderr)
     for proc in procs.values():
         proc.wait(timeout=600)

@@ -5,6 +5,12 @@ image positions and `</s>` = the tokenizer's eos:
 
   <s>{system} USER: [IMG]\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
 
+A generation prompt (`encode_prompt`) may carry its one image in a later user turn: there the
+image slot goes right before the question (`USER: [IMG]\\n{q2} ASSISTANT:`), as LLaVA's
+`preprocess_multimodal` moves `<image>\\n` to the front of the message that holds it; and its
+safety hint goes after the last question (the hinted turn's text after `{question}` ends that
+turn: `USER: {q2} {hint} ASSISTANT:`).
+
 psa (the PSA-VLM authors' inference strings, docs/prompt_formats.md):
 `<s>[IMG]\\n USER: {q} \\nASSISTANT:` and, with a hint,
 `<s>[IMG]\\n \\n USER: {q}  \\n Safe Hint: {hint} \\n ASSISTANT:  `.
@@ -173,36 +179,49 @@ class TextEncoder:
         return ids, labels
 
     def encode_prompt(self, turns: Sequence[Turn], image: bool = True, hint: str | None = None,
-                      system: str | None = None) -> np.ndarray:
+                      system: str | None = None, image_turn: int = 0) -> np.ndarray:
         """A prompt for generation (turns end with a human turn) -> input_ids [T] int32, ending
         as the template's turn does ("ASSISTANT:", LLaVA's `conv.get_prompt()`). `hint`: the
-        safety hint text for a one-question prompt (`hinted_turn`); `system`: the system text
-        instead of the template's (which must have a place for it). Not truncated."""
+        safety hint text, after the last question; `system`: the system text instead of the
+        template's (which must have a place for it); `image_turn`: the index in `turns` of
+        the user turn holding the image (with `image`). Not truncated."""
         _check_roles(turns, generation=True)
-        if hint is not None and len(turns) != 1:
-            raise ValueError(f"a hint goes into a one-question prompt, got {len(turns)} turns")
-        if system is not None and "{system}" not in (self.template.hinted_turn if hint is not None
-                                                     else self.template.first_turn):
+        if image and not (0 <= image_turn < len(turns) and turns[image_turn].role == HUMAN):
+            raise ValueError(f"image_turn {image_turn} is not a user turn of {len(turns)} turns")
+        hinted = self.template.hinted_turn if hint is not None and len(turns) == 1 else self.template.first_turn
+        if system is not None and "{system}" not in hinted:
             raise ValueError(f"template {self.template.name!r} has no system text to replace")
-        return self._encode(turns, image, hint, system)[0]
+        return self._encode(turns, image, hint, system, image_turn)[0]
 
     # ------------------------------------------------------------------------------------
-    def _encode(self, turns, image: bool, hint: str | None = None,
-                system: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _turn_format(self, i: int, last: bool, hint: str | None, image: bool) -> str:
+        """The format of user turn `i` (`last`: the question to answer), its image slot kept
+        only where the image is."""
+        t = self.template
+        if i == 0:
+            fmt = t.hinted_turn if hint is not None and last else t.first_turn
+        else:
+            fmt = t.next_turn
+            if hint is not None and last:  # the hinted turn's ending after the question
+                fmt = fmt.partition("{question}")[0] + "{question}" + t.hinted_turn.partition("{question}")[2]
+            fmt = fmt.replace("{question}", IMAGE_SLOT + "{question}", 1)
+        return fmt if image else fmt.replace(IMAGE_SLOT, "")
+
+    def _encode(self, turns, image: bool, hint: str | None = None, system: str | None = None,
+                image_turn: int = 0) -> tuple[np.ndarray, np.ndarray]:
         t = self.template
         parts: list = []  # (str, is_answer), (eos id, supervised) or _IMAGE
         for i, turn in enumerate(turns):
             if turn.role == GPT:
                 parts += [(" " + turn.value, True), (self.eos_token_id, True)]
                 continue
-            fmt = t.hinted_turn if hint is not None else t.first_turn if i == 0 else t.next_turn
+            fmt = self._turn_format(i, i == len(turns) - 1, hint, image and i == image_turn)
             values = {"system": t.system if system is None else system, "question": turn.value, "hint": hint}
             for literal, field, _, _ in string.Formatter().parse(fmt):
-                before, slot, after = literal.partition(IMAGE_SLOT) if i == 0 else (literal, "", "")
+                before, slot, after = literal.partition(IMAGE_SLOT)
                 parts.append((before, False))
                 if slot:
-                    parts += [_IMAGE, ("\n", False)] if image else []
-                    parts.append((after, False))
+                    parts += [_IMAGE, ("\n", False), (after, False)]
                 if field is not None:
                     parts.append((values[field], False))
         ids, labels = [list(self.bos_ids)], [[IGNORE_INDEX] * len(self.bos_ids)]

@@ -23,6 +23,7 @@ that request only, with an error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -35,15 +36,17 @@ import numpy as np
 from safevlm_jax.data.images import ImageConfig
 from safevlm_jax.data.tokenizer import max_prompt_chars
 from safevlm_jax.inference.buckets import bucket
+from safevlm_jax.inference.constraints import Grammars
 from safevlm_jax.inference.detokenize import Detokenizer
-from safevlm_jax.inference.errors import CONTEXT_LENGTH, NO_SAFETY, BadRequest
+from safevlm_jax.inference.errors import CONTEXT_LENGTH, NO_SAFETY, BadRequest, is_int
 from safevlm_jax.inference.executor import Executor
-from safevlm_jax.inference.requests import (DoneEvent, EngineClosed, EngineEvent, EngineRequest, FinishReason, Handle,
-                                            QueueFull, TextEvent, VerdictEvent)
+from safevlm_jax.inference.requests import (SEEDS, DoneEvent, EngineClosed, EngineEvent, EngineRequest, FinishReason,
+                                            Handle, QueueFull, TextEvent, VerdictEvent)
 from safevlm_jax.inference.runner import CHUNK_BUCKETS, Runner
 from safevlm_jax.inference.sampling import RowSampling
 from safevlm_jax.inference.scheduler import Scheduler, Seq, Status
 from safevlm_jax.inference.stats import EngineStats, snapshot
+from safevlm_jax.inference.stops import StopStrings
 from safevlm_jax.safety.gate import Gate
 from safevlm_jax.safety.verdict import Verdict
 
@@ -86,6 +89,7 @@ class Engine:
                                  prefix_cache_bytes=self.cache_bytes // 2 if prefix_cache_bytes is None
                                  else prefix_cache_bytes, verdict_cache_bytes=verdict_cache_bytes,
                                  image_token_id=model.config.image_token_index)
+        self.grammars = Grammars(tokenizer, self.config.text.vocab_size)
         self._handles: dict[int, tuple[Handle, Callable | None]] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -119,6 +123,16 @@ class Engine:
 
     def submit(self, request: EngineRequest, on_event: Callable[[EngineEvent], None] | None = None) -> Handle:
         """Checks and queues a request; its events go to `on_event` on the engine's thread."""
+        return self.submit_choices(request, 1, None if on_event is None else lambda i, event: on_event(event))[0]
+
+    def submit_choices(self, request: EngineRequest, n: int,
+                       on_event: Callable[[int, EngineEvent], None] | None = None) -> list[Handle]:
+        """`n` answers to one request (OpenAI's `n`), choice i with seed `request.seed + i`:
+        one verdict (their image is encoded once) and one prefill (the later choices copy the
+        first's prefix from the prefix cache, then each samples its own first token); events
+        go to `on_event(i, event)`."""
+        if not is_int(n) or not 1 <= n <= self.scheduler.max_queue:
+            raise BadRequest(f"n must be an integer in [1, {self.scheduler.max_queue}] (the queue), got {n!r}", "n")
         request.check(self.config.text.vocab_size)
         if request.safety and not self.model.has_safety:
             raise BadRequest("this checkpoint has no safety modules; send the request with safety off", "safety",
@@ -140,12 +154,23 @@ class Engine:
                              "max_tokens", CONTEXT_LENGTH)
         image = None if pixels is None else hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
         request = dataclasses.replace(request, pixel_values=pixels)
+        grammar = None if request.json_schema is None else self.grammars.compile(request.json_schema)
+        choices = [dataclasses.replace(request, seed=(request.seed + i - SEEDS[0]) % 2**64 + SEEDS[0])
+                   for i in range(n)]
+        seqs, handles = [], []
         with self._cond:
-            handle = Handle(next(self._ids), request, self._wake)
-            self.scheduler.add(Seq(handle.id, request, image, Detokenizer(self.tokenizer), time.monotonic()))
-            self._handles[handle.id] = (handle, on_event)
+            for i, choice in enumerate(choices):
+                handle = Handle(next(self._ids), choice, self._wake)
+                seqs.append(Seq(handle.id, choice, image, Detokenizer(self.tokenizer), time.monotonic(),
+                                stops=StopStrings(choice.stop) if choice.stop else None,
+                                grammar=None if grammar is None else self.grammars.matcher(grammar),
+                                leader=seqs[0] if seqs else None, shared=n > 1))
+                handles.append(handle)
+            self.scheduler.add(*seqs)
+            for i, handle in enumerate(handles):
+                self._handles[handle.id] = (handle, None if on_event is None else functools.partial(on_event, i))
             self._cond.notify()
-        return handle
+        return handles
 
     def moderate(self, pixel_values: np.ndarray) -> list[Verdict]:
         """Verdicts of images [B, S, S, 3] from the safety head alone (CLIP + head, no LLM
@@ -269,7 +294,8 @@ class Engine:
         """Runs every program the loop can run once, on blank inputs, with every row free: the
         verdict at each image batch bucket, prefill chunks of every width into prefixes of
         every length (safety on and off), insert, take and reuse of each prefix length, and
-        the decode step at every (rows, length) shape the scheduler can choose."""
+        the decode step at every (rows, length) shape the scheduler can choose (and with a
+        grammar mask at its one shape)."""
         start, r = time.perf_counter(), self.runner
         size = self.config.vision.image_size
         for n in sorted({bucket(n, r.batch_buckets) for n in range(1, self.slots + 1)}):
@@ -290,4 +316,6 @@ class Engine:
         shapes = self.scheduler.step_shapes()
         for rows, length in shapes:
             r.step(rows, length)
+        rows, length = self.scheduler.masked_shape()
+        r.step(rows, length, np.full((rows, self.executor.mask_words), -1, np.int32))
         _log.info("engine: programs ready in %.1f s (decode step shapes %s)", time.perf_counter() - start, shapes)

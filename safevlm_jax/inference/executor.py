@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from safevlm_jax.inference.caches import LRU, PrefixCache
+from safevlm_jax.inference.logits import RowLogits
 from safevlm_jax.inference.requests import FinishReason
 from safevlm_jax.inference.runner import Runner
 from safevlm_jax.inference.sampling import RowSampling
@@ -41,6 +42,7 @@ class Executor:
         self.prefixes = PrefixCache(prefix_cache_bytes, image_token_id)
         self.images = LRU(verdict_cache_bytes)  # image hash -> (features [N, C], verdict logits)
         self.image_token_id = image_token_id
+        self.mask_words = (runner.config.text.vocab_size + 31) // 32  # a grammar mask's int32 per row
         self.use_verdict = runner.config.safety.enabled
         self._pending: dict[int, object] = {}  # request id -> its prefix being prefilled
         self.blank = None
@@ -111,31 +113,37 @@ class Executor:
         return []
 
     def _prefill(self, seq: Seq, budget: int) -> Output:
-        """Its next chunk; after the last, its row of the decode state."""
+        """Its next chunk; after the last, its row of the decode state (a deferred request's
+        prompt but its last token, which the first decode step reads)."""
         ids, start, r = seq.prompt_ids, seq.computed, seq.request
-        end = min(len(ids), start + budget)
+        target = len(ids) - seq.deferred
+        end = min(target, start + budget)
         sampling = RowSampling.of([r.sampling])
         try:  # a text-only prompt runs the program of an image prompt with safety off
             features = self._blank() if seq.features is None else seq.features
-            with self._timed("prefill", tokens=int(end == len(ids))):
-                tokens, prefix = self.runner.prefill(
-                    self._pending.pop(seq.id), [ids[start:end]], [ids[:start].count(self.image_token_id)], [features],
-                    sampling, seq.use_safety and self.use_verdict)
-                self._pending[seq.id] = prefix
+            if end > start:
+                with self._timed("prefill", tokens=int(end == len(ids))):
+                    tokens, prefix = self.runner.prefill(
+                        self._pending.pop(seq.id), [ids[start:end]], [ids[:start].count(self.image_token_id)],
+                        [features], sampling, seq.use_safety and self.use_verdict)
+                    self._pending[seq.id] = prefix
         except Exception as e:
             _log.exception("prefill of request %d failed", seq.id)
             with self.lock:
                 return self.scheduler.finish(seq, FinishReason.ERROR, _error(e))
-        if end < len(ids):
+        if end < target:
             with self.lock:
                 return self.scheduler.prefilled(seq, end, None)
         prefix = self._pending.pop(seq.id)
         try:
-            self.runner.insert(prefix, tokens, [seq.row], sampling, [r.max_tokens])
+            self.runner.insert(prefix, ids[-1:] if seq.deferred else tokens, [seq.row], sampling, [r.max_tokens],
+                               RowLogits.of([r.sampling]), first=not seq.deferred)
         except Exception as e:  # the decode state may be gone with it
             return self._failed_state(e, [seq])
-        self._keep(prefix, ids, seq)
+        self._keep(prefix, ids[:target], seq)
         with self.lock:
+            if seq.deferred:
+                return self.scheduler.prefilled(seq, end, None) + self.scheduler.started(seq)
             return self.scheduler.prefilled(seq, end, int(tokens[0]))
 
     def _blank(self):
@@ -152,15 +160,29 @@ class Executor:
 
     # Decoding ---------------------------------------------------------------------------
     def _decode(self, rows: int, length: int) -> Output:
+        """One step; when a decoding row has a grammar (it may have started in this turn's
+        prefill), over the whole state with their masks (all ones elsewhere)."""
         with self.lock:
             decoding = [s for s in self.scheduler.busy if s.status is Status.DECODE]
+            grammars = {s.row: s.grammar for s in decoding if s.grammar is not None}
+        if grammars:
+            rows, length = self.scheduler.masked_shape()
         try:
+            bitmask = None
+            if grammars:
+                bitmask = np.full((rows, self.mask_words), -1, np.int32)
+                for row, grammar in grammars.items():
+                    grammar.fill(bitmask[row])
             with self._timed("decode", tokens=len(decoding)):
-                tokens, done = self.runner.step(rows, length)
+                tokens, done, logprobs = self.runner.step(rows, length, bitmask)
+            if any(s.request.logprobs for s in decoding):
+                logprobs = tuple(np.asarray(a) for a in logprobs)
+            else:
+                logprobs = None
         except Exception as e:
             return self._failed_state(e, decoding)
         with self.lock:
-            return self.scheduler.stepped(tokens, done)
+            return self.scheduler.stepped(tokens, done, logprobs)
 
     def _failed_state(self, e: Exception, seqs: list[Seq]) -> Output:
         """A program over the decode state failed: its requests end with the error (and every

@@ -24,7 +24,7 @@ from safevlm_jax.data.errors import BadRecord
 from safevlm_jax.data.images import ImageConfig, load_pixel_values
 from safevlm_jax.data.template import ConversationTemplate, PROMPT_FORMATS
 from safevlm_jax.data.tokenizer import check_matches_model
-from safevlm_jax.inference.detokenize import Detokenizer
+from safevlm_jax.inference.detokenize import Detokenizer, decode
 from safevlm_jax.inference.errors import CONTEXT_LENGTH, BadRequest
 from safevlm_jax.inference.runner import Runner
 from safevlm_jax.inference.requests import SamplingParams
@@ -188,4 +188,4 @@ class SafeVLMInference:
     def _text(self, ids: list[int]) -> str:
         if ids and ids[-1] == self.tokenizer.eos_token_id:
             ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return decode(self.tokenizer, ids)

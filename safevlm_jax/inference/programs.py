@@ -3,8 +3,8 @@
     features, level, kind = verdict_program(graphdef, params, pixels, query_ids, verdict=True)
     tokens, prefix = prefill_program(graphdef, params, prefix, ids, lengths, first, features,
                                      sampling, use_safety=True)        # one chunk of prompts
-    state = insert_program(prefix, tokens, state, rows, sampling, limits, eos_id)
-    state, tokens, done = step_program(graphdef, params, state, eos_id, rows=8, length=512)
+    state = insert_program(prefix, tokens, state, rows, sampling, row_logits, limits, steps, eos_id)
+    state, tokens, done, logprobs = step_program(graphdef, params, state, eos_id, bitmask, rows=8, length=512)
     state, out = generate_program(graphdef, params, state, eos_id, pad_id, max_steps=64)
 
 A whole batch (`SafeVLMInference.answer`) is "prefill every prompt, insert every row, then
@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from safevlm_jax import sharding
+from safevlm_jax.inference.logits import RowLogits, apply_mask, logprobs, penalize
 from safevlm_jax.inference.sampling import RowSampling, sample
 from safevlm_jax.inference.state import DecodeState
 from safevlm_jax.models.kv_cache import KVCache
@@ -98,39 +99,55 @@ def prefill_program(graphdef, params, prefix: KVCache, ids, lengths, first, feat
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "rules"), donate_argnames=("state",))
-def insert_program(prefix: KVCache, tokens, state: DecodeState, rows, sampling: RowSampling, limits, eos_id, *,
-                   mesh: Mesh | None = None, rules: str = "inference") -> DecodeState:
+def insert_program(prefix: KVCache, tokens, state: DecodeState, rows, sampling: RowSampling, row_logits: RowLogits,
+                   limits, steps, eos_id, *, mesh: Mesh | None = None, rules: str = "inference") -> DecodeState:
     """Prefilled prompts into rows `rows` [n] of the state: prefix (n rows, T <= the state's
-    slots), tokens [n] their first answer tokens, sampling [n], limits [n] their max tokens."""
+    slots), sampling and row_logits [n], limits [n] their max tokens; steps [n]: 1 when tokens
+    [n] are their first answer tokens, 0 when they are their prompts' last tokens, which the
+    prefix does not hold (the next decode step reads it and samples the first answer token:
+    a grammar's mask applies to it, and one prefix goes into several rows, each with its own
+    first token)."""
     with _rules(mesh, rules):
         put = lambda a, b: a.at[rows].set(b)
+        first = (steps > 0) & (tokens == eos_id)
         return DecodeState(cache=state.cache.put(prefix, rows, prefix.index),
-                           tokens=put(state.tokens, tokens), steps=put(state.steps, jnp.ones_like(tokens)),
-                           limit=put(state.limit, limits), done=put(state.done, (tokens == eos_id) | (limits <= 1)),
-                           sampling=jax.tree.map(put, state.sampling, sampling)).constrain()
+                           tokens=put(state.tokens, tokens), steps=put(state.steps, steps),
+                           limit=put(state.limit, limits), done=put(state.done, first | (steps >= limits)),
+                           sampling=jax.tree.map(put, state.sampling, sampling),
+                           row_logits=jax.tree.map(put, state.row_logits, row_logits),
+                           history=put(state.history, jnp.zeros((len(rows), state.history.shape[1]), jnp.int32)
+                                       .at[:, 0].set(jnp.where(steps > 0, tokens, 0)))).constrain()
 
 
-def decode(model, state: DecodeState, eos_id) -> tuple[DecodeState, jax.Array]:
+def decode(model, state: DecodeState, eos_id, bitmask=None) -> tuple[DecodeState, jax.Array, tuple]:
     """The one decode step: each row not done feeds its last token at its own position and
-    samples the next ([B]; a done row repeats its last). A row is done after EOS or `limit`."""
+    samples the next ([B]; a done row repeats its last) after its penalties and, with
+    `bitmask` [B, ceil(V / 32)], its grammar's mask (`logits`). A row is done after EOS or
+    `limit`. Returns (state, tokens, `logits.logprobs` of the model's logits)."""
     lm = model.language_model
     active = ~state.done
     logits, cache = lm(lm.embed(state.tokens[:, None]), state.cache.index[:, None], active[:, None], state.cache)
-    tokens = jnp.where(active, sample(logits[:, 0], state.sampling, state.steps), state.tokens)
+    raw = logits[:, 0]
+    shaped = apply_mask(penalize(raw, state.row_logits, state.history, state.steps), bitmask)
+    tokens = jnp.where(active, sample(shaped, state.sampling, state.steps), state.tokens)
+    rows = jnp.arange(state.rows)
+    history = state.history.at[rows, jnp.where(active, state.steps, state.history.shape[1])].set(tokens, mode="drop")
     steps = state.steps + active
     done = state.done | (tokens == eos_id) | (steps >= state.limit)
-    return state.replace(cache=cache, tokens=tokens, steps=steps, done=done), tokens
+    return (state.replace(cache=cache, tokens=tokens, steps=steps, done=done, history=history), tokens,
+            logprobs(raw, tokens, state.row_logits))
 
 
 @functools.partial(jax.jit, static_argnames=(*STATIC, "rows", "length"), donate_argnames=("state",))
-def step_program(graphdef, params, state: DecodeState, eos_id, *, rows: int, length: int,
+def step_program(graphdef, params, state: DecodeState, eos_id, bitmask=None, *, rows: int, length: int,
                  mesh: Mesh | None = None, rules: str = "inference"):
-    """`decode` over rows 0..rows-1 and cache slots 0..length-1 (every busy row lies there):
-    (the state, those rows' tokens [rows] and done flags [rows])."""
+    """`decode` over rows 0..rows-1 and cache slots 0..length-1 (every busy row lies there),
+    with a grammar mask `bitmask` [rows, ceil(V / 32)] int32 or None (a variant of its own):
+    (the state, those rows' tokens [rows], done flags [rows] and `logits.logprobs`)."""
     with _rules(mesh, rules):
         model = _merge(graphdef, params, mesh, decoding=True)
-        new, tokens = decode(model, state.view(rows, length), eos_id)
-        return state.merge_view(new).constrain(), tokens, new.done
+        new, tokens, lp = decode(model, state.view(rows, length), eos_id, bitmask)
+        return state.merge_view(new).constrain(), tokens, new.done, lp
 
 
 @functools.partial(jax.jit, static_argnames=(*STATIC, "max_steps"), donate_argnames=("state",))
@@ -145,7 +162,7 @@ def generate_program(graphdef, params, state: DecodeState, eos_id, pad_id, *, ma
         def body(carry):
             i, state, out = carry
             was_done = state.done
-            state, tokens = decode(model, state, eos_id)
+            state, tokens, _ = decode(model, state, eos_id)
             out = jax.lax.dynamic_update_slice(out, jnp.where(was_done, pad_id, tokens)[:, None], (0, i))
             return i + 1, state.constrain(), out
 

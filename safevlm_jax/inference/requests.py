@@ -14,6 +14,7 @@ import numpy as np
 
 from safevlm_jax.data.template import PROMPT_FORMATS
 from safevlm_jax.inference.errors import BadRequest, is_finite, is_int, is_real
+from safevlm_jax.inference.stops import MAX_STOP_CHARS, MAX_STOPS
 from safevlm_jax.safety.prompt import Conversation
 from safevlm_jax.safety.verdict import Verdict
 
@@ -35,12 +36,17 @@ SEEDS = (-2**63, 2**63 - 1)  # int64, as OpenAI's and vLLM's `seed`; a row's key
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """One request's sampling rule (vLLM's name): temperature >= 0 (0 = greedy), top_k >= 0
-    (0 = off), top_p in (0, 1] (1 = off), seed (an integer in `SEEDS`)."""
+    (0 = off), top_p in (0, 1] (1 = off), seed (an integer in `SEEDS`); presence_penalty and
+    frequency_penalty in [-2, 2] (OpenAI's, `logits.penalize`); logprobs: report each token's
+    log-probability and the top ones (`logits.TOP_LOGPROBS`)."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
 
     def check(self, vocab_size: int = MAX_TOKENS) -> "SamplingParams":
         """Itself, or BadRequest naming the field out of range (top_k is at most `vocab_size`,
@@ -55,6 +61,10 @@ class SamplingParams:
             raise BadRequest(f"top_p must be in (0, 1], got {_shown(p)}", "top_p")
         if not (is_int(s) and SEEDS[0] <= s <= SEEDS[1]):
             raise BadRequest(f"seed must be an integer in [-2**63, 2**63 - 1], got {_shown(s)}", "seed")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (is_finite(value) and -2 <= value <= 2):
+                raise BadRequest(f"{name} must be a number in [-2, 2], got {_shown(value)}", name)
         return self
 
 
@@ -78,7 +88,10 @@ class EngineRequest:
     """pixel_values: [S, S, 3] f32, preprocessed (`data.images.preprocess`), or None (text
     only); prompt: the user's question (plain text) or a whole `Conversation`; temperature 0
     = greedy; top_k 0 and top_p 1 = off (both may be given); seed: the sampling seed;
-    safety: run the verdict and its hint."""
+    safety: run the verdict and its hint; presence_penalty, frequency_penalty, logprobs:
+    `SamplingParams`; stop: strings that end the answer (not included in it, at most
+    `stops.MAX_STOPS`); json_schema: a JSON schema the answer must follow (constrained
+    decoding, `constraints`; `constraints.ANY_OBJECT` for any JSON object)."""
 
     pixel_values: np.ndarray | None
     prompt: str | Conversation
@@ -89,6 +102,11 @@ class EngineRequest:
     seed: int = 0
     safety: bool = True
     prompt_format: str = "llava"
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    stop: tuple[str, ...] = ()
+    json_schema: dict | None = None
 
     @property
     def conversation(self) -> Conversation:
@@ -96,7 +114,8 @@ class EngineRequest:
 
     @property
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed, self.presence_penalty,
+                              self.frequency_penalty, self.logprobs)
 
     def check(self, vocab_size: int = MAX_TOKENS) -> None:
         """BadRequest naming the first field that is not as documented."""
@@ -110,6 +129,12 @@ class EngineRequest:
             raise BadRequest(f"max_tokens must be an integer in [1, {MAX_TOKENS}], got {_shown(self.max_tokens)}",
                              "max_tokens")
         self.sampling.check(vocab_size)
+        if not (isinstance(self.stop, tuple) and len(self.stop) <= MAX_STOPS
+                and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop)):
+            raise BadRequest(f"stop must be at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                             f"characters", "stop")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise BadRequest("json_schema must be a JSON schema (an object)", "response_format")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +150,13 @@ class VerdictEvent:
 
 @dataclasses.dataclass(frozen=True)
 class TextEvent:
-    """New answer text (a delta) and the token ids it came from."""
+    """New answer text (a delta), the token ids it came from and, when the request asked,
+    their log-probabilities: (token, logprob, top ids, top logprobs) each."""
 
     kind: ClassVar[str] = "text"
     text: str
     token_ids: tuple[int, ...] = ()
+    logprobs: tuple[tuple, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ state they run on, and the programs of `programs` at shapes rounded up to bucket
     prefix = runner.new_prefix(rows=1, length=runner.prefix_length(n))
     tokens, prefix = runner.prefill(prefix, [chunk_ids], [image_offset], features, sampling, True)
     runner.insert(prefix, tokens, rows=[3], sampling=sampling, limits=[64])
-    tokens, done = runner.step(rows=4, length=256)      # [4] next tokens of rows 0..3
+    tokens, done, logprobs = runner.step(rows=4, length=256)   # [4] next tokens of rows 0..3
     out = runner.decode(max_steps=64)                   # each row's tokens until it is done
     tokens, timings = runner.generate(prompts, features, sampling, max_new=64, use_safety=True)
 
@@ -30,6 +30,7 @@ from safevlm_jax import sharding
 from safevlm_jax.inference import programs
 from safevlm_jax.inference.buckets import (BATCH_BUCKETS, DECODE_LENGTH_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS,
                                            bucket, capped, pad_rows)
+from safevlm_jax.inference.logits import RowLogits
 from safevlm_jax.inference.requests import SamplingParams
 from safevlm_jax.inference.sampling import RowSampling
 from safevlm_jax.inference.state import DecodeState, cache_dtype, empty_cache, new_state, place
@@ -135,20 +136,27 @@ class Runner:
         return np.asarray(tokens)[:n], prefix
 
     def insert(self, prefix: KVCache, tokens: Sequence[int], rows: Sequence[int], sampling: RowSampling,
-               limits: Sequence[int]) -> None:
+               limits: Sequence[int], row_logits: RowLogits | None = None, first: bool = True) -> None:
         """The prompts of `prefix` (one per row of `rows`) into those rows, with their first
-        tokens, sampling rules and max tokens."""
+        tokens, sampling rules and max tokens; `first=False`: tokens are the prompts' last
+        tokens, which `prefix` does not hold (`programs.insert_program`)."""
+        n = len(rows)
+        row_logits = RowLogits.plain(n) if row_logits is None else row_logits
         self.state = programs.insert_program(prefix, np.asarray(tokens, np.int32), self.state,
-                                             np.asarray(rows, np.int32), sampling, np.asarray(limits, np.int32),
+                                             np.asarray(rows, np.int32), sampling, row_logits,
+                                             np.asarray(limits, np.int32), np.full(n, int(first), np.int32),
                                              np.int32(self.eos_id), **self._kw)
 
     # Decoding ---------------------------------------------------------------------------
-    def step(self, rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """One decode step over rows 0..rows-1 and cache slots 0..length-1 (buckets): their
-        next tokens [rows] int32 and done flags [rows] bool (EOS or max tokens reached)."""
-        self.state, tokens, done = programs.step_program(self.graphdef, self.params, self.state,
-                                                         np.int32(self.eos_id), rows=rows, length=length, **self._kw)
-        return np.asarray(tokens), np.asarray(done)
+    def step(self, rows: int, length: int, bitmask: np.ndarray | None = None):
+        """One decode step over rows 0..rows-1 and cache slots 0..length-1 (buckets), with a
+        grammar mask `bitmask` [rows, ceil(V / 32)] int32 or None: their next tokens [rows]
+        int32, done flags [rows] bool (EOS or max tokens reached) and log-probabilities
+        (`logits.logprobs`, device arrays: read them only when a row asked)."""
+        self.state, tokens, done, logprobs = programs.step_program(
+            self.graphdef, self.params, self.state, np.int32(self.eos_id), bitmask, rows=rows, length=length,
+            **self._kw)
+        return np.asarray(tokens), np.asarray(done), logprobs
 
     def decode(self, max_steps: int) -> list[np.ndarray]:
         """Decode steps until every row is done or `max_steps` ran: each row's new tokens."""
@@ -194,7 +202,7 @@ class Runner:
         for row, token in enumerate(first):
             on_step(row, int(token), bool(done[row]))
         while not done.all():
-            tokens, now = self.step(self.rows, self.length)
+            tokens, now, _ = self.step(self.rows, self.length)
             for row in np.flatnonzero(~done):
                 out[row].append(int(tokens[row]))
                 on_step(int(row), int(tokens[row]), bool(now[row]))

@@ -6,7 +6,8 @@ their outputs back.
     plan = scheduler.schedule()              # release, verdicts, one prefill chunk, decode
     out = scheduler.verdicts_done(plan.verdict, verdicts, features)      # admission
     out += scheduler.prefilled(seq, upto, token)                          # token: the last chunk's
-    out += scheduler.stepped(tokens, done)                                # a decode step's rows
+    out += scheduler.started(seq)                        # or: its first token comes from a decode step
+    out += scheduler.stepped(tokens, done, logprobs)                      # a decode step's rows
     for seq, event in out: ...                                            # to the request's caller
 
 A request: WAITING (in the queue) -> its verdict (batched with others; none without an image
@@ -14,69 +15,32 @@ or with safety off) -> the gate admits it (prompt ids, the hint inserted) or blo
 policy's refusal, never a row) -> READY -> PREFILL (it holds the lowest free row; its prompt
 goes in chunks, one per turn, `prefill_chunk` tokens while other rows decode and whole when
 none does, so decoding rows are never stalled by a whole prompt) -> DECODE (one token per
-step) -> DONE (EOS or max_tokens as the device reports them, cancelled, or failed). Each
-request gets exactly one VerdictEvent first and exactly one DoneEvent last.
+step) -> DONE (EOS or max_tokens as the device reports them, a stop string, cancelled, or
+failed). Each request gets exactly one VerdictEvent first and exactly one DoneEvent last.
+
+A request with a grammar or asking for logprobs is `deferred`: its prompt but the last token is
+prefilled, and the first decode step reads that token and samples the first answer token under
+the grammar's mask, with its log-probabilities. While a constrained row decodes, the step runs
+over the whole state with the mask (one program variant: `masked_shape`).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import logging
 import time
 from typing import Any, Callable
 
 from safevlm_jax.inference.buckets import bucket
-from safevlm_jax.inference.requests import (DoneEvent, EngineClosed, EngineEvent, EngineRequest, FinishReason,
-                                            QueueFull, TextEvent, VerdictEvent)
+from safevlm_jax.inference.requests import (DoneEvent, EngineClosed, EngineEvent, FinishReason, QueueFull, TextEvent,
+                                            VerdictEvent)
+from safevlm_jax.inference.seqs import Seq, Status
 from safevlm_jax.inference.stats import Counters
 from safevlm_jax.safety.gate import Gate, Refusal
 from safevlm_jax.safety.verdict import Verdict
 
 _log = logging.getLogger(__name__)
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"  # for its verdict and admission
-    READY = "ready"  # admitted, waiting for a row
-    PREFILL = "prefill"
-    DECODE = "decode"
-    DONE = "done"
-
-
-@dataclasses.dataclass(eq=False)
-class Seq:
-    """One request's state. image: its image's hash (None: text only); features: what the
-    engine keeps of its image (opaque here); computed: prompt tokens prefilled so far."""
-
-    id: int
-    request: EngineRequest
-    image: str | None
-    detok: Any  # a Detokenizer: token ids -> text deltas
-    submitted: float
-    status: Status = Status.WAITING
-    verdict: Verdict | None = None
-    features: Any = None
-    prompt_ids: list[int] = dataclasses.field(default_factory=list)
-    computed: int = 0
-    row: int | None = None
-    generated: list[int] = dataclasses.field(default_factory=list)
-    reported: int = 0  # generated tokens carried by events so far
-    admitted: float | None = None
-    first_token: float | None = None
-    cancelled: bool = False
-    said_verdict: bool = False
-
-    @property
-    def use_safety(self) -> bool:
-        """Its image positions hold the safety tokens, then the image (else the image alone)."""
-        return self.request.safety and self.image is not None
-
-    @property
-    def cached(self) -> int:
-        """Tokens whose keys and values are in its row (the last sampled one is not yet)."""
-        return len(self.prompt_ids) + max(len(self.generated) - 1, 0)
 
 
 @dataclasses.dataclass
@@ -85,7 +49,7 @@ class Plan:
     rows to keep as prefixes, (row, ids it holds, its request); verdict: requests whose images
     to encode; begin: requests that took a row and start their prefill; prefill: the request
     whose next chunk (at most `budget` tokens) runs; decode: (rows, length) of the decode
-    step, or None."""
+    step, or None (`masked_shape` when a decoding row has a grammar)."""
 
     release: list[int]
     save: list[tuple[int, list[int], Seq]]
@@ -121,14 +85,14 @@ class Scheduler:
         self._save: list[tuple[int, list[int], Seq]] = []
 
     # The caller's side ------------------------------------------------------------------
-    def add(self, seq: Seq) -> None:
-        """Queues an accepted request (QueueFull, EngineClosed)."""
+    def add(self, *seqs: Seq) -> None:
+        """Queues an accepted request, or all the choices of one (QueueFull, EngineClosed)."""
         if not self.accepting:
             raise EngineClosed("the engine is shutting down and accepts no new request")
-        if len(self.queue) >= self.max_queue:
+        if len(self.queue) + len(seqs) > self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are already waiting; try again later")
-        self.queue.append(seq)
-        self.counters.accepted += 1
+        self.queue.extend(seqs)
+        self.counters.accepted += len(seqs)
 
     @property
     def busy(self) -> list[Seq]:
@@ -148,7 +112,9 @@ class Scheduler:
         ready = sum(s.status is Status.READY for s in self.queue)
         verdict = [s for s in self.queue if s.status is Status.WAITING][:max(free - ready, 0)]
         begin = []
-        for seq in [s for s in self.queue if s.status is Status.READY][:free]:
+        # a later choice begins once the first's prompt is prefilled: it copies that prefix
+        may_begin = lambda s: s.leader is None or s.leader.status in (Status.DECODE, Status.DONE)
+        for seq in [s for s in self.queue if s.status is Status.READY and may_begin(s)][:free]:
             self.queue.remove(seq)
             seq.row, seq.status, seq.admitted = self.slots.index(None), Status.PREFILL, time.monotonic()
             self.slots[seq.row] = seq
@@ -165,6 +131,8 @@ class Scheduler:
         """(rows, length) buckets holding every decoding row and its next slot."""
         if not decoding:
             return None
+        if any(s.grammar is not None for s in decoding):
+            return self.masked_shape()
         return self._shape(bucket(max(s.row for s in decoding) + 1, self.row_buckets, "row"),
                            bucket(max(s.cached for s in decoding) + 1, self.length_buckets, "position"))
 
@@ -173,6 +141,10 @@ class Scheduler:
         (XLA's dot takes no strided operand), which only a corner much smaller than the state
         pays for."""
         return (rows, self.length_buckets[-1]) if rows == self.rows and 4 * length > self.max_length else (rows, length)
+
+    def masked_shape(self) -> tuple[int, int]:
+        """The one (rows, length) of a step with grammar masks: the whole state."""
+        return self._shape(self.rows, self.length_buckets[-1])
 
     def step_shapes(self) -> list[tuple[int, int]]:
         """Every (rows, length) a decode step can have."""
@@ -225,29 +197,54 @@ class Scheduler:
         self.counters.prompt_tokens += len(seq.prompt_ids)
         return self._take(seq, token, done=seq.request.max_tokens <= 1 or token == self.eos_id)
 
-    def stepped(self, tokens, done) -> Output:
-        """A decode step's tokens [rows] and done flags [rows] (EOS or max_tokens reached)."""
+    def started(self, seq: Seq) -> Output:
+        """A deferred request's prompt is in its row: the next decode step samples its first token."""
+        if seq.status is Status.PREFILL:
+            seq.status = Status.DECODE
+            self.counters.prompt_tokens += len(seq.prompt_ids)
+        return []
+
+    def stepped(self, tokens, done, logprobs=None) -> Output:
+        """A decode step's tokens [rows], done flags [rows] (EOS or max_tokens reached) and,
+        when a row asked, (logprob [rows], top ids [rows, k], top logprobs [rows, k]) as numpy."""
         out: Output = []
         for seq in [s for s in self.busy if s.status is Status.DECODE and s.row < len(tokens)]:
+            r = seq.row
             try:
-                out += self._take(seq, int(tokens[seq.row]), bool(done[seq.row]))
+                entry = None if logprobs is None or not seq.request.logprobs else \
+                    (int(tokens[r]), float(logprobs[0][r]), tuple(logprobs[1][r].tolist()),
+                     tuple(logprobs[2][r].tolist()))
+                out += self._take(seq, int(tokens[r]), bool(done[r]), entry)
             except Exception as e:  # e.g. its detokenizer: that request alone ends
                 _log.exception("request %d's token failed", seq.id)
-                out += self.finish(seq, FinishReason.ERROR, _error(e), released=bool(done[seq.row]))
+                out += self.finish(seq, FinishReason.ERROR, _error(e), released=bool(done[r]))
         return out
 
-    def _take(self, seq: Seq, token: int, done: bool) -> Output:
+    def _take(self, seq: Seq, token: int, done: bool, logprob: tuple | None = None) -> Output:
         seq.generated.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         seq.first_token = seq.first_token or time.monotonic()
         eos = token == self.eos_id
+        if seq.grammar is not None and not eos:
+            seq.grammar.consume(token)
         text = "" if eos else seq.detok.push(token)
-        out: Output = []
-        if text:
-            out.append((seq, TextEvent(text, tuple(seq.generated[seq.reported:]))))
-            seq.reported = len(seq.generated)
-        if done:
+        if text and seq.stops is not None:
+            text, seq.stopped = seq.stops.push(text)
+        out: Output = self._text(seq, text)
+        if seq.stopped:
+            out += self.finish(seq, FinishReason.STOP, released=done)
+        elif done:
             out += self.finish(seq, FinishReason.STOP if eos else FinishReason.LENGTH, released=True)
         return out
+
+    def _text(self, seq: Seq, text: str) -> Output:
+        """A TextEvent of `text` with the tokens (and logprobs) not yet carried, if any text."""
+        if not text:
+            return []
+        event = TextEvent(text, tuple(seq.generated[seq.reported:]), tuple(seq.logprobs[seq.reported:]))
+        seq.reported = len(seq.generated)
+        return [(seq, event)]
 
     def finish(self, seq: Seq, reason: FinishReason, error: str | None = None, released: bool = False) -> Output:
         """The request's last events (once): the text still held back, then done; its row is
@@ -263,11 +260,12 @@ class Scheduler:
                 self._release.append(seq.row)
             elif reason in (FinishReason.STOP, FinishReason.LENGTH) and self.save_prefixes:
                 self._save.append((seq.row, seq.prompt_ids + seq.generated[:-1], seq))
-        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+        if reason in (FinishReason.STOP, FinishReason.LENGTH) and not seq.stopped:
             tail = seq.detok.flush()
-            if tail:
-                out.append((seq, TextEvent(tail, tuple(seq.generated[seq.reported:]))))
-                seq.reported = len(seq.generated)
+            if seq.stops is not None:
+                tail, seq.stopped = seq.stops.push(tail)
+                tail += "" if seq.stopped else seq.stops.flush()
+            out += self._text(seq, tail)
         seq.status = Status.DONE
         self.counters.finished[reason.value] += 1
         since = lambda t: None if t is None else t - seq.submitted

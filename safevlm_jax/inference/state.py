@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from safevlm_jax import sharding
 from safevlm_jax.config import ModelConfig
+from safevlm_jax.inference.logits import RowLogits
 from safevlm_jax.inference.sampling import RowSampling
 from safevlm_jax.models.kv_cache import KVCache
 
@@ -27,9 +28,11 @@ from safevlm_jax.models.kv_cache import KVCache
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
     """cache: the KV cache, a row per request (each row's position is its index); tokens [B]
-    int32: each row's last sampled token, the next step's input; steps [B] int32: tokens it
-    sampled so far (its RNG counter); limit [B] int32: its max tokens; done [B] bool: nothing
-    to decode (EOS, limit, released, or a free row); sampling: its rule."""
+    int32: each row's last sampled token (or its prompt's last, not yet sampled after), the
+    next step's input; steps [B] int32: tokens it sampled so far (its RNG counter); limit [B]
+    int32: its max tokens; done [B] bool: nothing to decode (EOS, limit, released, or a free
+    row); sampling: its rule; row_logits: its penalties and logprobs (`logits.RowLogits`);
+    history [B, slots] int32: its answer tokens so far (the penalties' counts)."""
 
     cache: KVCache
     tokens: jax.Array
@@ -37,28 +40,33 @@ class DecodeState:
     limit: jax.Array
     done: jax.Array
     sampling: RowSampling
+    row_logits: RowLogits
+    history: jax.Array
 
     @property
     def rows(self) -> int:
         return self.tokens.shape[0]
 
     def view(self, rows: int, length: int) -> "DecodeState":
-        """Rows 0..rows-1 and cache slots 0..length-1 (`KVCache.view`)."""
-        return jax.tree.map(lambda a: a[:rows], dataclasses.replace(self, cache=None)).replace(
-            cache=self.cache.view(rows, length))
+        """Rows 0..rows-1 and cache slots 0..length-1 (`KVCache.view`; an answer is shorter
+        than its row's slots, so its history too)."""
+        return jax.tree.map(lambda a: a[:rows], dataclasses.replace(self, cache=None, history=None)).replace(
+            cache=self.cache.view(rows, length), history=self.history[:rows, :length])
 
     def merge_view(self, view: "DecodeState") -> "DecodeState":
-        rows = view.rows
-        merged = jax.tree.map(lambda a, b: a.at[:rows].set(b), dataclasses.replace(self, cache=None),
-                              dataclasses.replace(view, cache=None))
-        return merged.replace(cache=self.cache.merge_view(view.cache))
+        rows, length = view.history.shape
+        merged = jax.tree.map(lambda a, b: a.at[:rows].set(b), dataclasses.replace(self, cache=None, history=None),
+                              dataclasses.replace(view, cache=None, history=None))
+        return merged.replace(cache=self.cache.merge_view(view.cache),
+                              history=self.history.at[:rows, :length].set(view.history))
 
     def replace(self, **kw) -> "DecodeState":
         return dataclasses.replace(self, **kw)
 
     def logical_axes(self) -> "DecodeState":
         row = ("cache_batch",)
-        return DecodeState(self.cache.logical_axes(), row, row, row, row, self.sampling.logical_axes())
+        return DecodeState(self.cache.logical_axes(), row, row, row, row, self.sampling.logical_axes(),
+                           self.row_logits.logical_axes(), ("cache_batch", None))
 
     def constrain(self) -> "DecodeState":
         """Every array constrained to its logical axes (identity outside `sharding.use_rules`)."""
@@ -88,11 +96,12 @@ def new_state(config: ModelConfig, rows: int, length: int, mesh: Mesh | None = N
     cannot divide is an error naming the sizes), else, its cache merged, on `device` (the
     model's: a state the programs hand back is committed there, so a fresh one must be too,
     or the second call compiles again)."""
+    zeros = lambda: jnp.zeros(rows, jnp.int32)
     platform = mesh.devices.flat[0].platform if mesh is not None else None
-    state = DecodeState(empty_cache(config, rows, length, mesh is None, platform), jnp.zeros(rows, jnp.int32),
-                        jnp.zeros(rows, jnp.int32),
-                        jnp.zeros(rows, jnp.int32), jnp.ones(rows, jnp.bool_), jax.tree.map(jnp.asarray,
-                                                                                            RowSampling.greedy(rows)))
+    state = DecodeState(empty_cache(config, rows, length, mesh is None, platform), zeros(), zeros(), zeros(),
+                        jnp.ones(rows, jnp.bool_),
+                        jax.tree.map(jnp.asarray, RowSampling.greedy(rows)),
+                        jax.tree.map(jnp.asarray, RowLogits.plain(rows)), jnp.zeros((rows, length), jnp.int32))
     return place(state, mesh, rules, device)
 
 

@@ -3,11 +3,12 @@
     ids = PromptBuilder(tokenizer, num_image_tokens, template).build(question, verdict.hint)
     ids = builder.build(Conversation(turns, system), hint)     # several turns, own system text
 
-The hint goes into the user turn after the question, introduced by `Safe Hint:`, as the
+The hint goes into the last user turn after the question, introduced by `Safe Hint:`, as the
 template's `hinted_turn` writes it (v1: `... USER: [IMG]\\n{question} Safe Hint: {hint}
-ASSISTANT:`; psa: the authors' own string). It is decided by the verdict and written by the
-program; the question is plain text (`data.specials`), so typing `Safe Hint: ...`, `<image>` or
-`</s>` gives ordinary tokens and never changes the verdict, the hint or the image positions.
+ASSISTANT:`; psa: the authors' own string), whatever came before. It is decided by the verdict
+and written by the program; the question, the earlier turns and the system text are plain
+text (`data.specials`), so typing `Safe Hint: ...`, `<image>` or `</s>` gives ordinary tokens
+and never changes the verdict, the hint or the image positions.
 The ids are exactly the ones the data pipeline (`TextEncoder.encode_prompt`) and LLaVA's
 `tokenizer_image_token` give the same text (`prompt_format="llava"`), or HF's
 `LlavaProcessor` (`prompt_format="hf"`).
@@ -28,10 +29,12 @@ TEMPLATES = tuple(sorted({*_TEMPLATES, *ALIASES}))  # the names a `--template` f
 class Conversation:
     """The text of a generation prompt: turns alternating user (`HUMAN`) and assistant from a
     user turn and ending with one (the question to answer); system: the system text, None for
-    the template's own. All of it untrusted plain text."""
+    the template's own; image_turn: the index of the user turn holding the image (if there is
+    one). All of it untrusted plain text."""
 
     turns: tuple[Turn, ...]
     system: str | None = None
+    image_turn: int = 0
 
     @classmethod
     def of(cls, question: str) -> "Conversation":
@@ -68,7 +71,8 @@ class PromptBuilder:
         if isinstance(conversation, str):
             conversation = Conversation.of(conversation)
         hinted = None if hint is None else f"{self.hints.prefix} {hint}"
-        return self.encoder.encode_prompt(conversation.turns, image, hinted, conversation.system).tolist()
+        return self.encoder.encode_prompt(conversation.turns, image, hinted, conversation.system,
+                                          conversation.image_turn).tolist()
 
     @property
     def query_id(self) -> int:

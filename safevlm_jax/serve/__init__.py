@@ -4,5 +4,5 @@
 
 `app.create_app(engine, settings)` builds the FastAPI app: `/v1/chat/completions`
 (with the safety verdict in every answer), `/v1/moderations` (the safety head alone),
-`/v1/models`, `/health`, `/metrics` (Prometheus) and `/` (the web demo in `static/`).
+`/v1/models` and `/v1/models/{id}`, `/health`, `/metrics` (Prometheus) and `/` (the web demo in `static/`).
 """

@@ -2,12 +2,15 @@
 
     python -m safevlm_jax.serve [--checkpoint CKPT] [--host 127.0.0.1] [--port 8000]
                                 [--slots 8] [--policy FILE] [--api_key KEY] [--mesh tensor=4]
+                                [--served_model_name NAME,ALIAS] [--allowed_media_domains a.com,b.org]
+                                [--cors_origins https://app.example] [--log_prompts]
 
 Without --checkpoint it serves the shipped demo model (as `safevlm_jax.sample`). `--port 0`
 takes a free port. Once warmed up (every program the engine can run compiled; --nowarmup
 skips it) it prints `serving http://HOST:PORT` on stderr. SIGTERM or Ctrl-C: stop accepting,
 finish every request in flight, exit 0; what is not finished `--drain_timeout_s` after the
-signal is cancelled (each client gets its error) and the process exits all the same.
+signal is cancelled (each client gets its error) and the process exits all the same. Each
+answer is one access-log line on stderr (`serve/access_log.py`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ flags.DEFINE_string("hints", None, "JSON/YAML file replacing hint texts (safevlm
 flags.DEFINE_enum("template", None, sorted(TEMPLATES),
                   "conversation template (default: the one the checkpoint records)", **F)
 flags.DEFINE_string("api_key", None, "require 'Authorization: Bearer KEY' on /v1/* (default: open)", **F)
-flags.DEFINE_string("model_name", None, "the model id of /v1/models (default: the checkpoint's folder)", **F)
+flags.DEFINE_list("served_model_name", None, "NAME[,ALIAS...]: the model id /v1/models reports, then other ids "
+                  "requests may name (default: the checkpoint's folder)", **F)
 flags.DEFINE_integer("max_tokens", 256, "max_tokens of requests that give none", lower_bound=1, **F)
 flags.DEFINE_integer("max_body_mb", 20, "larger request bodies get 413", lower_bound=1, **F)
 flags.DEFINE_integer("max_image_pixels", 25_000_000, "larger images are refused undecoded", lower_bound=1, **F)
@@ -48,9 +52,17 @@ flags.DEFINE_integer("prefill_chunk", 64, "most prompt tokens prefilled per deco
                      lower_bound=1, **F)
 flags.DEFINE_integer("prefix_cache_mb", -1, "memory for recent prompts' keys and values, reused by requests "
                      "that start alike (-1: half the KV cache; 0: none)", lower_bound=-1, **F)
+flags.DEFINE_enum("system_prompt", "allow", ["allow", "ignore", "refuse"],
+                  "system/developer messages: replace the template's system text, are dropped, or get a 400", **F)
 cli.define_mesh_flag(FLAGS)
 flags.DEFINE_float("drain_timeout_s", 30.0, "after SIGTERM, finish requests for this long, then cancel the rest",
                    lower_bound=0, **F)
+flags.DEFINE_list("allowed_media_domains", [], "hosts whose http(s) image URLs are fetched, exactly as named "
+                  "(default: none; images come as data: URLs)", **F)
+flags.DEFINE_bool("allow_private_media", False, "fetch image URLs that resolve to loopback or private addresses", **F)
+flags.DEFINE_float("media_fetch_timeout_s", 5.0, "the longest an image URL's fetch may take", lower_bound=0.1, **F)
+flags.DEFINE_list("cors_origins", [], "origins whose pages may call the API from a browser ('*': any)", **F)
+flags.DEFINE_bool("log_prompts", False, "the access log also shows each chat prompt", **F)
 flags.DEFINE_integer("input_workers", 4, "threads decoding request bodies and images, tokenizing prompts",
                      lower_bound=1, **F)
 
@@ -62,6 +74,7 @@ def build():
     from safevlm_jax.safety.hints import load_hints
     from safevlm_jax.safety.policy import load_policy
     from safevlm_jax.serve.app import ServeSettings, create_app
+    from safevlm_jax.serve.fetch import FetchPolicy
 
     checkpoint = resolve_checkpoint(FLAGS.checkpoint)
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
@@ -71,11 +84,17 @@ def build():
         policy=load_policy(FLAGS.policy) if FLAGS.policy else None, mesh=cli.mesh_flag(FLAGS), slots=FLAGS.slots,
         max_queue=FLAGS.max_queue, max_length=FLAGS.max_length or None, prefill_chunk=FLAGS.prefill_chunk,
         prefix_cache_bytes=None if FLAGS.prefix_cache_mb < 0 else FLAGS.prefix_cache_mb << 20)
+    names = [n.strip() for n in FLAGS.served_model_name or [] if n.strip()]
+    if FLAGS.served_model_name is not None and not names:
+        raise ValueError("--served_model_name: give at least one name")
+    names = names or [os.path.basename(os.path.normpath(checkpoint))]
     settings = ServeSettings(
-        model_name=FLAGS.model_name or os.path.basename(os.path.normpath(checkpoint)),
-        api_key=FLAGS.api_key, max_body_bytes=FLAGS.max_body_mb * 2**20,
+        model_name=names[0], model_aliases=tuple(names[1:]), api_key=FLAGS.api_key, max_body_bytes=FLAGS.max_body_mb * 2**20,
         max_image_pixels=FLAGS.max_image_pixels, default_max_tokens=FLAGS.max_tokens,
-        allow_safety_off=FLAGS.allow_safety_off, input_workers=FLAGS.input_workers)
+        allow_safety_off=FLAGS.allow_safety_off, input_workers=FLAGS.input_workers,
+        media=FetchPolicy(tuple(d.strip().lower() for d in FLAGS.allowed_media_domains if d.strip()),
+                          FLAGS.allow_private_media, FLAGS.media_fetch_timeout_s),
+        cors_origins=tuple(FLAGS.cors_origins), log_prompts=FLAGS.log_prompts, system_prompt=FLAGS.system_prompt)
     engine.start()
     if FLAGS.warmup:
         engine.warm_up()
@@ -130,9 +149,10 @@ def serve(application, sock: socket.socket, engine, drain_timeout_s: float, grac
 def run(argv) -> None:
     """The command, after flag parsing (ValueError/OSError: one `error:` line, exit 2)."""
     del argv
-    from safevlm_jax.serve import memory
+    from safevlm_jax.serve import access_log, memory
 
     memory.keep_large_buffers_mapped()
+    access_log.to_stderr()
     sock = bind(FLAGS.host, FLAGS.port)
     engine, application, _ = build()
     # uvicorn re-raises the signal that stopped it once it has drained; with these handlers

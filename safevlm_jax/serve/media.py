@@ -1,9 +1,11 @@
-"""Images in requests: `data:` URLs only, decoded under a pixel limit, then CLIP-preprocessed.
+"""Images in requests: `data:` URLs (or fetched bytes) decoded under a pixel limit, then
+CLIP-preprocessed.
 
     pixels = load(image_ref, image_config)   # in the server's worker pool; APIError 400 if bad
 
-The server never fetches anything: `http(s)://`, `file://` and every other scheme are refused
-before any I/O, so a request cannot make the server reach the network or read its own files.
+`http(s)://` URLs are fetched by `fetch.py`, only from the domains the server allows;
+`file://` and every other scheme are refused before any I/O, so a request cannot make the
+server read its own files.
 Decoding (`safevlm_jax.data.images.decode_image`) reads PNG, JPEG, WebP, GIF, BMP and TIFF,
 recognised by content whatever MIME type the URL declares, and checks the header's size and
 aspect ratio before a pixel is decoded, so a small file claiming huge dimensions (a
@@ -39,8 +41,8 @@ def data_url_bytes(url: str, param: str) -> bytes:
     colon = url.find(":", 0, 64)
     if url[:colon].lower() != "data" or colon < 0:
         shown = url if len(url) <= 80 else url[:77] + "..."
-        raise bad_request(f"only data: URLs are accepted for images (data:image/png;base64,...); "
-                          f"this server fetches nothing and reads no local files; got {shown!r}",
+        raise bad_request(f"images are data: URLs (data:image/png;base64,...) or http(s) URLs on the "
+                          f"domains the server allows; it reads no local files; got {shown!r}",
                           param, "image_url_not_allowed")
     comma = url.find(",", 0, 256)
     match = _HEADER.fullmatch(url[:comma]) if comma >= 0 else None

@@ -15,6 +15,15 @@ Moderation categories are our 6 risky types (the 7th, clean, is no category):
     privacy                 4 privacy
     misleading              5 misleading
 
+Where a type matches one of OpenAI's moderation categories, the result carries it under
+OpenAI's name too (same flag, score and input types), so a client reading `harassment`,
+`hate` or `illicit` finds them; OpenAI has no category for the others:
+
+    our category            OpenAI's category
+    illegal_risk            illicit       (advice or instruction for illegal acts)
+    insults_and_bullying    harassment    (harassing language towards any target)
+    fairness                hate          (demeaning a group for race, gender, religion, ...)
+
 `category_scores[c]` = P(type = c) · P(level >= 1), the head's probability that the image is
 risky *and* of that type. `flagged` = the risk policy acts on the verdict (any action but
 `none`; by default level >= 1 and type not clean); `categories[c]` = flagged and the decided
@@ -32,11 +41,17 @@ from safevlm_jax.safety.taxonomy import CLEAN, RISK_LEVELS, RISK_TYPES
 from safevlm_jax.safety.verdict import Verdict
 
 CATEGORIES = tuple(name.replace(" ", "_") for name in RISK_TYPES[:CLEAN])
+OPENAI_CATEGORIES = {"illegal_risk": "illicit", "insults_and_bullying": "harassment", "fairness": "hate"}
 FINISH_REASONS = {"stop": "stop", "length": "length", "blocked": "content_filter"}
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def model_card(model_id: str) -> dict:
+    """One model of `/v1/models` (OpenAI's `model` object)."""
+    return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "safevlm_jax"}
 
 
 def safety_object(verdict: Verdict | None) -> dict | None:
@@ -56,22 +71,53 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_completion(rid: str, model: str, text: str, finish_reason: str, safety: dict | None,
-                    prompt_tokens: int, completion_tokens: int) -> dict:
+def choice(index: int, text: str, finish_reason: str, safety: dict | None, logprobs: dict | None) -> dict:
+    """One choice of a `chat.completion`."""
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": FINISH_REASONS[finish_reason], "safety": safety}
+
+
+def chat_completion(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": FINISH_REASONS[finish_reason],
-                         "safety": safety}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-               **extra) -> dict:
+               index: int = 0, logprobs: dict | None = None, **extra) -> dict:
     """One `chat.completion.chunk`; `extra` goes into the choice (the first chunk's `safety`)."""
-    choice = {"index": 0, "delta": delta, "logprobs": None,
+    choice = {"index": index, "delta": delta, "logprobs": logprobs,
               "finish_reason": finish_reason and FINISH_REASONS[finish_reason], **extra}
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [choice]}
+
+
+class TokenTexts:
+    """Token ids -> the text and bytes OpenAI's logprobs show for them (a token's text as it
+    reads after another token, so SentencePiece's word-start space is kept)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self._texts = tokenizer, {}
+        self._anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+        self._skip = len(tokenizer.decode(self._anchor))
+
+    def text(self, token: int) -> str:
+        if token not in self._texts:
+            self._texts[token] = self.tokenizer.decode(self._anchor + [token])[self._skip:]
+        return self._texts[token]
+
+    def entry(self, token: int, logprob: float, first: bool = False) -> dict:
+        text = self.text(token)
+        if first and text.startswith(" "):  # as the answer's text (`detokenize.decode`) starts
+            text = text[1:]
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def content(self, logprobs, top: int, first: bool = False) -> dict:
+        """A TextEvent's (token, logprob, top ids, top logprobs) entries -> OpenAI's
+        `{"content": [...]}` with `top` alternatives each; `first`: they start the answer, whose
+        first word-start space is dropped, so the tokens add up to the answer's text."""
+        return {"content": [{**self.entry(t, lp, first and n == 0),
+                             "top_logprobs": [self.entry(i, p, first and n == 0) for i, p in zip(ids[:top], lps[:top])]}
+                            for n, (t, lp, ids, lps) in enumerate(logprobs)], "refusal": None}
 
 
 def usage_chunk(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> dict:
@@ -96,9 +142,13 @@ def moderation_result(verdicts: list[Verdict]) -> dict:
             flags[c] = flags[c] or hit
     level = max(levels)
     worst = verdicts[levels.index(level)]
-    return {"flagged": any(v.action != "none" for v in verdicts), "categories": flags,
-            "category_scores": scores,
-            "category_applied_input_types": {c: ["image"] if flags[c] else [] for c in CATEGORIES},
+    return {"flagged": any(v.action != "none" for v in verdicts), "categories": _with_openai_names(flags),
+            "category_scores": _with_openai_names(scores),
+            "category_applied_input_types": _with_openai_names({c: ["image"] if flags[c] else [] for c in CATEGORIES}),
             "risk_level": level, "risk_level_name": RISK_LEVELS[level],
             "risk_level_probs": list(worst.risk_level_probs),
             "safety": [safety_object(v) for v in verdicts]}
+
+
+def _with_openai_names(by_category: dict) -> dict:
+    return {**by_category, **{openai: by_category[ours] for ours, openai in OPENAI_CATEGORIES.items()}}
