@@ -66,7 +66,7 @@ def conversations(engine, pixels: list[np.ndarray]) -> list[tuple[float, float, 
 
 def main(argv) -> None:
     del argv
-    from benchmarks.serve_load import write_checkpoint
+    from benchmarks.random_models import write_checkpoint
     from safevlm_jax.inference.engine import Engine
     from safevlm_jax.safety.policy import parse_policy
 

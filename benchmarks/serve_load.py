@@ -52,20 +52,6 @@ FLAGS = flags.FLAGS
 PROMPT = "What is shown in this image? Describe the picture."
 
 
-def write_checkpoint(directory: str, name: str) -> str:
-    from configs.model import model_config
-    from safevlm_jax.config import SafetyConfig
-    from safevlm_jax.checkpoint.demo import random_checkpoint
-
-    if name == "tiny":
-        config = model_config("tiny")
-    else:
-        from benchmarks.sample_vs_hf import config_350m
-
-        config = config_350m("float32").replace(safety=SafetyConfig())
-    return random_checkpoint(os.path.join(directory, name), config=config)
-
-
 def image_url(size: int, seed: int = 0) -> str:
     from PIL import Image
 
@@ -174,6 +160,8 @@ async def measure(url: str, levels: list[int], image_size: int) -> list[dict]:
 def main(argv) -> None:
     del argv
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    from benchmarks.random_models import write_checkpoint
+
     levels = [int(x) for x in FLAGS.levels]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = write_checkpoint(FLAGS.workdir or tmp, FLAGS.config)

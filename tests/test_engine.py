@@ -13,6 +13,7 @@ import pytest
 
 from safevlm_jax.checkpoint.demo import DEMO_DIR
 from safevlm_jax.data.records import GPT, HUMAN, Turn
+from safevlm_jax.inference import detokenize
 from safevlm_jax.inference.engine import Engine, EngineClosed, EngineRequest, QueueFull
 from safevlm_jax.inference.errors import BadRequest
 from safevlm_jax.inference.pipeline import Request, SafeVLMInference, load_image
@@ -223,7 +224,7 @@ def test_stops_at_eos_or_max_tokens(vlm, engine, pixels, together):
     [done] = [h for h in together if h.finish_reason == "stop"][:1]
     assert done.token_ids[-1] == eos and eos not in done.token_ids[:-1]
     assert done.done_event.completion_tokens == len(done.token_ids)
-    assert done.text == vlm.tokenizer.decode(done.token_ids[:-1], skip_special_tokens=True)
+    assert done.text == detokenize.decode(vlm.tokenizer, done.token_ids[:-1])  # the answer's text, no leading space
     [cut] = run(engine, [request(pixels, "clean", max_tokens=3)])
     assert cut.finish_reason == "length" and cut.token_ids == together[0].token_ids[:3]
     assert cut.done_event.prompt_tokens == len(cut.prompt_ids) and cut.done_event.completion_tokens == 3

@@ -41,10 +41,10 @@ class FakeDetok:
         return ""
 
 
-def scheduler(rows=4, max_queue=8, chunk=4):
+def scheduler(rows=4, max_queue=8, chunk=4, corners=True):
     return Scheduler(rows=rows, max_length=64, max_queue=max_queue, gate=FakeGate(), eos_id=EOS,
                      detokenizer=FakeDetok, row_buckets=(1, 2, 4)[:rows.bit_length()], length_buckets=(16, 32, 64),
-                     prefill_chunk=chunk, whole_chunk=64)
+                     prefill_chunk=chunk, whole_chunk=64, corners=corners)
 
 
 _ids = itertools.count()
@@ -224,3 +224,11 @@ def test_prefix_cache_gives_the_longest_usable_prefix_within_the_image_rule_and_
     lru = LRU(max_bytes=10)
     lru.put("big", 1, 11)
     assert lru.get("big") is None and lru.nbytes == 0
+
+
+def test_without_corners_every_step_runs_over_the_whole_state():
+    s = scheduler(rows=4, corners=False)
+    add(s, "x" * 5)
+    for _ in range(3):
+        plan, _ = turn(s)
+    assert plan.decode == (4, 64) and s.step_shapes() == [(4, 64)]

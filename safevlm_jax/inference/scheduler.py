@@ -66,17 +66,19 @@ Output = list[tuple[Seq, EngineEvent]]
 class Scheduler:
     """rows x max_length: the decode state; max_queue: most waiting requests; gate: the
     safety gate; eos_id: the EOS token; detokenizer(): a fresh Detokenizer; row_buckets /
-    length_buckets: the decode step's
-    shapes; prefill_chunk: most prompt tokens per turn while rows decode (whole_chunk when
-    none do); save_prefixes: keep finished rows as prefixes."""
+    length_buckets: the decode step's shapes; corners: step over the corner of rows and slots
+    that holds every decoding row (else always the whole state); prefill_chunk: most prompt
+    tokens per turn while rows decode (whole_chunk when none do); save_prefixes: keep finished
+    rows as prefixes."""
 
     def __init__(self, *, rows: int, max_length: int, max_queue: int, gate: Gate, eos_id: int,
                  detokenizer: Callable[[], Any],
                  row_buckets: tuple[int, ...], length_buckets: tuple[int, ...], prefill_chunk: int,
-                 whole_chunk: int, save_prefixes: bool = True):
+                 whole_chunk: int, save_prefixes: bool = True, corners: bool = True):
         self.rows, self.max_length, self.max_queue, self.gate, self.eos_id = rows, max_length, max_queue, gate, eos_id
         self.detokenizer, self.row_buckets, self.length_buckets = detokenizer, row_buckets, length_buckets
         self.prefill_chunk, self.whole_chunk, self.save_prefixes = prefill_chunk, whole_chunk, save_prefixes
+        self.corners = corners
         self.queue: collections.deque[Seq] = collections.deque()  # WAITING and READY, in order
         self.slots: list[Seq | None] = [None] * rows
         self.accepting = True
@@ -139,8 +141,10 @@ class Scheduler:
     def _shape(self, rows: int, length: int) -> tuple[int, int]:
         """A step over fewer rows or slots than the whole state reads them through a copy
         (XLA's dot takes no strided operand), which only a corner much smaller than the state
-        pays for."""
-        return (rows, self.length_buckets[-1]) if rows == self.rows and 4 * length > self.max_length else (rows, length)
+        pays for; without `corners` every step runs over the whole state."""
+        if not self.corners or (rows == self.rows and 4 * length > self.max_length):
+            return self.rows, self.length_buckets[-1]
+        return rows, length
 
     def masked_shape(self) -> tuple[int, int]:
         """The one (rows, length) of a step with grammar masks: the whole state."""
