@@ -30,7 +30,7 @@ flags.DEFINE_enum("config", "350m", ["tiny", "350m"], "model config of the rando
 flags.DEFINE_integer("text_tokens", 470, "words of the first question (about one token each)")
 flags.DEFINE_integer("conversations", 3, "conversations measured (each about a new image)")
 flags.DEFINE_integer("max_tokens", 32, "tokens per answer")
-flags.DEFINE_integer("max_length", 1024, "the engine's context")
+flags.DEFINE_integer("max_length", 2048, "the engine's context (turn 2 resends turn 1)")
 flags.DEFINE_string("workdir", None, "where the random checkpoint is kept (default: a temp dir)")
 FLAGS = flags.FLAGS
 WORDS = "what is shown in this image describe the picture safe hint politics privacy answer".split()
