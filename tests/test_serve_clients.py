@@ -15,7 +15,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
-from serve_helpers import demo_inference, example_url, live_engine, live_server
+from serve_helpers import example_url, live_server
 
 QUESTION = "What is shown in this image?"
 SCHEMA = {"type": "object", "properties": {
@@ -31,14 +31,8 @@ class Shape(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def engine():
-    with live_engine(demo_inference(), slots=4, max_length=512) as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with live_server(engine) as s:
+def server(demo_engine):
+    with live_server(demo_engine) as s:
         yield s
 
 
@@ -79,10 +73,10 @@ def test_openai_stop_ends_before_the_stop_string_streamed_or_not(client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_openai_n_choices_share_one_prefill_and_each_equals_its_own_seed(client, engine):
-    before = engine.stats()
+def test_openai_n_choices_share_one_prefill_and_each_equals_its_own_seed(client, demo_engine):
+    before = demo_engine.stats()
     three = ask(client, [image_turn("Describe the picture.")], n=3, temperature=2.0, seed=40, max_tokens=10)
-    after = engine.stats()
+    after = demo_engine.stats()
     assert [c.index for c in three.choices] == [0, 1, 2]
     prompt = three.usage.prompt_tokens
     prefilled, reused = (after.prefill_tokens - before.prefill_tokens, after.reused_tokens - before.reused_tokens)

@@ -14,7 +14,7 @@ import pytest
 
 from safevlm_jax.serve.fetch import FetchPolicy
 from tests.media_server import media_server
-from tests.serve_helpers import QUESTION, chat_body, demo_inference, example_url, live_engine, live_server
+from tests.serve_helpers import QUESTION, chat_body, example_url, live_server
 
 ORIGIN = "http://app.example"
 TIMEOUT_S = 2.0
@@ -27,14 +27,8 @@ def media():
 
 
 @pytest.fixture(scope="module")
-def engine():
-    with live_engine(demo_inference(), slots=2, max_queue=8) as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with live_server(engine, model_aliases=("llava", "org/llava-1.5"), cors_origins=(ORIGIN,),
+def server(demo_engine):
+    with live_server(demo_engine, model_aliases=("llava", "org/llava-1.5"), cors_origins=(ORIGIN,),
                      media=FetchPolicy(("localhost",), allow_private=True, timeout_s=TIMEOUT_S)) as s:
         yield s
 
@@ -132,13 +126,13 @@ def test_moderation_of_an_image_url_carries_openai_category_names(client, media)
     assert risky.flagged and any(risky.categories.model_extra.values())
 
 
-def test_access_log_has_one_line_per_answer_and_prompts_only_when_allowed(engine, server, caplog):
+def test_access_log_has_one_line_per_answer_and_prompts_only_when_allowed(demo_engine, server, caplog):
     secret = "What is the secret word in this picture?"
     with caplog.at_level(logging.INFO, logger="safevlm_jax.serve.access"):
         httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(example_url("clean"), secret, max_tokens=4),
                    timeout=120)
         httpx.get(f"{server.url}/v1/models/nope")
-        with live_server(engine, log_prompts=True) as logging_server:
+        with live_server(demo_engine, log_prompts=True) as logging_server:
             httpx.post(f"{logging_server.url}/v1/chat/completions",
                        json=chat_body(example_url("clean"), secret, max_tokens=4), timeout=120)
     lines = [r.getMessage() for r in caplog.records if r.name == "safevlm_jax.serve.access"]
