@@ -35,15 +35,13 @@ import numpy as np
 
 from safevlm_jax.data.images import ImageConfig
 from safevlm_jax.data.tokenizer import max_prompt_chars
-from safevlm_jax.inference.buckets import bucket
 from safevlm_jax.inference.constraints import Grammars
 from safevlm_jax.inference.detokenize import Detokenizer
 from safevlm_jax.inference.errors import CONTEXT_LENGTH, NO_SAFETY, BadRequest, is_int
 from safevlm_jax.inference.executor import Executor
 from safevlm_jax.inference.requests import (SEEDS, DoneEvent, EngineClosed, EngineEvent, EngineRequest, FinishReason,
                                             Handle, QueueFull, TextEvent, VerdictEvent)
-from safevlm_jax.inference.runner import CHUNK_BUCKETS, Runner
-from safevlm_jax.inference.sampling import RowSampling
+from safevlm_jax.inference.runner import Runner
 from safevlm_jax.inference.scheduler import Scheduler, Seq, Status
 from safevlm_jax.inference.stats import EngineStats, snapshot
 from safevlm_jax.inference.stops import StopStrings
@@ -189,7 +187,7 @@ class Engine:
         waits for it; starts the loop if need be."""
         done = threading.Event()
         with self._cond:
-            self._jobs.append((self._compile_all, done))
+            self._jobs.append((self.executor.compile_all, done))
             self._cond.notify()
         self.start()
         if not done.wait(timeout):
@@ -290,33 +288,3 @@ class Engine:
         except Exception:  # the programs compile again when requests need them
             _log.exception("engine job failed")
         done.set()
-
-    def _compile_all(self) -> None:
-        """Runs every program the loop can run once, on blank inputs, with every row free: the
-        verdict at each image batch bucket, prefill chunks of every width into prefixes of
-        every length (safety on and off), insert, take and reuse of each prefix length, and
-        the decode step at every (rows, length) shape the scheduler can choose (and with a
-        grammar mask at its one shape)."""
-        start, r = time.perf_counter(), self.runner
-        size = self.config.vision.image_size
-        for n in sorted({bucket(n, r.batch_buckets) for n in range(1, self.slots + 1)}):
-            r.encode(np.zeros((n, size, size, 3), np.float32), [self.gate.query_id] * n, self.model.has_safety)
-        blank, rule = self.executor._blank(), RowSampling.greedy(1)
-        prefixes = {}
-        for length in r.length_buckets:
-            for width in sorted({min(c, length) for c in CHUNK_BUCKETS}):
-                for safety in {False, self.model.has_safety}:
-                    tokens, prefixes[length] = r.prefill(r.new_prefix(1, length), [[r.pad_id] * width], [0],
-                                                         [blank], rule, safety)
-            r.insert(prefixes[length], tokens, [0], rule, [1])
-            r.take(0, length)
-        for a in r.length_buckets:
-            for b in r.length_buckets:
-                r.reuse(prefixes[a], 1, b)
-        r.release([0])
-        shapes = self.scheduler.step_shapes()
-        for rows, length in shapes:
-            r.step(rows, length)
-        rows, length = self.scheduler.masked_shape()
-        r.step(rows, length, np.full((rows, self.executor.mask_words), -1, np.int32))
-        _log.info("engine: programs ready in %.1f s (decode step shapes %s)", time.perf_counter() - start, shapes)

@@ -2,7 +2,8 @@
 back to the scheduler. It keeps what recent requests left behind (`caches`): the CLIP features
 and verdict of recent images, and prefilled prefixes (a prompt's, and a finished request's
 prompt + answer), so a request about a recent image skips CLIP and the safety head, and a
-chat's next turn prefills only its new tokens.
+chat's next turn prefills only its new tokens. `compile_all` runs each program once (the engine's
+warm-up).
 
 A failure touches only what it can reach: a verdict batch fails its requests; a prefill chunk
 its request (its prefix is its own); an insert or a decode step every request in the decode
@@ -18,10 +19,11 @@ import time
 
 import numpy as np
 
+from safevlm_jax.inference.buckets import bucket
 from safevlm_jax.inference.caches import LRU, PrefixCache
 from safevlm_jax.inference.logits import RowLogits
 from safevlm_jax.inference.requests import FinishReason
-from safevlm_jax.inference.runner import Runner
+from safevlm_jax.inference.runner import CHUNK_BUCKETS, Runner
 from safevlm_jax.inference.sampling import RowSampling
 from safevlm_jax.inference.scheduler import Output, Plan, Scheduler, Seq, Status
 from safevlm_jax.safety.gate import Gate
@@ -66,6 +68,36 @@ class Executor:
     def drop(self, seq: Seq) -> None:
         """Forgets a request's unfinished prefill."""
         self._pending.pop(seq.id, None)
+
+    def compile_all(self) -> None:
+        """Runs every program a turn can run once, on blank inputs, with every row free: the
+        verdict at each image batch bucket, prefill chunks of every width into prefixes of
+        every length (safety on and off), insert, take and reuse of each prefix length, and
+        the decode step at every (rows, length) shape the scheduler can choose (and with a
+        grammar mask at its one shape)."""
+        start, r, safety = time.perf_counter(), self.runner, self.use_verdict
+        size = r.config.vision.image_size
+        for n in sorted({bucket(n, r.batch_buckets) for n in range(1, self.scheduler.rows + 1)}):
+            r.encode(np.zeros((n, size, size, 3), np.float32), [self.gate.query_id] * n, safety)
+        blank, rule = self._blank(), RowSampling.greedy(1)
+        prefixes = {}
+        for length in r.length_buckets:
+            for width in sorted({min(c, length) for c in CHUNK_BUCKETS}):
+                for use_safety in {False, safety}:
+                    tokens, prefixes[length] = r.prefill(r.new_prefix(1, length), [[r.pad_id] * width], [0],
+                                                         [blank], rule, use_safety)
+            r.insert(prefixes[length], tokens, [0], rule, [1])
+            r.take(0, length)
+        for a in r.length_buckets:
+            for b in r.length_buckets:
+                r.reuse(prefixes[a], 1, b)
+        r.release([0])
+        shapes = self.scheduler.step_shapes()
+        for rows, length in shapes:
+            r.step(rows, length)
+        rows, length = self.scheduler.masked_shape()
+        r.step(rows, length, np.full((rows, self.mask_words), -1, np.int32))
+        _log.info("engine: programs ready in %.1f s (decode step shapes %s)", time.perf_counter() - start, shapes)
 
     # Verdicts ---------------------------------------------------------------------------
     def _verdicts(self, seqs: list[Seq]) -> Output:
