@@ -166,6 +166,29 @@ def test_prompts_prefill_in_chunks_while_rows_decode_and_whole_when_none_do():
     assert plan.decode is not None  # the first row decoded at every turn meanwhile
 
 
+
+def test_a_chunk_mostly_padding_gives_way_to_the_largest_bucket_below_its_tokens():
+    s = Scheduler(rows=2, max_length=2048, max_queue=4, gate=FakeGate(), eos_id=EOS, detokenizer=FakeDetok,
+                  row_buckets=(1, 2), length_buckets=(128, 256, 512, 1024, 2048), prefill_chunk=64,
+                  whole_chunk=2048, chunk_buckets=(16, 64, 256, 1024, 4096))
+    seq = add(s, "x" * 995)  # 1000 prompt tokens: a prefix of 1024 slots
+    turn(s)
+    plan, _ = s.schedule()
+    assert plan.prefill is seq and plan.budget == 2048  # they fill a 1024-wide chunk: one chunk
+    seq.computed = 700  # a reused prefix; the 300 tokens left would pad a 1024-wide chunk
+    plan, _ = s.schedule()
+    assert plan.prefill is seq and plan.budget == 256
+    s.prefilled(seq, 980, None)
+    plan, _ = s.schedule()  # 20 left pad a 64-wide chunk, but narrower chunks are not worth a call
+    assert plan.prefill is seq and plan.budget == 2048
+    s.prefilled(seq, 1000, 5)
+    s.stepped(np.full(1, 6), np.array([True]))
+    assert seq.status is Status.DONE
+    other = add(s, "y" * 295)  # 300 tokens: a prefix of 512 slots, a chunk they fill more than half
+    turn(s)
+    plan, _ = s.schedule()
+    assert plan.prefill is other and plan.budget == 2048
+
 def test_decode_shape_holds_every_busy_row_and_its_next_slot():
     s = scheduler(rows=4)
     a = add(s, "x" * 5)  # 10 tokens

@@ -41,7 +41,7 @@ from safevlm_jax.inference.errors import CONTEXT_LENGTH, NO_SAFETY, BadRequest, 
 from safevlm_jax.inference.executor import Executor
 from safevlm_jax.inference.requests import (SEEDS, DoneEvent, EngineClosed, EngineEvent, EngineRequest, FinishReason,
                                             Handle, QueueFull, TextEvent, VerdictEvent)
-from safevlm_jax.inference.runner import Runner
+from safevlm_jax.inference.runner import CHUNK_BUCKETS, Runner
 from safevlm_jax.inference.scheduler import Scheduler, Seq, Status
 from safevlm_jax.inference.stats import EngineStats, snapshot
 from safevlm_jax.inference.stops import StopStrings
@@ -82,7 +82,7 @@ class Engine:
         self.scheduler = Scheduler(rows=slots, max_length=self.max_length, max_queue=max_queue, gate=gate,
                                    eos_id=tokenizer.eos_token_id, detokenizer=lambda: Detokenizer(tokenizer),
                                    row_buckets=self.runner.row_buckets, length_buckets=self.runner.length_buckets,
-                                   corners=self.runner.corners_pay,
+                                   corners=self.runner.corners_pay, chunk_buckets=CHUNK_BUCKETS,
                                    prefill_chunk=prefill_chunk, whole_chunk=self.max_length)
         self.executor = Executor(self.runner, self.scheduler, self._cond, gate, self._tokenize,
                                  prefix_cache_bytes=self.cache_bytes // 2 if prefix_cache_bytes is None

@@ -43,6 +43,11 @@ from safevlm_jax.safety.verdict import Verdict
 _log = logging.getLogger(__name__)
 
 
+# The narrowest prefill chunk worth a call of its own: a narrower one costs about one read of the
+# weights on an accelerator (memory-bound), so padding it costs less than another call.
+SPLIT_FROM = 256
+
+
 @dataclasses.dataclass
 class Plan:
     """What one turn runs, in this order. release: rows to stop decoding; save: finished
@@ -68,17 +73,19 @@ class Scheduler:
     safety gate; eos_id: the EOS token; detokenizer(): a fresh Detokenizer; row_buckets /
     length_buckets: the decode step's shapes; corners: step over the corner of rows and slots
     that holds every decoding row (else always the whole state); prefill_chunk: most prompt
-    tokens per turn while rows decode (whole_chunk when none do); save_prefixes: keep finished
-    rows as prefixes."""
+    tokens per turn while rows decode (whole_chunk when none do); chunk_buckets: the widths a
+    prefill chunk is padded to (at most its prefix's slots, a length bucket), used to keep a
+    chunk at least half real tokens; save_prefixes: keep finished rows as prefixes."""
 
     def __init__(self, *, rows: int, max_length: int, max_queue: int, gate: Gate, eos_id: int,
                  detokenizer: Callable[[], Any],
                  row_buckets: tuple[int, ...], length_buckets: tuple[int, ...], prefill_chunk: int,
-                 whole_chunk: int, save_prefixes: bool = True, corners: bool = True):
+                 whole_chunk: int, chunk_buckets: tuple[int, ...] = (), save_prefixes: bool = True,
+                 corners: bool = True):
         self.rows, self.max_length, self.max_queue, self.gate, self.eos_id = rows, max_length, max_queue, gate, eos_id
         self.detokenizer, self.row_buckets, self.length_buckets = detokenizer, row_buckets, length_buckets
         self.prefill_chunk, self.whole_chunk, self.save_prefixes = prefill_chunk, whole_chunk, save_prefixes
-        self.corners = corners
+        self.corners, self.chunk_buckets = corners, chunk_buckets
         self.queue: collections.deque[Seq] = collections.deque()  # WAITING and READY, in order
         self.slots: list[Seq | None] = [None] * rows
         self.accepting = True
@@ -125,9 +132,23 @@ class Scheduler:
         decoding = [s for s in self.busy if s.status is Status.DECODE]
         prefill = min(prefilling, key=lambda s: s.admitted) if prefilling else None
         plan = Plan(self._release, self._save, verdict, begin, prefill,
-                    self.prefill_chunk if decoding else self.whole_chunk, self._decode_shape(decoding))
+                    self._budget(prefill, self.prefill_chunk if decoding else self.whole_chunk),
+                    self._decode_shape(decoding))
         self._release, self._save = [], []
         return plan, out
+
+    def _budget(self, seq: Seq | None, limit: int) -> int:
+        """Tokens of `seq`'s next prefill chunk: at most `limit`, and when its tokens left would
+        fill less than half the chunk's padded width, the largest chunk bucket below them of at
+        least SPLIT_FROM (the rest follows in later turns: two calls cost less than one mostly
+        padding)."""
+        if seq is None or not self.chunk_buckets:
+            return limit
+        left = min(limit, len(seq.prompt_ids) - seq.deferred - seq.computed)
+        slots = bucket(len(seq.prompt_ids), self.length_buckets, "prompt length")
+        width = min(next((b for b in self.chunk_buckets if b >= left), slots), slots)
+        below = [b for b in self.chunk_buckets if SPLIT_FROM <= b < left]
+        return below[-1] if width > 2 * left and below else limit
 
     def _decode_shape(self, decoding: list[Seq]) -> tuple[int, int] | None:
         """(rows, length) buckets holding every decoding row and its next slot."""
