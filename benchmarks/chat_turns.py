@@ -1,12 +1,16 @@
 """Time to first token of a conversation's second turn about the same image vs its first.
 
-    python benchmarks/chat_turns.py [--config 350m|tiny] [--text_tokens 470] [--conversations 3]
+    python benchmarks/chat_turns.py [--config 350m|tiny] [--words 250] [--conversations 3]
 
 Writes a random checkpoint of the chosen config (safety modules on; `350m` is the ~350M f32
 LLaMA of `sample_vs_hf.py`, 64 image positions + 64 safety tokens), runs the serving `Engine`
 in-process (warmed up: nothing compiles while measuring) and, per conversation, a new image:
-turn 1 asks a question of --text_tokens words (a ~600-token prompt for 350m), turn 2 resends
-the history (question, the answer, a new question) as a chat client does. Time to first token
+turn 1 asks a question of --words words (a ~600-token prompt for 350m), turn 2 resends the
+history (the question, an answer, a new question) as a chat client does. The answer turn 2
+resends is --max_tokens plain words, as long as the answer turn 1 generated: a random model's
+answer is ids of no word, whose text tokenizes to ~10 times as many ids, where a trained
+model's text gives back about its own ids. So turn 2 reuses turn 1's prompt and prefills the
+answer and the new question (~50 tokens). Time to first token
 is from `submit` to the first text event. The policy adds no hint, so turn 1's prompt is a
 prefix of turn 2's. The same conversations run again on an engine without caches (no prefix,
 no verdict reuse) for comparison. Last line: `config=... prompt_tokens=... ttft_turn1_s=...
@@ -27,13 +31,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_enum("config", "350m", ["tiny", "350m"], "model config of the random checkpoint")
-flags.DEFINE_integer("text_tokens", 470, "words of the first question (about one token each)")
+flags.DEFINE_integer("words", 250, "words of the first question (~1.7 tokens each)")
 flags.DEFINE_integer("conversations", 3, "conversations measured (each about a new image)")
-flags.DEFINE_integer("max_tokens", 32, "tokens per answer")
+flags.DEFINE_integer("max_tokens", 32, "tokens per answer (and words of the answer turn 2 resends)")
 flags.DEFINE_integer("max_length", 2048, "the engine's context (turn 2 resends turn 1)")
 flags.DEFINE_string("workdir", None, "where the random checkpoint is kept (default: a temp dir)")
 FLAGS = flags.FLAGS
 WORDS = "what is shown in this image describe the picture safe hint politics privacy answer".split()
+
+
+def words(n: int, start: int = 0) -> str:
+    return " ".join(WORDS[(start + i) % len(WORDS)] for i in range(n))
 
 
 def ttft(engine, request) -> tuple[float, object]:
@@ -54,11 +62,12 @@ def conversations(engine, pixels: list[np.ndarray]) -> list[tuple[float, float, 
     from safevlm_jax.inference.engine import EngineRequest
     from safevlm_jax.safety.prompt import Conversation
 
-    question = " ".join(WORDS[i % len(WORDS)] for i in range(FLAGS.text_tokens))
+    question = words(FLAGS.words)
+    answer = words(FLAGS.max_tokens, start=3)
     out = []
     for image in pixels:
         t1, one = ttft(engine, EngineRequest(image, question, max_tokens=FLAGS.max_tokens))
-        turns = (Turn(HUMAN, question), Turn(GPT, one.text.strip()), Turn(HUMAN, "and what else is there"))
+        turns = (Turn(HUMAN, question), Turn(GPT, answer), Turn(HUMAN, "and what else is there"))
         t2, _ = ttft(engine, EngineRequest(image, Conversation(turns), max_tokens=FLAGS.max_tokens))
         out.append((t1, t2, len(one.prompt_ids)))
     return out

@@ -186,6 +186,21 @@ def test_a_second_turn_reuses_the_first_turns_prefix_and_verdict(vlm, pixels):
     assert [h.token_ids for h in want] == [one.token_ids, two.token_ids]
 
 
+
+def test_a_prompt_cached_but_its_last_token_goes_into_its_row_without_a_prefill(engine, pixels):
+    """The same request again: the cached prefix of its first run holds all of its prompt but
+    the last token, so it is inserted from the cache as it is (no prefill, no copy into a new
+    prefix) and the first decode step reads that token; the answer is the same."""
+    ask = lambda: run(engine, [request(pixels, "low_risk", "Which letter is on the shape, exactly?", max_tokens=8)])[0]
+    first = ask()
+    before = engine.stats()
+    again = ask()
+    after = engine.stats()
+    assert after.prefill_chunks == before.prefill_chunks and after.prefill_tokens == before.prefill_tokens
+    assert after.prefix_hits == before.prefix_hits + 1
+    assert after.reused_tokens - before.reused_tokens == len(first.prompt_ids) - 1
+    assert again.token_ids == first.token_ids and again.prompt_ids == first.prompt_ids
+
 def test_nothing_recompiles_after_warm_up(engine, pixels, together):
     engine.warm_up(timeout=900)  # every program the loop can run
     for n in (1, 2, 4, 8):  # moderation runs the verdict program at each batch bucket

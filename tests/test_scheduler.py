@@ -67,7 +67,7 @@ def turn(s, verdicts=None, tokens=None, done=None):
         seq.computed = 0
     if plan.prefill is not None:
         seq = plan.prefill
-        end = min(len(seq.prompt_ids), seq.computed + plan.budget)
+        end = seq.computed + s.chunk(seq, plan.budget)
         out += s.prefilled(seq, end, 5 if end == len(seq.prompt_ids) else None)
     if plan.decode is not None:
         rows = plan.decode[0]
@@ -174,20 +174,22 @@ def test_a_chunk_mostly_padding_gives_way_to_the_largest_bucket_below_its_tokens
     seq = add(s, "x" * 995)  # 1000 prompt tokens: a prefix of 1024 slots
     turn(s)
     plan, _ = s.schedule()
-    assert plan.prefill is seq and plan.budget == 2048  # they fill a 1024-wide chunk: one chunk
+    assert plan.prefill is seq and s.chunk(seq, plan.budget) == 1000  # they fill a 1024-wide chunk
     seq.computed = 700  # a reused prefix; the 300 tokens left would pad a 1024-wide chunk
     plan, _ = s.schedule()
-    assert plan.prefill is seq and plan.budget == 256
+    assert plan.prefill is seq and s.chunk(seq, plan.budget) == 256
     s.prefilled(seq, 980, None)
     plan, _ = s.schedule()  # 20 left pad a 64-wide chunk, but narrower chunks are not worth a call
-    assert plan.prefill is seq and plan.budget == 2048
+    assert plan.prefill is seq and s.chunk(seq, plan.budget) == 20
+    s.split_from = 16  # where they are (CPU): 16 now, the 4 left in a 16-wide chunk next
+    assert s.chunk(seq, plan.budget) == 16
     s.prefilled(seq, 1000, 5)
     s.stepped(np.full(1, 6), np.array([True]))
     assert seq.status is Status.DONE
     other = add(s, "y" * 295)  # 300 tokens: a prefix of 512 slots, a chunk they fill more than half
     turn(s)
     plan, _ = s.schedule()
-    assert plan.prefill is other and plan.budget == 2048
+    assert plan.prefill is other and s.chunk(other, plan.budget) == 300
 
 def test_decode_shape_holds_every_busy_row_and_its_next_slot():
     s = scheduler(rows=4)

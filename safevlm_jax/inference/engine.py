@@ -83,6 +83,7 @@ class Engine:
                                    eos_id=tokenizer.eos_token_id, detokenizer=lambda: Detokenizer(tokenizer),
                                    row_buckets=self.runner.row_buckets, length_buckets=self.runner.length_buckets,
                                    corners=self.runner.corners_pay, chunk_buckets=CHUNK_BUCKETS,
+                                   split_from=self.runner.split_from,
                                    prefill_chunk=prefill_chunk, whole_chunk=self.max_length)
         self.executor = Executor(self.runner, self.scheduler, self._cond, gate, self._tokenize,
                                  prefix_cache_bytes=self.cache_bytes // 2 if prefix_cache_bytes is None

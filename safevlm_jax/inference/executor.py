@@ -125,12 +125,17 @@ class Executor:
 
     # Prompts ----------------------------------------------------------------------------
     def _begin(self, seq: Seq) -> Output:
-        """Its prefix: the longest cached one that fits, copied, or an empty one."""
+        """Its prefix: the longest cached one that fits, copied (or as it is when it holds all
+        but the last prompt token: inserted from there, the first decode step reads that
+        token), or an empty one."""
         length = self.runner.prefix_length(len(seq.prompt_ids))
         try:
             hit = self.prefixes.lookup(seq.prompt_ids, _image_key(seq))
+            whole = hit is not None and hit.length == len(seq.prompt_ids) - 1
             if hit is None:
                 self._pending[seq.id], reused = self.runner.new_prefix(1, length), 0
+            elif whole:
+                self._pending[seq.id], reused = hit.value, hit.length
             else:
                 self._pending[seq.id], reused = self.runner.reuse(hit.value, hit.length, length), hit.length
         except Exception as e:
@@ -141,7 +146,7 @@ class Executor:
             counters = self.scheduler.counters
             counters.prefix_hits += bool(reused)
             counters.reused_tokens += reused
-            seq.computed = reused
+            seq.computed, seq.whole_hit = reused, whole
         return []
 
     def _prefill(self, seq: Seq, budget: int) -> Output:
@@ -149,7 +154,8 @@ class Executor:
         prompt but its last token, which the first decode step reads)."""
         ids, start, r = seq.prompt_ids, seq.computed, seq.request
         target = len(ids) - seq.deferred
-        end = min(target, start + budget)
+        with self.lock:
+            end = start + self.scheduler.chunk(seq, budget)
         sampling = RowSampling.of([r.sampling])
         try:  # a text-only prompt runs the program of an image prompt with safety off
             features = self._blank() if seq.features is None else seq.features
@@ -169,10 +175,11 @@ class Executor:
         prefix = self._pending.pop(seq.id)
         try:
             self.runner.insert(prefix, ids[-1:] if seq.deferred else tokens, [seq.row], sampling, [r.max_tokens],
-                               RowLogits.of([r.sampling]), first=not seq.deferred)
+                               RowLogits.of([r.sampling]), first=not seq.deferred, keep=[target])
         except Exception as e:  # the decode state may be gone with it
             return self._failed_state(e, [seq])
-        self._keep(prefix, ids[:target], seq)
+        if not seq.whole_hit:  # else it is cached already
+            self._keep(prefix, ids[:target], seq)
         with self.lock:
             if seq.deferred:
                 return self.scheduler.prefilled(seq, end, None) + self.scheduler.started(seq)

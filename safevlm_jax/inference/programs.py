@@ -3,7 +3,7 @@
     features, level, kind = verdict_program(graphdef, params, pixels, query_ids, verdict=True)
     tokens, prefix = prefill_program(graphdef, params, prefix, ids, lengths, first, features,
                                      sampling, use_safety=True)        # one chunk of prompts
-    state = insert_program(prefix, tokens, state, rows, sampling, row_logits, limits, steps, eos_id)
+    state = insert_program(prefix, keep, tokens, state, rows, sampling, row_logits, limits, steps, eos_id)
     state, tokens, done, logprobs = step_program(graphdef, params, state, eos_id, bitmask, rows=8, length=512)
     state, out = generate_program(graphdef, params, state, eos_id, pad_id, max_steps=64)
 
@@ -99,10 +99,12 @@ def prefill_program(graphdef, params, prefix: KVCache, ids, lengths, first, feat
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "rules"), donate_argnames=("state",))
-def insert_program(prefix: KVCache, tokens, state: DecodeState, rows, sampling: RowSampling, row_logits: RowLogits,
-                   limits, steps, eos_id, *, mesh: Mesh | None = None, rules: str = "inference") -> DecodeState:
+def insert_program(prefix: KVCache, keep, tokens, state: DecodeState, rows, sampling: RowSampling,
+                   row_logits: RowLogits, limits, steps, eos_id, *, mesh: Mesh | None = None,
+                   rules: str = "inference") -> DecodeState:
     """Prefilled prompts into rows `rows` [n] of the state: prefix (n rows, T <= the state's
-    slots), sampling and row_logits [n], limits [n] their max tokens; steps [n]: 1 when tokens
+    slots), of which each row keeps its first keep [n] slots (its index, or fewer of a cached
+    prefix); sampling and row_logits [n], limits [n] their max tokens; steps [n]: 1 when tokens
     [n] are their first answer tokens, 0 when they are their prompts' last tokens, which the
     prefix does not hold (the next decode step reads it and samples the first answer token:
     a grammar's mask applies to it, and one prefix goes into several rows, each with its own
@@ -110,7 +112,7 @@ def insert_program(prefix: KVCache, tokens, state: DecodeState, rows, sampling: 
     with _rules(mesh, rules):
         put = lambda a, b: a.at[rows].set(b)
         first = (steps > 0) & (tokens == eos_id)
-        return DecodeState(cache=state.cache.put(prefix, rows, prefix.index),
+        return DecodeState(cache=state.cache.put(prefix, rows, keep),
                            tokens=put(state.tokens, tokens), steps=put(state.steps, steps),
                            limit=put(state.limit, limits), done=put(state.done, first | (steps >= limits)),
                            sampling=jax.tree.map(put, state.sampling, sampling),

@@ -67,8 +67,19 @@ class Runner:
         XLA:CPU: there the step fuses its cache write with the corner's read and copies every
         layer's whole K and V buffers twice to keep the old ones for it (a 1-row step of the
         ~350M model took 2.5x the time of an 8-row step over the whole state)."""
+        return self.platform != "cpu"
+
+    @property
+    def split_from(self) -> int:
+        """The narrowest prefill chunk worth a call of its own: on an accelerator a narrower one
+        costs about one read of the weights (memory-bound), so padding it costs less than
+        another call; on CPU a chunk costs about its width from a few tokens on."""
+        return CHUNK_BUCKETS[0] if self.platform == "cpu" else 256
+
+    @property
+    def platform(self) -> str:
         leaf = jax.tree.leaves(self.params)[0]
-        return next(iter(leaf.sharding.device_set)).platform != "cpu"
+        return next(iter(leaf.sharding.device_set)).platform
 
     @property
     def rows(self) -> int:
@@ -145,13 +156,16 @@ class Runner:
         return np.asarray(tokens)[:n], prefix
 
     def insert(self, prefix: KVCache, tokens: Sequence[int], rows: Sequence[int], sampling: RowSampling,
-               limits: Sequence[int], row_logits: RowLogits | None = None, first: bool = True) -> None:
-        """The prompts of `prefix` (one per row of `rows`) into those rows, with their first
-        tokens, sampling rules and max tokens; `first=False`: tokens are the prompts' last
-        tokens, which `prefix` does not hold (`programs.insert_program`)."""
+               limits: Sequence[int], row_logits: RowLogits | None = None, first: bool = True,
+               keep: Sequence[int] | None = None) -> None:
+        """The prompts of `prefix` (one per row of `rows`; each its first `keep` slots, default
+        all it holds) into those rows, with their first tokens, sampling rules and max tokens;
+        `first=False`: tokens are the prompts' last tokens, which `prefix` does not hold
+        (`programs.insert_program`)."""
         n = len(rows)
         row_logits = RowLogits.plain(n) if row_logits is None else row_logits
-        self.state = programs.insert_program(prefix, np.asarray(tokens, np.int32), self.state,
+        keep = np.asarray(prefix.index if keep is None else keep, np.int32)
+        self.state = programs.insert_program(prefix, keep, np.asarray(tokens, np.int32), self.state,
                                              np.asarray(rows, np.int32), sampling, row_logits,
                                              np.asarray(limits, np.int32), np.full(n, int(first), np.int32),
                                              np.int32(self.eos_id), **self._kw)

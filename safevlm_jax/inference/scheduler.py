@@ -43,18 +43,13 @@ from safevlm_jax.safety.verdict import Verdict
 _log = logging.getLogger(__name__)
 
 
-# The narrowest prefill chunk worth a call of its own: a narrower one costs about one read of the
-# weights on an accelerator (memory-bound), so padding it costs less than another call.
-SPLIT_FROM = 256
-
-
 @dataclasses.dataclass
 class Plan:
     """What one turn runs, in this order. release: rows to stop decoding; save: finished
     rows to keep as prefixes, (row, ids it holds, its request); verdict: requests whose images
     to encode; begin: requests that took a row and start their prefill; prefill: the request
-    whose next chunk (at most `budget` tokens) runs; decode: (rows, length) of the decode
-    step, or None (`masked_shape` when a decoding row has a grammar)."""
+    whose next chunk (`Scheduler.chunk`, at most `budget` tokens) runs; decode: (rows,
+    length) of the decode step, or None (`masked_shape` when a decoding row has a grammar)."""
 
     release: list[int]
     save: list[tuple[int, list[int], Seq]]
@@ -75,17 +70,18 @@ class Scheduler:
     that holds every decoding row (else always the whole state); prefill_chunk: most prompt
     tokens per turn while rows decode (whole_chunk when none do); chunk_buckets: the widths a
     prefill chunk is padded to (at most its prefix's slots, a length bucket), used to keep a
-    chunk at least half real tokens; save_prefixes: keep finished rows as prefixes."""
+    chunk at least half real tokens, split_from: the narrowest chunk worth a call of its own;
+    save_prefixes: keep finished rows as prefixes."""
 
     def __init__(self, *, rows: int, max_length: int, max_queue: int, gate: Gate, eos_id: int,
                  detokenizer: Callable[[], Any],
                  row_buckets: tuple[int, ...], length_buckets: tuple[int, ...], prefill_chunk: int,
-                 whole_chunk: int, chunk_buckets: tuple[int, ...] = (), save_prefixes: bool = True,
-                 corners: bool = True):
+                 whole_chunk: int, chunk_buckets: tuple[int, ...] = (), split_from: int = 256,
+                 save_prefixes: bool = True, corners: bool = True):
         self.rows, self.max_length, self.max_queue, self.gate, self.eos_id = rows, max_length, max_queue, gate, eos_id
         self.detokenizer, self.row_buckets, self.length_buckets = detokenizer, row_buckets, length_buckets
         self.prefill_chunk, self.whole_chunk, self.save_prefixes = prefill_chunk, whole_chunk, save_prefixes
-        self.corners, self.chunk_buckets = corners, chunk_buckets
+        self.corners, self.chunk_buckets, self.split_from = corners, chunk_buckets, split_from
         self.queue: collections.deque[Seq] = collections.deque()  # WAITING and READY, in order
         self.slots: list[Seq | None] = [None] * rows
         self.accepting = True
@@ -132,23 +128,22 @@ class Scheduler:
         decoding = [s for s in self.busy if s.status is Status.DECODE]
         prefill = min(prefilling, key=lambda s: s.admitted) if prefilling else None
         plan = Plan(self._release, self._save, verdict, begin, prefill,
-                    self._budget(prefill, self.prefill_chunk if decoding else self.whole_chunk),
-                    self._decode_shape(decoding))
+                    self.prefill_chunk if decoding else self.whole_chunk, self._decode_shape(decoding))
         self._release, self._save = [], []
         return plan, out
 
-    def _budget(self, seq: Seq | None, limit: int) -> int:
-        """Tokens of `seq`'s next prefill chunk: at most `limit`, and when its tokens left would
-        fill less than half the chunk's padded width, the largest chunk bucket below them of at
-        least SPLIT_FROM (the rest follows in later turns: two calls cost less than one mostly
-        padding)."""
-        if seq is None or not self.chunk_buckets:
-            return limit
-        left = min(limit, len(seq.prompt_ids) - seq.deferred - seq.computed)
+    def chunk(self, seq: Seq, budget: int) -> int:
+        """Tokens of `seq`'s next prefill chunk (budget: its plan's): all it has left up to
+        `budget`, unless they would fill less than half the chunk's padded width; then the
+        largest chunk bucket below them of at least `split_from` (the rest follows in later
+        turns: two calls cost less than one mostly padding)."""
+        left = min(budget, len(seq.prompt_ids) - seq.deferred - seq.computed)
+        if not self.chunk_buckets:
+            return left
         slots = bucket(len(seq.prompt_ids), self.length_buckets, "prompt length")
         width = min(next((b for b in self.chunk_buckets if b >= left), slots), slots)
-        below = [b for b in self.chunk_buckets if SPLIT_FROM <= b < left]
-        return below[-1] if width > 2 * left and below else limit
+        below = [b for b in self.chunk_buckets if self.split_from <= b < left]
+        return below[-1] if width > 2 * left and below else left
 
     def _decode_shape(self, decoding: list[Seq]) -> tuple[int, int] | None:
         """(rows, length) buckets holding every decoding row and its next slot."""

@@ -47,11 +47,12 @@ class Seq:
     stopped: bool = False  # a stop string ended it
     leader: "Seq | None" = None  # the first choice of its request (n > 1): it begins after its prefill
     shared: bool = False  # one of several choices
+    whole_hit: bool = False  # a cached prefix holds its prompt but the last token: inserted as it is
 
     @property
     def deferred(self) -> bool:
         """Its first answer token comes from a decode step (`inference.scheduler`)."""
-        return self.grammar is not None or self.request.logprobs or self.shared
+        return self.grammar is not None or self.request.logprobs or self.shared or self.whole_hit
 
     @property
     def use_safety(self) -> bool:

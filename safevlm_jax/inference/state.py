@@ -2,7 +2,7 @@
 `DecodeState`), rows = requests.
 
     state = new_state(config, rows=8, length=2048, mesh=mesh)   # every row free (done)
-    state = programs.insert_program(prefix, tokens, state, rows, ...)   # requests into rows
+    state = programs.insert_program(prefix, keep, tokens, state, rows, ...)   # requests into rows
     state, tokens = programs.step_program(graphdef, params, state, eos, rows=8, length=2048)
 
 Its arrays carry logical axes (`logical_axes`): on a mesh the rows follow `data` and the KV
