@@ -46,6 +46,25 @@ jax.config.update("jax_default_matmul_precision", "float32")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The modules that take longest on CI's 2 cores, heaviest first. With `--dist loadfile` each
+# worker takes whole modules in collection order, so these start first and the short modules
+# fill in at the end; xdist's own order (most tests first) would leave a long module for last
+# while the other worker idles.
+HEAVY_FIRST = ("test_serve_lifecycle.py", "test_train_resume.py", "test_train_parallel.py", "test_safevlm.py",
+               "test_train_multihost.py", "test_tpu_compile.py", "test_sample_cli.py", "test_engine.py",
+               "test_attention.py", "test_inference_sharding.py", "test_llama.py", "test_demo.py",
+               "test_sampler.py", "test_convert_hf.py", "test_clip.py", "test_checkpoint.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def tiny_config():
