@@ -1,6 +1,6 @@
 """On 8 fake CPU devices the sharded step equals the single-device step, and k microbatches
-equal one big batch (stage 2 with the safety modules also trained, so both kinds of
-parameter are covered)."""
+on one device under the fsdp_tensor rules (what one GPU runs) equal one big batch (stage 2
+with the safety modules also trained, so both kinds of parameter are covered)."""
 
 import functools
 
@@ -50,11 +50,12 @@ def assert_same(a, b):
     ("data", (("data", 8),)),
     ("fsdp", (("fsdp", 8),)),
     ("fsdp_tensor", (("fsdp", 4), ("tensor", 2))),
-    pytest.param("fsdp_tensor", (("fsdp", 1), ("tensor", 1)), id="one_device"),  # what one GPU runs
 ])
 def test_sharded_step_equals_single_device_step(rules, mesh_shape):
     assert_same(run(mesh_shape, rules, 1), run((("data", 1),), "replicated", 1))
 
 
-def test_k_microbatches_equal_one_big_batch():
-    assert_same(run((("data", 1),), "replicated", 4), run((("data", 1),), "replicated", 1))
+def test_k_microbatches_on_one_device_with_fsdp_tensor_rules_equal_one_big_batch():
+    """What one GPU runs (the fsdp_tensor rules over a 1 x 1 mesh) in 4 microbatches equals the
+    replicated step on the whole batch: one compiled program for both properties."""
+    assert_same(run((("fsdp", 1), ("tensor", 1)), "fsdp_tensor", 4), run((("data", 1),), "replicated", 1))

@@ -22,11 +22,12 @@ import pytest
 from flax import nnx
 
 from safevlm_jax import sharding
+from safevlm_jax.checkpoint.format import restore_params
 from safevlm_jax.checkpoint.io import path_str
 from safevlm_jax.config import ModelConfig
 from safevlm_jax.train.checkpointing import Checkpointer, frozen_fingerprint, split_frozen
 from safevlm_jax.train.data import READY
-from safevlm_jax.train.init import initial_state, load_params
+from safevlm_jax.train.init import load_params
 from safevlm_jax.train.loop import model_factory
 from safevlm_jax.train.optimizer import make_optimizer
 from safevlm_jax.train.state import abstract_state, with_shardings
@@ -129,7 +130,8 @@ def resumed(first_runs, tmp_path_factory, cli_env):
     _truncate_array_files(latest / "checkpoints" / str(STEPS - 2))
     for step in finished_steps(every / "checkpoints"):
         _truncate_array_files(every / "checkpoints" / str(step))
-    runs = {"killed": (killed_dir, []), "latest_damaged": (latest, same_data(full)),
+    no_export = ["--config.export=false"]  # what these tests read is the checkpoints
+    runs = {"killed": (killed_dir, no_export), "latest_damaged": (latest, same_data(full) + no_export),
             "all_damaged": (every, same_data(full))}
     logs = tmp_path_factory.mktemp("resume_logs")  # files, not pipes: nothing waits on a full pipe
     procs = {}
@@ -180,25 +182,28 @@ def test_resume_with_every_step_damaged_is_one_error_line(resumed):
 
 
 @pytest.fixture(scope="module")
-def restorable():
-    """(config, abstract state, 8-device shardings, a fresh state in them) to restore into."""
+def restorable(uninterrupted):
+    """(abstract state, 8-device shardings, the run's frozen params in them) to restore into.
+    The frozen params are read from the run's export (training never changes them, and
+    `restore` refuses any others by their fingerprint): no init program is compiled here."""
+    workdir, _ = uninterrupted
     cfg = tiny_train_config(1)
     mcfg = ModelConfig.from_dict(cfg.model)
     optimizer, _ = make_optimizer(cfg.optimizer, STEPS)
     _, abstract = abstract_state(model_factory(mcfg, cfg.seed), cfg, optimizer)
     shardings = sharding.state_shardings(abstract, sharding.make_mesh({"fsdp": 8}), "fsdp")
-    return cfg, abstract, shardings, initial_state(model_factory(mcfg, cfg.seed), cfg, optimizer, shardings)
+    return abstract, shardings, restore_params(str(workdir / "export"), abstract.frozen, shardings.frozen)
 
 
 def test_restore_onto_a_different_device_count(uninterrupted, restorable):
     workdir, _ = uninterrupted
-    _, abstract, eight, initial = restorable
+    abstract, eight, frozen = restorable
     two = sharding.state_shardings(abstract, sharding.make_mesh({"fsdp": 2}, jax.devices()[:2]), "fsdp")
     ckpt = Checkpointer(str(workdir / "checkpoints"), keep=10, every_steps=2, async_save=False)
     values = []
     for n, shardings in ((8, eight), (2, two)):
-        fresh = jax.device_put(initial, shardings)  # the fresh state, laid out on n devices
-        state = ckpt.restore(with_shardings(abstract, shardings), fresh, step=STEPS)
+        initial = abstract._replace(frozen=jax.device_put(frozen, shardings.frozen))  # laid out on n devices
+        state = ckpt.restore(with_shardings(abstract, shardings), initial, step=STEPS)
         assert int(state.step) == STEPS
         leaf = jax.tree.leaves(state.trainable)[0]
         assert len(leaf.sharding.device_set) == n
@@ -208,27 +213,34 @@ def test_restore_onto_a_different_device_count(uninterrupted, restorable):
 
 
 def test_stage2_starts_from_the_stage1_export(uninterrupted):
+    """`load_params` (what `--config.init_from` runs) replaces every frozen param by the
+    export's and keeps the LoRA adapters the export lacks. The state it loads into holds random
+    params, so a param left unloaded, or an adapter overwritten, shows."""
     workdir, _ = uninterrupted
-    export = str(workdir / "export")
     cfg = tiny_train_config(2)
-    mcfg = ModelConfig.from_dict(cfg.model)
     optimizer, _ = make_optimizer(cfg.optimizer, STEPS)
-    mesh = sharding.make_mesh({"fsdp": 8})
-    _, abstract = abstract_state(model_factory(mcfg, cfg.seed), cfg, optimizer)
-    fresh = initial_state(model_factory(mcfg, cfg.seed), cfg, optimizer,
-                          sharding.state_shardings(abstract, mesh, cfg.rules))
-    fresh_lora = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(fresh.trainable)}
-    state = load_params(fresh, export, mesh, cfg.rules)
+    _, abstract = abstract_state(model_factory(ModelConfig.from_dict(cfg.model), cfg.seed), cfg, optimizer)
+    rng = np.random.default_rng(0)
+    random_params = lambda tree: jax.tree.map(
+        lambda v: v.replace(rng.normal(size=v.get_value().shape).astype(v.get_value().dtype)) if isinstance(v, nnx.Param) else v,
+        tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    fresh = abstract._replace(trainable=random_params(abstract.trainable), frozen=random_params(abstract.frozen))
+    state = load_params(fresh, str(workdir / "export"), sharding.make_mesh({"fsdp": 8}), cfg.rules)
+    params = lambda tree: {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(tree)
+                           if isinstance(v, nnx.Param)}
+    before, after = params(fresh.frozen), params(state.frozen)
+    assert [k for k in before if np.array_equal(after[k], before[k])] == []  # every one loaded
     stage1 = saved_state(workdir, STEPS)  # safety tokens are trained (stored) in stage 1
-    tokens = np.asarray(nnx.to_flat_state(state.frozen).to_nested_state()["safety_tokens_llm"].get_value())
-    assert any(np.array_equal(tokens, v) for k, v in stage1.items() if "safety_tokens_llm" in k)
-    for p, v in nnx.to_flat_state(state.trainable):  # LoRA is not in a stage-1 export: kept
-        np.testing.assert_array_equal(np.asarray(v.get_value()), fresh_lora[path_str(p)])
+    assert any(np.array_equal(after["safety_tokens_llm"], v) for k, v in stage1.items() if "safety_tokens_llm" in k)
+    lora = params(fresh.trainable)
+    assert lora and all("/lora/" in k for k in lora)
+    for k, v in params(state.trainable).items():  # LoRA is not in a stage-1 export: kept
+        np.testing.assert_array_equal(v, lora[k], err_msg=k)
 
 
 def test_checkpoints_store_trained_state_but_no_frozen_params(uninterrupted, restorable):
     workdir, _ = uninterrupted
-    _, abstract, _, _ = restorable
+    abstract, _, _ = restorable
     frozen_params = split_frozen(abstract.frozen)[0]
     saved = saved_state(workdir, STEPS)
     assert saved["['frozen_fingerprint']"].shape == (len(jax.tree.leaves(frozen_params)),)
@@ -240,14 +252,14 @@ def test_checkpoints_store_trained_state_but_no_frozen_params(uninterrupted, res
 
 def test_resume_refuses_other_frozen_params(uninterrupted, restorable):
     workdir, _ = uninterrupted
-    _, abstract, shardings, initial = restorable
+    abstract, shardings, frozen = restorable
     ckpt = Checkpointer(str(workdir / "checkpoints"), keep=10, every_steps=2, async_save=False)
-    flat = list(nnx.to_flat_state(initial.frozen))  # new variables: `initial` is shared
+    flat = list(nnx.to_flat_state(frozen))  # new variables: `frozen` is shared
     i, (path, var) = next((i, pv) for i, pv in enumerate(flat) if "vision_tower" in path_str(pv[0]))
     flat[i] = (path, var.replace(var.get_value().at[0].add(1e-3)))  # e.g. another --config.init_from
     other = nnx.FlatState(flat, sort=False).to_nested_state()
     with pytest.raises(ValueError, match="frozen parameters differ.*" + path_str(path)):
-        ckpt.restore(with_shardings(abstract, shardings), initial._replace(frozen=other), step=STEPS)
+        ckpt.restore(with_shardings(abstract, shardings), abstract._replace(frozen=other), step=STEPS)
 
 
 def test_resume_refuses_the_older_layout_by_name(tmp_path):
