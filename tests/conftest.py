@@ -23,9 +23,10 @@ Shared fixtures (session scope: built once, on first use, for every module that 
   server costs a thread, not a compilation.
 - `cli_env`: the environment for a `python -m safevlm_jax.…` subprocess: this process's (the
   fake devices) with the repository on PYTHONPATH and the session's JAX compilation cache (a
-  fresh folder per run), so a command reuses what an earlier one compiled for the same
-  program. The tests' own process does not use that cache: a test that counts compilations
-  would not see a program compiled again if it came from disk.
+  fresh folder per run, holding every program however quick to compile), so a command reuses
+  what an earlier one compiled for the same program. The tests' own process does not use that
+  cache: a test that counts compilations would not see a program compiled again if it came
+  from disk.
 """
 
 import os
@@ -78,7 +79,8 @@ def tiny_config():
 def cli_env(tmp_path_factory) -> dict:
     """Environment variables for a command-line subprocess (see the module docstring)."""
     return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # every program, not only those over 1 s
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,11 @@
 """Every command line fails alike on a bad input (`safevlm_jax.cli`): one line `error: ...` on
 stderr naming the file or flag at fault, exit status 2, no traceback; a bug keeps its traceback.
 
-Each CLI runs once as a real `python -m` subprocess (absl's app.run path), all of them in
-parallel from one fixture, on inputs that fail before any model is compiled."""
+Each CLI runs once as a process of its own (absl's app.run path), on inputs that fail before
+any model is compiled: one `python` process imports JAX (most of a command's start-up) and
+forks a child per command, which runs the module as `python -m` does (`runpy`, `__main__`)
+with its own stdout, stderr and exit status."""
 
-import concurrent.futures
 import json
 import os
 import subprocess
@@ -71,19 +72,66 @@ def cases(tmp) -> dict[str, tuple[list[str], str]]:
     }
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+# stdin: JSON [[out_dir, name, argv], ...] with argv ["-m", module, *args] or ["-c", code]. Up to
+# 4 children at once; each writes name.out and name.err and ends as `python -m`/`-c` would
+# (an uncaught exception: the interpreter's traceback and status 1); stdout: JSON {name: status}.
+FORK_EACH = """
+import json, os, runpy, sys
+import jax, flax.nnx, safevlm_jax.checkpoint.format  # what most commands import: once, here
+status, running = {}, {}
+def reap():
+    pid, code = os.wait()
+    status[running.pop(pid)] = os.waitstatus_to_exitcode(code)
+for out, name, argv in json.load(sys.stdin):
+    while len(running) >= 4:
+        reap()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        running[pid] = name
+        continue
+    for fd, ext in ((1, 'out'), (2, 'err')):
+        os.dup2(os.open(os.path.join(out, name + '.' + ext), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv = argv[:1] + argv[2:]
+    if argv[0] == '-m':
+        runpy.run_module(argv[1], run_name='__main__', alter_sys=True)
+    else:
+        exec(compile(argv[1], '<string>', 'exec'), {'__name__': '__main__'})
+    sys.exit(0)
+while running:
+    reap()
+print(json.dumps(status))
+"""
+
+
+def run_each(runs: dict[str, list[str]], out) -> dict[str, subprocess.CompletedProcess]:
+    """{name: python argv} -> {name: the finished process (returncode, stdout, stderr)}, each
+    run as a child forked from one interpreter that has imported JAX (`FORK_EACH`)."""
+    todo = json.dumps([[str(out), name, argv] for name, argv in runs.items()])
+    parent = subprocess.run([sys.executable, "-c", FORK_EACH], input=todo, cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert parent.returncode == 0, parent.stderr
+    status = json.loads(parent.stdout)
+    read = lambda name, ext: (out / f"{name}.{ext}").read_text()
+    return {name: subprocess.CompletedProcess(argv, status[name], read(name, "out"), read(name, "err"))
+            for name, argv in runs.items()}
+
+
+BUG = "from absl import flags; from safevlm_jax import cli; cli.run(lambda argv: {}['a bug'], flags.FlagValues())"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """{case: (CompletedProcess, expected text)}, every command run at once (start-up is the cost)."""
+def runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, str | None]]:
+    """{name: (its process, the text its error line must contain)} for every case, and for a
+    bug and a --help (no error line), each run as its own process."""
     todo = cases(tmp_path_factory.mktemp("cli"))
     assert sorted(todo) == sorted(NAMES)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        done = {name: pool.submit(_run, ["-m", *args]) for name, (args, _) in todo.items()}
-        return {name: (future.result(), todo[name][1]) for name, future in done.items()}
+    argvs = {name: ["-m", *args] for name, (args, _) in todo.items()}
+    argvs |= {"bug": ["-c", BUG], "help": ["-m", "safevlm_jax.eval.report", "--help"]}
+    done = run_each(argvs, tmp_path_factory.mktemp("out"))
+    return {name: (done[name], todo[name][1] if name in todo else None) for name in argvs}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -95,12 +143,10 @@ def test_bad_input_is_one_error_line_naming_it_and_exit_status_2(runs, name):
     assert sum(line.startswith("error:") for line in lines) == 1
 
 
-def test_a_bug_keeps_its_traceback_and_help_is_not_an_error():
-    bug = _run(["-c", "from absl import flags; from safevlm_jax import cli; "
-                      "cli.run(lambda argv: {}['a bug'], flags.FlagValues())"])
+def test_a_bug_keeps_its_traceback_and_help_is_not_an_error(runs):
+    (bug, _), (help_, _) = runs["bug"], runs["help"]
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'a bug'" in bug.stderr
     assert "error:" not in bug.stderr
-    help_ = _run(["-m", "safevlm_jax.eval.report", "--help"])
     assert help_.returncode == 0 and "--runs" in help_.stdout and "--title" in help_.stdout
 
 

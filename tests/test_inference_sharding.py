@@ -62,7 +62,7 @@ def unsharded(checkpoint, images):
     return answers(checkpoint, images)[1]
 
 
-@pytest.mark.parametrize("tensor", [2, 4, 8])
+@pytest.mark.parametrize("tensor", [2, 8])  # 4 kv heads per device, and one (tensor=4: the engine's test)
 def test_greedy_ids_sharded_over_tensor_equal_one_device(checkpoint, images, unsharded, tensor):
     vlm, got = answers(checkpoint, images, mesh(tensor=tensor))
     assert got == unsharded

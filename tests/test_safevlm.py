@@ -32,6 +32,12 @@ def hf_and_ours(tie=False, kv_heads=2, scan=False, safety=SafetyConfig(enabled=F
     return hf, ours
 
 
+@pytest.fixture(scope="module")
+def ours():
+    """The tiny SafeVLM with safety modules (read only: tests that change it build their own)."""
+    return hf_and_ours(safety=TINY_SAFETY)[1]
+
+
 def prompt(model, rng, text_before=3, text_after=5, use_safety=True):
     """[BOS, words, <image> x n, words] as int32 ids."""
     c = model.config
@@ -82,8 +88,7 @@ def test_bf16_logits_are_as_close_to_the_f32_reference_as_hf_in_bf16():
     assert 0 < ours_err < 2e-2 and ours_err < 1.5 * hf_err, (ours_err, hf_err)
 
 
-def test_left_padded_batch_equals_each_row_alone():
-    _, ours = hf_and_ours(safety=TINY_SAFETY)
+def test_left_padded_batch_equals_each_row_alone(ours):
     rng = np.random.default_rng(1)
     rows = [prompt(ours, rng, 2, 9), prompt(ours, rng, 4, 2)]
     width = max(len(r) for r in rows)
@@ -100,8 +105,7 @@ def test_left_padded_batch_equals_each_row_alone():
         np.testing.assert_allclose(batch.type_logits[i], alone.type_logits[0], atol=1e-5)
 
 
-def test_verdict_reads_only_the_image_and_the_first_token():
-    _, ours = hf_and_ours(safety=TINY_SAFETY)
+def test_verdict_reads_only_the_image_and_the_first_token(ours):
     rng = np.random.default_rng(2)
     ids = prompt(ours, rng)[None]
     other_text = ids.copy()
@@ -112,11 +116,10 @@ def test_verdict_reads_only_the_image_and_the_first_token():
     assert not np.allclose(ours(jnp.asarray(ids), pix + 1.0, mask).level_logits, base.level_logits)
 
 
-def test_pad_query_token_reads_the_pad_embedding_whatever_the_first_token():
+def test_pad_query_token_reads_the_pad_embedding_whatever_the_first_token(ours):
     """SafetyConfig.query_token="pad" (the authors' training code put <pad> at position 0)."""
     import dataclasses
 
-    _, ours = hf_and_ours(safety=TINY_SAFETY)
     c = ours.config
     padded = SafeVLM(c.replace(safety=dataclasses.replace(c.safety, query_token="pad")), rngs=nnx.Rngs(0))
     nnx.update(padded, nnx.state(ours, nnx.Param))
@@ -135,8 +138,7 @@ def test_pad_query_token_reads_the_pad_embedding_whatever_the_first_token():
     assert not np.allclose(ours(jnp.asarray(ids), pix, mask).level_logits, want[0])
 
 
-def test_image_positions_hold_safety_tokens_then_projected_features():
-    _, ours = hf_and_ours(safety=TINY_SAFETY)
+def test_image_positions_hold_safety_tokens_then_projected_features(ours):
     ids = jnp.asarray(prompt(ours, np.random.default_rng(3))[None])
     pix = jnp.asarray(images(ours, 1))
     features = ours.image_features(pix)
@@ -150,17 +152,22 @@ def test_image_positions_hold_safety_tokens_then_projected_features():
     np.testing.assert_array_equal(merged[0, :start], ours.embed_text(ids)[0, :start])
 
 
+@pytest.fixture(scope="module")
+def unsharded(ours):
+    """(ids, pixels, mask) of 8 rows, and the model's output for them on one device."""
+    rng = np.random.default_rng(4)
+    ids = jnp.asarray(np.stack([prompt(ours, rng) for _ in range(8)]))
+    pix, mask = jnp.asarray(images(ours, 8)), jnp.ones(ids.shape, jnp.int32)
+    return (ids, pix, mask), ours(ids, pix, mask)
+
+
 @pytest.mark.parametrize("rules,mesh_shape", [
     ("fsdp", {"fsdp": 8}), ("fsdp_tensor", {"fsdp": 4, "tensor": 2}),
     ("fsdp_tensor", {"data": 2, "fsdp": 2, "tensor": 2}),
     pytest.param("fsdp_tensor", {"fsdp": 1, "tensor": 1}, id="one_device"),  # what one GPU runs
 ])
-def test_sharded_forward_equals_unsharded(rules, mesh_shape):
-    _, ours = hf_and_ours(safety=TINY_SAFETY)
-    rng = np.random.default_rng(4)
-    ids = jnp.asarray(np.stack([prompt(ours, rng) for _ in range(8)]))
-    pix, mask = jnp.asarray(images(ours, 8)), jnp.ones(ids.shape, jnp.int32)
-    want = ours(ids, pix, mask)
+def test_sharded_forward_equals_unsharded(ours, unsharded, rules, mesh_shape):
+    (ids, pix, mask), want = unsharded
 
     n = int(np.prod(list(mesh_shape.values())))
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])

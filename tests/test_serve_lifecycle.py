@@ -176,14 +176,17 @@ def send_streams(url: str, bodies: list[dict]) -> tuple[list, list[threading.Thr
 
 
 def test_sigterm_stops_accepting_finishes_in_flight_requests_and_exits_0(random_tiny, cli_env):
-    with serving(cli_env, random_tiny, "--slots", "1", "--max_queue", "4") as (proc, url):
+    """Without warm-up the first request's programs compile when it comes up (seconds, more on
+    a busy host): the other two are accepted meanwhile and wait for the one slot; the drain
+    then also compiles the programs the others need, hence the long --drain_timeout_s."""
+    with serving(cli_env, random_tiny, "--slots", "1", "--max_queue", "4", "--nowarmup",
+                 "--drain_timeout_s", "300") as (proc, url), \
+            httpx.Client(base_url=url, timeout=30) as client:
         assert url.startswith("http://127.0.0.1:")  # the default bind is loopback only
-        health = lambda: httpx.get(f"{url}/health").json()
-        warm = health()["accepted"]  # the warm-up's requests
+        health = lambda: client.get("/health").json()
         streams, threads = send_streams(url, [long_body(True)] * 3)
-        # all three accepted, one decoding and the others waiting for the one slot: then SIGTERM
-        # (the first may already be done when the third arrives: a tiny model decodes fast)
-        wait_for(lambda: (h := health())["accepted"] == warm + 3 and h["queue_depth"] >= 1,
+        # all three accepted, one or more waiting for the one slot: then SIGTERM
+        wait_for(lambda: (h := health())["accepted"] == 3 and h["queue_depth"] >= 1,
                  what="three accepted requests, one still queued")
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: _refused(url), timeout=30, what="the listener to close")
@@ -201,11 +204,12 @@ def test_sigterm_cancels_what_outlasts_the_drain_timeout_and_exits_in_time(rando
     """More work than --drain_timeout_s allows: what is unfinished at the deadline is
     cancelled, each client gets one answer (whole, or its error), and the process exits."""
     drain = 2.0
-    with serving(cli_env, random_tiny, "--slots", "1", "--max_queue", "8", "--drain_timeout_s", str(drain)) as (proc, url):
-        health = lambda: httpx.get(f"{url}/health").json()
-        warm = health()["accepted"]
+    with serving(cli_env, random_tiny, "--slots", "1", "--max_queue", "8", "--drain_timeout_s", str(drain),
+                 "--nowarmup") as (proc, url), httpx.Client(base_url=url, timeout=30) as client:
         streams, threads = send_streams(url, [long_body(True)] * 6)  # ~6 x 300 tokens on one slot
-        wait_for(lambda: (h := health())["accepted"] == warm + 6, what="six accepted requests")
+        # and the first answering (no warm-up: its programs are compiled, not compiling at the deadline)
+        wait_for(lambda: (h := client.get("/health").json())["accepted"] == 6 and h["tokens_generated"] > 0,
+                 what="six accepted requests, the first answering")
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
