@@ -35,7 +35,8 @@ DEVICES = os.environ.get("SAFEVLM_TEST_DEVICES", "fake_cpu")
 if DEVICES not in ("fake_cpu", "native"):
     raise ValueError(f"SAFEVLM_TEST_DEVICES must be fake_cpu or native, got {DEVICES!r}")
 if DEVICES == "fake_cpu":
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    # LLVM's -O0 for XLA:CPU: most of a test's time is compiling tiny programs, not running them
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
