@@ -1,4 +1,5 @@
-"""Test set-up: 8 fake CPU devices (before jax is imported) and full-precision f32 matmuls.
+"""Test set-up: 8 fake CPU devices (before jax is imported), compiled at LLVM -O0, and
+full-precision f32 matmuls. Modules start heaviest first (`HEAVY_FIRST`).
 
 SAFEVLM_TEST_DEVICES=native keeps the machine's own devices instead (JAX's default platform,
 e.g. one GPU, and no fake CPU devices): `benchmarks/device_check.sh` sets it to run the
