@@ -186,7 +186,6 @@ def test_a_second_turn_reuses_the_first_turns_prefix_and_verdict(vlm, pixels):
     assert [h.token_ids for h in want] == [one.token_ids, two.token_ids]
 
 
-
 def test_a_prompt_cached_but_its_last_token_goes_into_its_row_without_a_prefill(engine, pixels):
     """The same request again: the cached prefix of its first run holds all of its prompt but
     the last token, so it is inserted from the cache as it is (no prefill, no copy into a new
@@ -200,6 +199,7 @@ def test_a_prompt_cached_but_its_last_token_goes_into_its_row_without_a_prefill(
     assert after.prefix_hits == before.prefix_hits + 1
     assert after.reused_tokens - before.reused_tokens == len(first.prompt_ids) - 1
     assert again.token_ids == first.token_ids and again.prompt_ids == first.prompt_ids
+
 
 def test_nothing_recompiles_after_warm_up(engine, pixels, together):
     engine.warm_up(timeout=900)  # every program the loop can run

@@ -166,7 +166,6 @@ def test_prompts_prefill_in_chunks_while_rows_decode_and_whole_when_none_do():
     assert plan.decode is not None  # the first row decoded at every turn meanwhile
 
 
-
 def test_a_chunk_mostly_padding_gives_way_to_the_largest_bucket_below_its_tokens():
     s = Scheduler(rows=2, max_length=2048, max_queue=4, gate=FakeGate(), eos_id=EOS, detokenizer=FakeDetok,
                   row_buckets=(1, 2), length_buckets=(128, 256, 512, 1024, 2048), prefill_chunk=64,
@@ -190,6 +189,7 @@ def test_a_chunk_mostly_padding_gives_way_to_the_largest_bucket_below_its_tokens
     turn(s)
     plan, _ = s.schedule()
     assert plan.prefill is other and s.chunk(other, plan.budget) == 300
+
 
 def test_decode_shape_holds_every_busy_row_and_its_next_slot():
     s = scheduler(rows=4)
